@@ -1,0 +1,181 @@
+"""Loader for a small ImageNet validation sample laid out as ``images/``, ``annotations.csv``
+(``file,label,synset,xmin,ymin,xmax,ymax``, one row per box) and ``synsets.txt``, plus the
+preprocessing that turns an image into a ViT input and maps its boxes through the resize.
+
+The library bakes in no data path: pass the folder (benchmarks and tests pass the shared one).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from captum_gradmask.metrics.pointing_game import resize_boxes
+
+__all__ = [
+    "ImageRecord",
+    "class_names",
+    "load_image",
+    "load_imagenet_sample",
+    "preprocess_image",
+    "resize_boxes",
+]
+
+_COLUMNS = ("file", "label", "synset", "xmin", "ymin", "xmax", "ymax")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the sample.
+
+    Attributes:
+        path: absolute path of the image file.
+        label: class index 0..999 (standard ImageNet order).
+        synset: WordNet id, e.g. ``"n01751748"``.
+        boxes: ``(K, 4)`` long tensor ``(xmin, ymin, xmax, ymax)`` in original-image pixels,
+            inclusive indices (``xmax`` is the object's last column).
+        original_size: ``(height, width)`` of the image file.
+    """
+
+    path: Path
+    label: int
+    synset: str
+    boxes: Tensor
+    original_size: tuple[int, int]
+
+
+def load_imagenet_sample(root: str | Path, limit: int | None = None) -> list[ImageRecord]:
+    """Read ``annotations.csv`` under ``root`` and return one record per image, in file order.
+
+    Only image headers are opened (for the original size). ``limit`` keeps the first images.
+
+    Args:
+        root: folder holding ``annotations.csv`` and ``images/``.
+        limit: at most this many images (``None``: all).
+
+    Returns:
+        A list of :class:`ImageRecord`.
+
+    Examples::
+
+        >>> from captum_gradmask.data import load_imagenet_sample
+        >>> root = "../shared/data/imagenet-val-sample"
+        >>> records = load_imagenet_sample(root, limit=2)  # doctest: +SKIP
+        >>> records[0].label, records[0].boxes.tolist(), records[0].original_size  # doctest: +SKIP
+        (65, [[111, 108, 441, 193]], (375, 500))
+    """
+    root = Path(root)
+    csv_path = root / "annotations.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(
+            f"`root` {str(root)!r} has no annotations.csv; pass the folder of the ImageNet "
+            "sample (with images/, annotations.csv and synsets.txt)"
+        )
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive int or None, got {limit!r}")
+    grouped: dict[str, tuple[int, str, list[list[int]]]] = {}
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{csv_path} lacks the column(s) {sorted(missing)}; expected {_COLUMNS}"
+            )
+        for row in reader:
+            file = row["file"]
+            if file not in grouped:
+                if limit is not None and len(grouped) == limit:
+                    break
+                grouped[file] = (int(row["label"]), row["synset"], [])
+            grouped[file][2].append([int(row[k]) for k in ("xmin", "ymin", "xmax", "ymax")])
+    records = []
+    for file, (label, synset, boxes) in grouped.items():
+        path = (root / file).resolve()
+        with Image.open(path) as image:
+            width, height = image.size
+        records.append(
+            ImageRecord(
+                path=path,
+                label=label,
+                synset=synset,
+                boxes=torch.tensor(boxes, dtype=torch.long),
+                original_size=(height, width),
+            )
+        )
+    return records
+
+
+def class_names(root: str | Path, short: bool = True) -> list[str]:
+    """Class names in class-index order from ``synsets.txt`` (``"n01440764 tench, Tinca tinca"``).
+
+    ``short=True`` keeps the first name of each line (``"tench"``), else the whole list.
+
+    Examples::
+
+        >>> from captum_gradmask.data import class_names
+        >>> class_names("../shared/data/imagenet-val-sample")[:2]  # doctest: +SKIP
+        ['tench', 'goldfish']
+    """
+    path = Path(root)
+    path = path / "synsets.txt" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no synsets.txt at {str(path)!r}; pass the sample folder or file")
+    names = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        _, _, text = line.partition(" ")
+        names.append(text.split(",")[0].strip() if short else text.strip())
+    return names
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB (grayscale and CMYK files are converted)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def preprocess_image(
+    image: Image.Image | str | Path,
+    size: int | tuple[int, int] = 224,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> Tensor:
+    """Turn an image into a ``(3, H, W)`` float32 model input, as transformers 4.x's
+    ``ViTImageProcessor`` does: PIL bicubic resize of the RGB image to ``size`` (no crop),
+    then ``(x / 255 - mean) / std``. The defaults match the shared ViT-Tiny (mean = std = 0.5).
+
+    Args:
+        image: a PIL image or a path.
+        size: output ``(height, width)`` or a side.
+        mean, std: per-channel normalization.
+
+    Returns:
+        ``(3, height, width)`` float32 tensor; ``unsqueeze(0)`` for a batch.
+
+    Examples::
+
+        >>> from PIL import Image
+        >>> from captum_gradmask.data import preprocess_image
+        >>> preprocess_image(Image.new("RGB", (500, 375), (255, 0, 128))).shape
+        torch.Size([3, 224, 224])
+    """
+    pil = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if height < 1 or width < 1:
+        raise ValueError(f"`size` must be positive, got {size!r}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(
+            f"`mean` and `std` must have 3 values and `std` be positive; got {mean!r}, {std!r}"
+        )
+    resized = pil.resize((width, height), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())

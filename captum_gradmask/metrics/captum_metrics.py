@@ -1,0 +1,209 @@
+"""Thin recipes around Captum's own metrics for image attributions of Vision Transformers.
+
+- :func:`patch_infidelity` calls :func:`captum.metrics.infidelity` with a patch-wise
+  perturbation (:func:`patch_perturbation`) and ``normalize=True``, so maps of any scale (and
+  ``(B, h, w)`` patch grids) can be compared.
+- :func:`sensitivity` calls :func:`captum.metrics.sensitivity_max`, which runs the explanation
+  inside ``torch.no_grad()``: the wrapper re-enables gradients around the explanation function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from captum.metrics import infidelity, sensitivity_max
+from torch import Tensor
+
+from captum_gradmask._utils import TargetType, check_positive_int, extract_logits, unpack_inputs
+from captum_gradmask.metrics._common import ChannelReduction, attribution_map
+
+PerturbFunc = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def patch_perturbation(
+    patch_size: int = 16, drop_probability: float = 0.5, baseline: float = 0.0
+) -> PerturbFunc:
+    """A ``perturb_func`` for :func:`captum.metrics.infidelity` that resets random patches.
+
+    Each ``patch_size`` patch of each copy is set to ``baseline`` with probability
+    ``drop_probability`` (independently, with torch's global generator). Returns, as Captum
+    expects, ``(perturbation, perturbed_inputs)`` with ``perturbed = inputs - perturbation``.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_gradmask.metrics import patch_perturbation
+        >>> perturb = patch_perturbation(patch_size=4, drop_probability=0.5)
+        >>> noise, perturbed = perturb(torch.ones(2, 3, 8, 8))
+        >>> bool(((perturbed == 0) | (perturbed == 1)).all())
+        True
+    """
+    patch_size = check_positive_int(patch_size, "patch_size")
+    if not 0.0 <= drop_probability <= 1.0:
+        raise ValueError(f"`drop_probability` must be in [0, 1], got {drop_probability!r}")
+
+    def perturb(inputs: Tensor) -> tuple[Tensor, Tensor]:
+        batch, _, height, width = inputs.shape
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"`patch_size` {patch_size} must divide the input size {(height, width)}"
+            )
+        grid = (batch, 1, height // patch_size, width // patch_size)
+        dropped = torch.rand(grid, device=inputs.device) < drop_probability
+        dropped = dropped.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+        perturbation = dropped * (inputs - baseline)
+        return perturbation, inputs - perturbation
+
+    return perturb
+
+
+def _logits_func(forward_func: Callable[..., Any]) -> Callable[..., Tensor]:
+    def forward(*args: Any) -> Tensor:
+        return extract_logits(forward_func(*args))
+
+    return forward
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def patch_infidelity(
+    forward_func: Callable[..., Any],
+    inputs: Tensor | tuple[Tensor, ...],
+    attributions: Tensor,
+    target: TargetType = None,
+    *,
+    patch_size: int = 16,
+    drop_probability: float = 0.5,
+    baseline: float = 0.0,
+    n_perturb_samples: int = 10,
+    max_examples_per_batch: int | None = None,
+    normalize: bool = True,
+    additional_forward_args: Any = None,
+    channel_reduction: ChannelReduction = "sum",
+    seed: int | None = None,
+) -> Tensor:
+    r"""Infidelity (Yeh et al. 2019) under random patch removal, via Captum.
+
+    The map (patch grids upsampled nearest, channels reduced) is spread over the input's
+    channels divided by their number, so ``sum(attr * perturbation)`` weighs each pixel once
+    whatever the channel count. ``normalize=True`` fits the best scale of the map first, so
+    the score compares shapes, not magnitudes. Lower is better.
+
+    Args:
+        forward_func: model or function returning logits (Hugging Face outputs accepted).
+        inputs: ``(B, C, H, W)`` model inputs.
+        attributions: maps in any shape the other metrics accept.
+        target: class per image (Captum's forms); needed for multi-class outputs.
+        patch_size, drop_probability, baseline: see :func:`patch_perturbation`.
+        n_perturb_samples, max_examples_per_batch, normalize: passed to Captum.
+        additional_forward_args: extra arguments to ``forward_func``.
+        channel_reduction: ``"sum"`` or ``"abs_sum"``.
+        seed: seed for the perturbations (the global RNG state is restored afterwards).
+
+    Returns:
+        ``(B,)`` infidelity per image.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_gradmask.metrics import patch_infidelity
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+        >>> scores = patch_infidelity(model, torch.rand(2, 3, 8, 8), torch.rand(2, 2, 2),
+        ...     target=1, patch_size=4, seed=0)
+        >>> scores.shape
+        torch.Size([2])
+    """
+    images, _ = unpack_inputs(inputs)
+    channels = images.shape[1]
+    saliency = attribution_map(attributions, images, channel_reduction)
+    spread = (saliency[:, None] / channels).expand_as(images).contiguous()
+    with _seeded(seed, images.device):
+        return infidelity(
+            _logits_func(forward_func),
+            patch_perturbation(patch_size, drop_probability, baseline),
+            images,
+            spread,
+            additional_forward_args=additional_forward_args,
+            target=target,
+            n_perturb_samples=check_positive_int(n_perturb_samples, "n_perturb_samples"),
+            max_examples_per_batch=max_examples_per_batch,
+            normalize=normalize,
+        )
+
+
+def sensitivity(
+    explanation_func: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor | tuple[Tensor, ...],
+    target: TargetType = None,
+    *,
+    perturb_radius: float = 0.02,
+    n_perturb_samples: int = 10,
+    norm_ord: str = "fro",
+    max_examples_per_batch: int | None = None,
+    seed: int | None = None,
+) -> Tensor:
+    r"""Max-sensitivity (Yeh et al. 2019) of an explanation, via Captum's ``sensitivity_max``.
+
+    Captum perturbs the inputs uniformly in an L-inf ball of ``perturb_radius`` and reports
+    the largest relative change of the explanation. It calls the explanation inside
+    ``torch.no_grad()`` on batches of ``n_perturb_samples`` copies per image, with ``target``
+    repeated accordingly; this wrapper turns gradients back on so gradient methods work.
+    Lower is better.
+
+    Args:
+        explanation_func: ``(inputs, target) -> attributions``, accepting batches.
+        inputs: ``(B, C, H, W)`` model inputs.
+        target: class per image (int, list or tensor), passed to ``explanation_func``.
+        perturb_radius, n_perturb_samples, norm_ord, max_examples_per_batch: Captum's.
+        seed: seed for the perturbations (global RNG state restored afterwards).
+
+    Returns:
+        ``(B,)`` sensitivity per image.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum.attr import Saliency
+        >>> from captum_gradmask.metrics import sensitivity
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+        >>> saliency = Saliency(model)
+        >>> scores = sensitivity(lambda x, t: saliency.attribute(x, target=t),
+        ...     torch.rand(2, 3, 8, 8), target=[0, 1], n_perturb_samples=3, seed=0)
+        >>> scores.shape
+        torch.Size([2])
+    """
+    images, _ = unpack_inputs(inputs)
+    if isinstance(target, (list, tuple)):
+        target = torch.as_tensor(target, dtype=torch.long, device=images.device)
+
+    def explain(perturbed: Tensor | tuple[Tensor, ...], target: TargetType = None) -> Any:
+        # Captum hands the inputs over as a tuple; our explanation functions take a tensor.
+        as_tuple = isinstance(perturbed, tuple)
+        images = perturbed[0] if as_tuple else perturbed
+        with torch.enable_grad():
+            out = explanation_func(images, target)
+        out = out[0] if isinstance(out, tuple) else out
+        return (out.detach(),) if as_tuple else out.detach()
+
+    with _seeded(seed, images.device):
+        return sensitivity_max(
+            explain,
+            images,
+            perturb_radius=perturb_radius,
+            n_perturb_samples=check_positive_int(n_perturb_samples, "n_perturb_samples"),
+            norm_ord=norm_ord,
+            max_examples_per_batch=max_examples_per_batch,
+            target=target,
+        )

@@ -1,0 +1,80 @@
+"""Captum metric recipes: patch perturbation, infidelity and sensitivity on models with known
+answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import Saliency
+
+from captum_gradmask.metrics import patch_infidelity, patch_perturbation, sensitivity
+
+
+def test_patch_perturbation_resets_whole_patches() -> None:
+    inputs = torch.rand(4, 3, 8, 8) + 1.0
+    perturbation, perturbed = patch_perturbation(patch_size=4, drop_probability=0.5)(inputs)
+    torch.testing.assert_close(perturbed, inputs - perturbation)
+    dropped = perturbed == 0.0
+    # Each 4x4 patch is either all reset (to the 0 baseline) or untouched, in every channel.
+    patches = dropped.view(4, 3, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).flatten(3)
+    assert bool((patches.all(-1) | ~patches.any(-1)).all())
+    assert bool(torch.equal(perturbed[~dropped], inputs[~dropped]))
+    assert 0 < int(dropped.sum()) < dropped.numel()
+    none, kept = patch_perturbation(4, drop_probability=0.0)(inputs)
+    assert bool((none == 0).all()) and torch.equal(kept, inputs)
+    with pytest.raises(ValueError, match="drop_probability"):
+        patch_perturbation(4, drop_probability=1.5)
+
+
+def test_infidelity_is_zero_for_the_exact_linear_map() -> None:
+    # f(x) = w . x: f(x) - f(x - I) = w . I, so attributions = w (up to scale) are exact.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2, bias=False))
+    weights = model[1].weight[0].detach().view(1, 4, 4)
+    images = torch.rand(2, 1, 4, 4)
+    exact = patch_infidelity(
+        model, images, 5.0 * weights.expand(2, 4, 4), target=0, patch_size=2, seed=0
+    )
+    assert exact.shape == (2,)
+    assert float(exact.max()) < 1e-8
+    wrong = patch_infidelity(model, images, torch.rand(2, 4, 4), target=0, patch_size=2, seed=0)
+    assert float(wrong.min()) > 1e-4
+
+
+def test_infidelity_seed_is_reproducible_and_leaves_global_rng() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    images, saliency = torch.rand(2, 3, 4, 4), torch.rand(2, 2, 2)
+    state = torch.random.get_rng_state()
+    first = patch_infidelity(model, images, saliency, target=1, patch_size=2, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    second = patch_infidelity(model, images, saliency, target=1, patch_size=2, seed=3)
+    assert torch.equal(first, second)
+
+
+def test_sensitivity_zero_for_input_independent_saliency() -> None:
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    saliency = Saliency(linear)
+    images = torch.rand(2, 3, 4, 4)
+    flat = sensitivity(
+        lambda x, t: saliency.attribute(x, target=t),
+        images,
+        target=[0, 2],
+        n_perturb_samples=4,
+        seed=0,
+    )
+    assert flat.shape == (2,) and float(flat.max()) == pytest.approx(0.0, abs=1e-6)
+
+    class Square(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = (x**2).flatten(1).sum(1)
+            return torch.stack([s, -s], dim=1)
+
+    square_saliency = Saliency(Square())
+    varying = sensitivity(
+        lambda x, t: square_saliency.attribute(x, target=t, abs=False),
+        images,
+        target=0,
+        n_perturb_samples=4,
+        perturb_radius=0.1,
+        seed=0,
+    )
+    assert float(varying.min()) > 1e-3
