@@ -1,0 +1,439 @@
+"""GradMask (Marchetti et al., IJCNN 2025) as a Captum attribution method.
+
+One forward and one backward pass give the gradients of the target logit with respect to the
+query, key and value projections of every attention layer. Each layer's gradients are summed over
+``masks_per_layer`` contiguous channel groups, clamped at zero, and binarised against their mean
+over the patch tokens: ``3 * layers * masks_per_layer`` binary patch masks. The image is masked
+with each (masked pixels set to ``fill_value`` in normalised space), the target's softmax
+confidence on every masked image weighs its mask, and the weighted masks are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from captum.attr import GradientAttribution
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._utils import (
+    TargetType,
+    check_positive_int,
+    chunks,
+    expand_additional_args,
+    preserved_model_state,
+    resolve_targets,
+    unpack_inputs,
+    upsample_grid,
+)
+from .adapters import AttentionLayer, ViTAdapter, get_adapter
+
+__all__ = ["GradMaskAttribution"]
+
+LayerSelection = Sequence[int] | Literal["all"] | None
+Mode = Literal["exact", "fast"]
+
+
+class GradMaskAttribution(GradientAttribution):
+    r"""GradMask attributions for Vision Transformers.
+
+    Args:
+        model: a Hugging Face ``ViTForImageClassification`` / ``DeiTForImageClassification``
+            / ``DeiTForImageClassificationWithTeacher``, a timm ``VisionTransformer``, or any
+            callable returning logits when ``adapter`` is given.
+        adapter: where the model keeps its Q/K/V projections, prefix tokens and patch grid; by
+            default found with :func:`captum_gradmask.adapters.get_adapter`.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from captum_gradmask import GradMaskAttribution
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> gradmask = GradMaskAttribution(model)
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> gradmask.attribute(images, target=[1, 3]).shape
+        torch.Size([2, 3, 32, 32])
+        >>> gradmask.attribute_grid(images, target=1).shape
+        torch.Size([2, 4, 4])
+    """
+
+    def __init__(
+        self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
+    ) -> None:
+        self.adapter = get_adapter(model) if adapter is None else adapter
+        if adapter is not None and not isinstance(model, ViTAdapter):
+            # A callable given beside an explicit adapter is the forward function to explain.
+            self.adapter.forward = model
+        self.model = (
+            self.adapter.model
+            if self.adapter.model is not None
+            else (model if isinstance(model, nn.Module) else None)
+        )
+        super().__init__(self.adapter.forward)
+
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        masks_per_layer: int = 4,
+        layers: LayerSelection = None,
+        clamp: bool = True,
+        fill_value: float = 0.0,
+        mode: Mode = "exact",
+        perturbations_per_eval: int = 32,
+        show_progress: bool = False,
+    ) -> Tensor | tuple[Tensor]:
+        r"""Attribute the target class to the input pixels.
+
+        Args:
+            inputs: normalised images ``(B, C, H, W)`` (or a one-element tuple of them); ``H``
+                and ``W`` must be multiples of the patch size.
+            target: class per image: an int for all, a list or 1-D tensor with one per image;
+                ``None`` (default) uses each image's predicted class.
+            additional_forward_args: extra positional arguments for the model's forward;
+                tensors whose first dimension is the batch are repeated for the masked images.
+            masks_per_layer: ``m``, channel groups per projection (the authors use 4); must
+                divide the hidden size. With ``m`` = number of heads, a group is a head.
+            layers: indices of the attention layers that produce masks. ``None`` (default,
+                the reference) uses all but the last; ``"all"`` uses every layer.
+            clamp: clamp the group scores at 0 before binarising (reference: ``True``).
+            fill_value: value of masked-out pixels in normalised space (reference: 0, which is
+                grey for mean = std = 0.5 models, the mean colour for ImageNet-normalised ones).
+            mode: ``"exact"`` (default) masks pixels as the reference does; ``"fast"`` drops the
+                masked patch tokens instead of filling their pixels (a documented
+                approximation: an absent patch is not a grey patch).
+            perturbations_per_eval: masked images per forward pass (also images per gradient
+                pass); bounds memory. 16-64 suits CPUs, larger batches suit GPUs.
+            show_progress: show a progress bar over the masked-image batches.
+
+        Returns:
+            The map with the shape (and tensor-or-tuple form) of ``inputs``: each patch's score
+            repeated over its pixels and the channels.
+
+        Example::
+
+            >>> import torch
+            >>> from transformers import ViTConfig, ViTForImageClassification
+            >>> from captum_gradmask import GradMaskAttribution
+            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+            ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            ...     intermediate_size=64, num_labels=5)).eval()
+            >>> attr = GradMaskAttribution(model).attribute(torch.randn(1, 3, 32, 32), target=2)
+            >>> attr.shape
+            torch.Size([1, 3, 32, 32])
+        """
+        images, is_tuple = unpack_inputs(inputs)
+        grid_map = self.attribute_grid(
+            images,
+            target,
+            additional_forward_args,
+            masks_per_layer=masks_per_layer,
+            layers=layers,
+            clamp=clamp,
+            fill_value=fill_value,
+            mode=mode,
+            perturbations_per_eval=perturbations_per_eval,
+            show_progress=show_progress,
+        )
+        attributions = upsample_grid(grid_map, tuple(images.shape[-2:]), images.shape[1])
+        return (attributions,) if is_tuple else attributions
+
+    def attribute_grid(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        masks_per_layer: int = 4,
+        layers: LayerSelection = None,
+        clamp: bool = True,
+        fill_value: float = 0.0,
+        mode: Mode = "exact",
+        perturbations_per_eval: int = 32,
+        show_progress: bool = False,
+    ) -> Tensor:
+        """The patch-grid map ``(B, h, w)``; arguments as in :meth:`attribute`.
+
+        Example::
+
+            >>> import torch
+            >>> from transformers import ViTConfig, ViTForImageClassification
+            >>> from captum_gradmask import GradMaskAttribution
+            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+            ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            ...     intermediate_size=64, num_labels=5)).eval()
+            >>> GradMaskAttribution(model).attribute_grid(torch.randn(1, 3, 32, 32)).shape
+            torch.Size([1, 4, 4])
+        """
+        images, _ = unpack_inputs(inputs)
+        grid = self.adapter.grid(tuple(images.shape[-2:]))
+        check_positive_int(perturbations_per_eval, "perturbations_per_eval")
+        check_positive_int(masks_per_layer, "masks_per_layer")
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"`mode` must be 'exact' or 'fast', got {mode!r}")
+        if mode == "fast":
+            self.adapter.require_tokens("mode='fast'")
+        selected = self._select_layers(layers)
+        hidden = self.adapter.hidden_size
+        if hidden is not None and hidden % masks_per_layer:
+            raise ValueError(
+                f"`masks_per_layer`={masks_per_layer} does not divide the hidden size {hidden}; "
+                f"valid values are the divisors of {hidden}"
+            )
+
+        with preserved_model_state(self.model):
+            masks, targets = self._masks(
+                images,
+                target,
+                additional_forward_args,
+                selected,
+                masks_per_layer,
+                clamp,
+                grid,
+                perturbations_per_eval,
+            )
+            confidences = self._confidences(
+                images,
+                masks,
+                targets,
+                additional_forward_args,
+                fill_value,
+                mode,
+                perturbations_per_eval,
+                show_progress,
+            )
+        # S = sum_i c_i * mask_i
+        return torch.einsum("bm,bmhw->bhw", confidences, masks.to(confidences.dtype))
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _select_layers(self, layers: LayerSelection) -> list[AttentionLayer]:
+        available = list(self.adapter.layers)
+        count = len(available)
+        if layers is None:
+            return available[:-1] if count > 1 else available
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ValueError(f"`layers` must be None, 'all' or a list of ints, got {layers!r}")
+            return available
+        indices = list(layers)
+        if not indices or any(
+            isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count
+            for i in indices
+        ):
+            raise ValueError(
+                f"`layers`={layers!r} is not valid: give layer indices in -{count}..{count - 1} "
+                "(the model has {count} attention layers), None or 'all'".replace(
+                    "{count}", str(count)
+                )
+            )
+        return [available[i] for i in indices]
+
+    def _masks(
+        self,
+        images: Tensor,
+        target: TargetType,
+        additional_forward_args: Any,
+        layers: list[AttentionLayer],
+        masks_per_layer: int,
+        clamp: bool,
+        grid: tuple[int, int],
+        batch_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Binary masks ``(B, M, h, w)`` and the targets ``(B,)``."""
+        all_masks, all_targets = [], []
+        for batch in chunks(images.shape[0], batch_size):
+            extra = _slice_args(additional_forward_args, batch, images.shape[0])
+            gradients, targets = self._projection_gradients(
+                images[batch], target, batch, extra, layers
+            )
+            all_masks.append(
+                _binary_masks(gradients, masks_per_layer, clamp, self.adapter.prefix_tokens, grid)
+            )
+            all_targets.append(targets)
+        return torch.cat(all_masks), torch.cat(all_targets)
+
+    def _projection_gradients(
+        self,
+        images: Tensor,
+        target: TargetType,
+        batch: slice,
+        additional_forward_args: Any,
+        layers: list[AttentionLayer],
+    ) -> tuple[list[Tensor], Tensor]:
+        """Gradients of the target logits w.r.t. Q, K, V of each layer, in that order."""
+        modules = list(
+            {
+                id(p.module): p.module
+                for layer in layers
+                for p in (layer.query, layer.key, layer.value)
+            }.values()
+        )
+        captured: dict[int, Tensor] = {}
+
+        def capture(module: nn.Module, _args: Any, output: Any) -> None:
+            captured[id(module)] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handles = [module.register_forward_hook(capture) for module in modules]
+        try:
+            with torch.enable_grad():
+                # A fresh leaf: the user's tensor and the parameters' .grad stay untouched.
+                leaf = images.detach().requires_grad_(True)
+                logits = self.adapter.logits(leaf, *additional_forward_args)
+                targets = resolve_targets(_slice_target(target, batch), logits)
+                missing = [m for m in modules if id(m) not in captured]
+                if missing:
+                    raise RuntimeError(
+                        f"{len(missing)} of the adapter's Q/K/V modules did not run in the forward "
+                        "pass; check that the adapter names modules of this model"
+                    )
+                outputs = [captured[id(m)] for m in modules]
+                score = logits.gather(1, targets[:, None]).sum()
+                grads = torch.autograd.grad(score, outputs, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        by_module = {
+            id(m): torch.zeros_like(o) if g is None else g
+            for m, o, g in zip(modules, outputs, grads, strict=True)
+        }
+        gradients = [
+            projection.select(by_module[id(projection.module)])
+            for layer in layers
+            for projection in (layer.query, layer.key, layer.value)
+        ]
+        return gradients, targets.detach()
+
+    def _confidences(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        targets: Tensor,
+        additional_forward_args: Any,
+        fill_value: float,
+        mode: Mode,
+        batch_size: int,
+        show_progress: bool,
+    ) -> Tensor:
+        """Softmax confidence of each image's target on each of its masked versions, ``(B, M)``."""
+        count, per_image = masks.shape[0], masks.shape[1]
+        flat_masks = masks.reshape(count * per_image, *masks.shape[2:])
+        owners = torch.arange(count, device=images.device).repeat_interleave(per_image)
+        extra_all = expand_additional_args(additional_forward_args, per_image)
+        tokens = None
+        if mode == "fast":
+            with torch.inference_mode():
+                tokens = self.adapter.embed(images)  # type: ignore[misc]
+        confidences = []
+        batches = list(chunks(flat_masks.shape[0], batch_size))
+        for batch in tqdm(batches, desc="GradMask masked passes", disable=not show_progress):
+            owner = owners[batch]
+            with torch.inference_mode():
+                if tokens is None:
+                    keep = _pixel_masks(flat_masks[batch], self.adapter.patch_size)
+                    masked = torch.where(
+                        keep,
+                        images[owner],
+                        torch.as_tensor(fill_value, dtype=images.dtype, device=images.device),
+                    )
+                    extra = _index_args(extra_all, batch)
+                    logits = self.adapter.logits(masked, *extra)
+                else:
+                    logits = _token_dropped_logits(self.adapter, tokens[owner], flat_masks[batch])
+                probs = torch.softmax(logits.float(), dim=-1)
+                confidences.append(probs.gather(1, targets[owner][:, None]).squeeze(1))
+        return torch.cat(confidences).reshape(count, per_image).clone()
+
+
+def _binary_masks(
+    gradients: list[Tensor],
+    masks_per_layer: int,
+    clamp: bool,
+    prefix_tokens: int,
+    grid: tuple[int, int],
+) -> Tensor:
+    """Steps 4-7 of the algorithm: channel groups, clamp, drop prefix, binarise at the row mean."""
+    stacked = torch.stack(gradients, dim=1)  # (B, S, T, D)
+    batch, sources, tokens, hidden = stacked.shape
+    if hidden % masks_per_layer:
+        raise ValueError(
+            f"`masks_per_layer`={masks_per_layer} does not divide the hidden size {hidden}; "
+            f"valid values are the divisors of {hidden}"
+        )
+    patches = grid[0] * grid[1]
+    if tokens != prefix_tokens + patches:
+        raise ValueError(
+            f"the model produced {tokens} tokens but the adapter expects {prefix_tokens} prefix "
+            f"tokens + {grid[0]}x{grid[1]} patches = {prefix_tokens + patches}; check the "
+            "adapter's `prefix_tokens` and `patch_size` for this image size"
+        )
+    scores = stacked.reshape(
+        batch, sources, tokens, masks_per_layer, hidden // masks_per_layer
+    ).sum(-1)
+    if clamp:
+        scores = scores.clamp(min=0)
+    scores = scores[:, :, prefix_tokens:, :].transpose(2, 3)  # (B, S, m, N)
+    keep = scores >= scores.mean(dim=-1, keepdim=True)
+    return keep.reshape(batch, sources * masks_per_layer, *grid)
+
+
+def _pixel_masks(masks: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """Nearest upsampling of ``(n, h, w)`` patch masks to ``(n, 1, H, W)`` pixel masks."""
+    return masks.repeat_interleave(patch_size[0], dim=1).repeat_interleave(patch_size[1], dim=2)[
+        :, None
+    ]
+
+
+def _token_dropped_logits(adapter: ViTAdapter, tokens: Tensor, masks: Tensor) -> Tensor:
+    """Logits of each masked image computed from its prefix and kept patch tokens only.
+
+    Masks with the same number of kept patches are run together, so no padding is needed.
+    """
+    prefix = adapter.prefix_tokens
+    flat = masks.flatten(1)
+    counts = flat.sum(1)
+    logits: Tensor | None = None
+    for kept in counts.unique().tolist():
+        rows = (counts == kept).nonzero().squeeze(1)
+        # Indices of kept patches, in grid order, for each mask of this group.
+        order = torch.sort(flat[rows].to(torch.int8), dim=1, descending=True, stable=True).indices[
+            :, :kept
+        ]
+        order = order.sort(dim=1).values + prefix
+        index = torch.cat(
+            [torch.arange(prefix, device=tokens.device).expand(len(rows), -1), order], dim=1
+        )
+        group = tokens[rows].gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+        out = adapter.run_tokens(group)
+        if logits is None:
+            logits = out.new_empty(masks.shape[0], out.shape[-1])
+        logits[rows] = out
+    assert logits is not None
+    return logits
+
+
+def _slice_target(target: TargetType, batch: slice) -> TargetType:
+    if target is None or isinstance(target, int):
+        return target
+    if isinstance(target, Tensor) and target.dim() == 0:
+        return int(target.item())
+    return target[batch]
+
+
+def _slice_args(additional_forward_args: Any, batch: slice, batch_size: int) -> tuple[Any, ...]:
+    args = expand_additional_args(additional_forward_args, 1)
+    return tuple(
+        a[batch] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
+        for a in args
+    )
+
+
+def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:
+    return tuple(a[batch] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)

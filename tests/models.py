@@ -1,0 +1,144 @@
+"""Tiny randomly initialised models for fast tests (seconds on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    intermediate_size=48,
+    num_labels=7,
+)
+
+
+def tiny_hf_vit(**overrides) -> ViTForImageClassification:
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(**{**TINY, **overrides})).eval()
+
+
+def tiny_hf_deit(teacher: bool = False, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    config = DeiTConfig(**{**TINY, **overrides})
+    cls = DeiTForImageClassificationWithTeacher if teacher else DeiTForImageClassification
+    model = cls(config).eval()
+    # DeiT initialises CLS/distillation tokens and positions to zero; random values exercise them.
+    with torch.no_grad():
+        emb = model.deit.embeddings
+        for p in (emb.cls_token, emb.distillation_token, emb.position_embeddings):
+            p.normal_(0, 0.5)
+    return model
+
+
+def tiny_timm_vit(**overrides) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    kwargs = dict(
+        img_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=3, mlp_ratio=2.0, num_classes=7
+    )
+    return VisionTransformer(**{**kwargs, **overrides}).eval()
+
+
+def tiny_timm_distilled() -> nn.Module:
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    model = VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=3, mlp_ratio=2.0, num_classes=7
+    ).eval()
+    with torch.no_grad():
+        model.dist_token.normal_(0, 0.5)
+    return model
+
+
+class _LegacySelfAttention(nn.Module):
+    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, heads: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value, self.heads = query, key, value, heads
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        return ((probs @ v).transpose(1, 2).reshape(b, t, d),)
+
+
+class _LegacySelfOutput(nn.Module):
+    def __init__(self, dense: nn.Linear) -> None:
+        super().__init__()
+        self.dense = dense
+
+
+class _LegacyAttention(nn.Module):
+    def __init__(self, attention: nn.Module, heads: int) -> None:
+        super().__init__()
+        self.attention = _LegacySelfAttention(
+            attention.q_proj, attention.k_proj, attention.v_proj, heads
+        )
+        self.output = _LegacySelfOutput(attention.o_proj)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.output.dense(self.attention(x)[0]),)
+
+
+class _LegacyLayer(nn.Module):
+    def __init__(self, layer: nn.Module, heads: int) -> None:
+        super().__init__()
+        self.attention = _LegacyAttention(layer.attention, heads)
+        self.layernorm_before, self.layernorm_after = layer.layernorm_before, layer.layernorm_after
+        self.mlp = layer.mlp
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        x = x + self.attention(self.layernorm_before(x))[0]
+        return (x + self.mlp(self.layernorm_after(x)),)
+
+
+class _LegacyEncoder(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+class _LegacyBase(nn.Module):
+    def __init__(self, base: nn.Module, heads: int) -> None:
+        super().__init__()
+        self.embeddings = base.embeddings
+        self.encoder = _LegacyEncoder([_LegacyLayer(layer, heads) for layer in base.layers])
+        self.layernorm = base.layernorm
+
+
+class LegacyViT(nn.Module):
+    """A ViT with the transformers 4.x module layout (``vit.encoder.layer[i].attention.attention
+    .query``, ``attention.output.dense``), sharing the weights of a 5.x model, with 4.x-style
+    tuple outputs from its layers."""
+
+    base_model_prefix = "vit"
+
+    def __init__(self, model: ViTForImageClassification) -> None:
+        super().__init__()
+        self.config = model.config
+        self.vit = _LegacyBase(model.vit, model.config.num_attention_heads)
+        self.classifier = model.classifier
+
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> torch.Tensor:
+        x = self.vit.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        for layer in self.vit.encoder.layer:
+            x = layer(x)[0]
+        return self.classifier(self.vit.layernorm(x)[:, 0])
