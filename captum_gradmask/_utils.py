@@ -140,6 +140,16 @@ def format_target(
     return torch.tensor(targets, dtype=torch.long, device=device)
 
 
+def check_target_length(target: TargetType, batch_size: int) -> None:
+    """Raise early when a per-example ``target`` does not have one entry per image."""
+    per_example = isinstance(target, Sequence) or (isinstance(target, Tensor) and target.dim() > 0)
+    if per_example and len(target) != batch_size:
+        raise ValueError(
+            f"`target` has {len(target)} entries but the batch has {batch_size} images; "
+            "give one class per image or a single int"
+        )
+
+
 def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
     """Targets as a long tensor; ``None`` means each example's predicted class."""
     if target is None:

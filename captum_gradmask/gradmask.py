@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ._utils import (
     TargetType,
     check_positive_int,
+    check_target_length,
     chunks,
     expand_additional_args,
     preserved_model_state,
@@ -180,6 +181,7 @@ class GradMaskAttribution(GradientAttribution):
             raise ValueError(f"`mode` must be 'exact' or 'fast', got {mode!r}")
         if mode == "fast":
             self.adapter.require_tokens("mode='fast'")
+        check_target_length(target, images.shape[0])
         selected = self._select_layers(layers)
         hidden = self.adapter.hidden_size
         if hidden is not None and hidden % masks_per_layer:
