@@ -10,7 +10,7 @@ confidence on every masked image weighs its mask, and the weighted masks are sum
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -328,31 +328,72 @@ class GradMaskAttribution(GradientAttribution):
         count, per_image = masks.shape[0], masks.shape[1]
         flat_masks = masks.reshape(count * per_image, *masks.shape[2:])
         owners = torch.arange(count, device=images.device).repeat_interleave(per_image)
-        extra_all = expand_additional_args(additional_forward_args, per_image)
-        tokens = None
+        flat_targets = targets[owners]
+        confidences = torch.empty(flat_masks.shape[0], device=images.device)
         if mode == "fast":
-            with torch.inference_mode():
-                tokens = self.adapter.embed(images)  # type: ignore[misc]
-        confidences = []
-        batches = list(chunks(flat_masks.shape[0], batch_size))
-        for batch in tqdm(batches, desc="GradMask masked passes", disable=not show_progress):
-            owner = owners[batch]
-            with torch.inference_mode():
-                if tokens is None:
-                    keep = _pixel_masks(flat_masks[batch], self.adapter.patch_size)
-                    masked = torch.where(
-                        keep,
-                        images[owner],
-                        torch.as_tensor(fill_value, dtype=images.dtype, device=images.device),
-                    )
-                    extra = _index_args(extra_all, batch)
-                    logits = self.adapter.logits(masked, *extra)
-                else:
-                    logits = _token_dropped_logits(self.adapter, tokens[owner], flat_masks[batch])
+            batches = self._token_dropped_batches(images, flat_masks, owners, batch_size)
+        else:
+            batches = self._pixel_masked_batches(
+                images, flat_masks, owners, additional_forward_args, fill_value, batch_size
+            )
+        with torch.inference_mode():
+            for rows, logits in tqdm(
+                batches,
+                desc="GradMask masked passes",
+                total=_batch_count(flat_masks, mode, batch_size, self.adapter.prefix_tokens),
+                disable=not show_progress,
+            ):
                 probs = torch.softmax(logits.float(), dim=-1)
-                confidences.append(probs.gather(1, targets[owner][:, None]).squeeze(1))
-        return torch.cat(confidences).reshape(count, per_image).clone()
+                confidences[rows] = probs.gather(1, flat_targets[rows][:, None]).squeeze(1)
+        return confidences.reshape(count, per_image).clone()
 
+    def _pixel_masked_batches(
+        self,
+        images: Tensor,
+        flat_masks: Tensor,
+        owners: Tensor,
+        additional_forward_args: Any,
+        fill_value: float,
+        batch_size: int,
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """Exact mode: masked-out pixels set to ``fill_value``, ``batch_size`` images a pass."""
+        per_image = flat_masks.shape[0] // images.shape[0]
+        extra_all = expand_additional_args(additional_forward_args, per_image)
+        fill = torch.as_tensor(fill_value, dtype=images.dtype, device=images.device)
+        for rows in chunks(flat_masks.shape[0], batch_size):
+            with torch.inference_mode():
+                keep = _pixel_masks(flat_masks[rows], self.adapter.patch_size)
+                masked = torch.where(keep, images[owners[rows]], fill)
+                yield rows, self.adapter.logits(masked, *_index_args(extra_all, rows))
+
+    def _token_dropped_batches(
+        self, images: Tensor, flat_masks: Tensor, owners: Tensor, batch_size: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Fast mode: each masked image is its prefix tokens plus its kept patch tokens.
+
+        Masks with the same number of kept patches run together (no padding, so no attention
+        mask is needed); a pass holds about as many tokens as ``batch_size`` full images.
+        """
+        adapter = self.adapter
+        prefix = adapter.prefix_tokens
+        with torch.inference_mode():
+            tokens = adapter.embed(images)  # type: ignore[misc]
+        flat = flat_masks.flatten(1)
+        counts = flat.sum(1)
+        token_budget = batch_size * tokens.shape[1]
+        prefix_index = torch.arange(prefix, device=tokens.device)
+        for kept in counts.unique().tolist():
+            group = (counts == kept).nonzero().squeeze(1)
+            # Kept patches of each mask in grid order: a stable sort puts the ones first.
+            order = torch.sort(flat[group].to(torch.uint8), dim=1, descending=True, stable=True)
+            patches = order.indices[:, :kept].sort(dim=1).values + prefix
+            per_pass = max(1, token_budget // (prefix + kept))
+            for part in chunks(group.shape[0], per_pass):
+                rows = group[part]
+                index = torch.cat([prefix_index.expand(len(rows), -1), patches[part]], dim=1)
+                with torch.inference_mode():
+                    selected = tokens[owners[rows][:, None], index]
+                    yield rows, adapter.run_tokens(selected)
 
 def _binary_masks(
     gradients: list[Tensor],
@@ -393,32 +434,16 @@ def _pixel_masks(masks: Tensor, patch_size: tuple[int, int]) -> Tensor:
     ]
 
 
-def _token_dropped_logits(adapter: ViTAdapter, tokens: Tensor, masks: Tensor) -> Tensor:
-    """Logits of each masked image computed from its prefix and kept patch tokens only.
-
-    Masks with the same number of kept patches are run together, so no padding is needed.
-    """
-    prefix = adapter.prefix_tokens
-    flat = masks.flatten(1)
-    counts = flat.sum(1)
-    logits: Tensor | None = None
-    for kept in counts.unique().tolist():
-        rows = (counts == kept).nonzero().squeeze(1)
-        # Indices of kept patches, in grid order, for each mask of this group.
-        order = torch.sort(flat[rows].to(torch.int8), dim=1, descending=True, stable=True).indices[
-            :, :kept
-        ]
-        order = order.sort(dim=1).values + prefix
-        index = torch.cat(
-            [torch.arange(prefix, device=tokens.device).expand(len(rows), -1), order], dim=1
-        )
-        group = tokens[rows].gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
-        out = adapter.run_tokens(group)
-        if logits is None:
-            logits = out.new_empty(masks.shape[0], out.shape[-1])
-        logits[rows] = out
-    assert logits is not None
-    return logits
+def _batch_count(flat_masks: Tensor, mode: Mode, batch_size: int, prefix: int) -> int:
+    if mode == "exact":
+        return -(-flat_masks.shape[0] // batch_size)
+    counts = flat_masks.flatten(1).sum(1)
+    tokens = prefix + flat_masks[0].numel()
+    total = 0
+    for kept, n in zip(*counts.unique(return_counts=True), strict=True):
+        per_pass = max(1, batch_size * tokens // (prefix + int(kept)))
+        total += -(-int(n) // per_pass)
+    return total
 
 
 def _slice_target(target: TargetType, batch: slice) -> TargetType:

@@ -46,7 +46,7 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def reference_gradmask(
+def reference_masks(
     model: nn.Module,
     image: torch.Tensor,
     kind: str,
@@ -54,15 +54,14 @@ def reference_gradmask(
     prefix: int = 1,
     patch: int = 16,
     target: int | None = None,
-) -> torch.Tensor:
-    """The (h, w) GradMask map of one normalised image ``(3, H, W)``."""
+) -> tuple[list[torch.Tensor], int]:
+    """Steps 1-7: the binary (h, w) masks of one normalised image ``(3, H, W)`` and the target."""
     sites, num_layers = qkv_outputs_hooks(model, kind)
     outputs: dict[int, torch.Tensor] = {}
     handles = []
     for module, _ in sites:
         if id(module) not in outputs:
             outputs[id(module)] = None  # type: ignore[assignment]
-
             handles.append(module.register_forward_hook(_store_in(outputs, id(module))))
     x = image[None].clone().requires_grad_(True)
     logits = logits_of(model, x)[0]
@@ -89,13 +88,27 @@ def reference_gradmask(
                 score = score[prefix:]  # step 6
                 mask = (score >= score.mean()).float()  # step 7
                 masks.append(mask.reshape(height, width))
+    return masks, t
+
+
+def reference_gradmask(
+    model: nn.Module,
+    image: torch.Tensor,
+    kind: str,
+    masks_per_layer: int = 4,
+    prefix: int = 1,
+    patch: int = 16,
+    target: int | None = None,
+) -> torch.Tensor:
+    """The (h, w) GradMask map of one normalised image ``(3, H, W)``."""
+    masks, t = reference_masks(model, image, kind, masks_per_layer, prefix, patch, target)
     masked_images = []
     for mask in masks:  # step 8
         pixel_mask = mask.repeat_interleave(patch, 0).repeat_interleave(patch, 1)
         masked_images.append(image * pixel_mask)
     with torch.no_grad():  # step 9
         probs = torch.softmax(logits_of(model, torch.stack(masked_images)), dim=-1)[:, t]
-    heat = torch.zeros(height, width)
+    heat = torch.zeros(masks[0].shape)
     for c, mask in zip(probs, masks, strict=True):  # step 10
         heat += c * mask
     return heat

@@ -1,0 +1,74 @@
+"""Fast mode (token dropping) against an independent per-mask computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_gradmask import GradMaskAttribution
+
+from .models import tiny_hf_deit, tiny_hf_vit, tiny_timm_distilled, tiny_timm_vit
+from .reference_gradmask import reference_masks
+
+
+def _hf_dropped_logits(model, image: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    base = model.vit if hasattr(model, "vit") else model.deit
+    tokens = base.embeddings(image[None])
+    kept = [*range(prefix), *(prefix + i for i in range(keep.numel()) if keep.flatten()[i])]
+    x = tokens[:, kept]
+    for layer in base.layers:
+        x = layer(x)
+    x = base.layernorm(x)
+    if hasattr(model, "distillation_classifier"):
+        return ((model.cls_classifier(x[:, 0]) + model.distillation_classifier(x[:, 1])) / 2)[0]
+    return model.classifier(x[:, 0])[0]
+
+
+def _timm_dropped_logits(
+    model, image: torch.Tensor, keep: torch.Tensor, prefix: int
+) -> torch.Tensor:
+    x = model._pos_embed(model.patch_embed(image[None]))
+    kept = [*range(prefix), *(prefix + i for i in range(keep.numel()) if keep.flatten()[i])]
+    x = x[:, kept]
+    for block in model.blocks:
+        x = block(x)
+    return model.forward_head(model.norm(x))[0]
+
+
+def _independent_fast_map(model, image, kind, dropped_logits, prefix, m=4) -> torch.Tensor:
+    """The reference's masks, but each masked image runs on its kept tokens only."""
+    masks, target = reference_masks(model, image, kind, m, prefix=prefix, patch=8)
+    heat = torch.zeros(masks[0].shape)
+    with torch.no_grad():
+        for mask in masks:
+            c = torch.softmax(dropped_logits(model, image, mask.bool(), prefix), -1)[target]
+            heat += c * mask
+    return heat
+
+
+@pytest.mark.parametrize(
+    ("build", "kind", "prefix", "dropped"),
+    [
+        (tiny_hf_vit, "hf5", 1, _hf_dropped_logits),
+        (lambda: tiny_hf_deit(teacher=True), "hf5", 2, _hf_dropped_logits),
+        (tiny_timm_vit, "timm", 1, _timm_dropped_logits),
+        (tiny_timm_distilled, "timm", 2, _timm_dropped_logits),
+    ],
+)
+def test_fast_mode_equals_independent_token_dropping(build, kind, prefix, dropped) -> None:
+    model = build()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ours = GradMaskAttribution(model).attribute_grid(images, mode="fast", perturbations_per_eval=3)
+    for i in range(2):
+        expected = _independent_fast_map(model, images[i], kind, dropped, prefix)
+        torch.testing.assert_close(ours[i], expected, atol=1e-5, rtol=0)
+
+
+def test_fast_mode_differs_from_exact_but_ranks_alike() -> None:
+    model = tiny_hf_vit()
+    images = torch.randn(1, 3, 32, 32)
+    gm = GradMaskAttribution(model)
+    exact, fast = gm.attribute_grid(images), gm.attribute_grid(images, mode="fast")
+    assert not torch.allclose(exact, fast)
+    # both are sums of the same masks, weighted by confidences in [0, 1]
+    assert ((exact > 0) == (fast > 0)).all()
