@@ -1,0 +1,1 @@
+"""Benchmarks of captum-gradmask: ``python -m benchmarks.run`` (see docs/benchmarks.md)."""

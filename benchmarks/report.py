@@ -1,0 +1,270 @@
+"""Tables and pictures from a benchmark's per-image results (``results.jsonl``).
+
+``python -m benchmarks.report OUTPUT_DIR`` rewrites ``results.csv``, ``table.md`` and
+``grid.png`` from what a run (or several resumed runs) wrote there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METRICS",
+    "MetricInfo",
+    "bootstrap_ci",
+    "load_rows",
+    "markdown_table",
+    "plot_grid",
+    "summarize",
+    "write_csv",
+    "write_reports",
+]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A column of the results: its key in the rows, a header and which way is better."""
+
+    key: str
+    header: str
+    higher_is_better: bool | None
+    scale: float = 1.0  # multiply per-image values by this in the table (e.g. hits -> %)
+
+
+METRICS: tuple[MetricInfo, ...] = (
+    MetricInfo("insertion_rise", "Ins. AUC (RISE) ↑", True),
+    MetricInfo("deletion_rise", "Del. AUC (RISE) ↓", False),
+    MetricInfo("insertion_notebook", "Ins. AUC (GM nb, %) ↑", True),
+    MetricInfo("deletion_notebook", "Del. AUC (GM nb, %) ↓", False),
+    MetricInfo("pointing_0", "Pointing 0 px (%) ↑", True, 100.0),
+    MetricInfo("pointing_15", "Pointing 15 px (%) ↑", True, 100.0),
+    MetricInfo("average_drop", "Avg drop (%) ↓", False),
+    MetricInfo("increase_in_confidence", "Incr. conf. (%) ↑", True),
+    MetricInfo("coherence", "Coherence (%) ↑", True),
+    MetricInfo("complexity", "Complexity (%) ↓", False),
+    MetricInfo("adcc", "ADCC (%) ↑", True),
+    MetricInfo("infidelity", "Infidelity ↓", False),
+    MetricInfo("sensitivity", "Max-sens. ↓", False),
+    MetricInfo("seconds", "s / image ↓", False),
+)
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``results.jsonl``; a truncated last line (a run killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap confidence interval of the mean.
+
+    Args:
+        values: per-image values (NaNs are dropped).
+        n_resamples: bootstrap resamples.
+        confidence: interval coverage.
+        seed: seed of the resampling (so tables are reproducible).
+
+    Returns:
+        ``(mean, low, high)``; ``low == high == mean`` for a single value, NaNs for none.
+
+    Examples::
+
+        >>> from benchmarks.report import bootstrap_ci
+        >>> mean, low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0)
+        >>> mean, low <= mean <= high
+        (2.5, True)
+    """
+    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if data.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(data.mean())
+    if data.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    resampled = rng.choice(data, size=(n_resamples, data.size), replace=True).mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(resampled, [tail, 1.0 - tail])
+    return mean, float(low), float(high)
+
+
+def summarize(
+    rows: Iterable[dict[str, Any]],
+    methods: Sequence[str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Per method: for each metric ``(mean, low, high, n)`` in table units, and the image count.
+
+    Methods keep the order of ``methods`` (default: first appearance in ``rows``).
+    """
+    rows = list(rows)
+    order = list(methods) if methods is not None else list(dict.fromkeys(r["method"] for r in rows))
+    summary: dict[str, dict[str, Any]] = {}
+    for method in order:
+        own = [r for r in rows if r["method"] == method]
+        if not own:
+            continue
+        entry: dict[str, Any] = {"images": len(own)}
+        for metric in METRICS:
+            values = [
+                float(r[metric.key]) * metric.scale
+                for r in own
+                if r.get(metric.key) is not None and not _is_nan(r[metric.key])
+            ]
+            mean, low, high = bootstrap_ci(values, n_resamples, seed=seed)
+            entry[metric.key] = (mean, low, high, len(values))
+        summary[method] = entry
+    return summary
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _format(value: float) -> str:
+    if math.isnan(value):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 0.01 or value == 0:
+        return f"{value:.3f}" if magnitude < 1 else f"{value:.2f}"
+    return f"{value:.2e}"
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], metrics: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per method, ``mean [low, high]`` per metric (95 % bootstrap
+    CI of the mean over images); a metric computed on fewer images than the method's total
+    shows its count as ``(n=...)``. Columns with no value at all are left out."""
+    keys = [m for m in METRICS if metrics is None or m.key in metrics]
+    keys = [m for m in keys if any(e[m.key][3] for e in summary.values())]
+    header = "| method | images | " + " | ".join(m.header for m in keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 2)]
+    for method, entry in summary.items():
+        cells = []
+        for metric in keys:
+            mean, low, high, count = entry[metric.key]
+            if count == 0:
+                cells.append("–")
+                continue
+            cell = f"{_format(mean)} [{_format(low)}, {_format(high)}]"
+            if count != entry["images"]:
+                cell += f" (n={count})"
+            cells.append(cell)
+        lines.append(f"| {method} | {entry['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """All rows as a CSV (columns = the union of the rows' keys, in first-seen order)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def plot_grid(
+    images: Sequence[np.ndarray],
+    maps: Sequence[Sequence[np.ndarray | None]],
+    methods: Sequence[str],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+) -> None:
+    """Save a picture grid: one row per image (the image, then each method's heatmap over it).
+
+    Args:
+        images: ``(H, W, 3)`` arrays in [0, 1].
+        maps: per image, per method, an ``(H, W)`` map or ``None`` (drawn empty).
+        methods: column titles.
+        path: the PNG to write.
+        titles: optional row labels (e.g. class names).
+
+    Each map is min-max normalised on its own and drawn with the ``jet`` colormap at 50 %
+    opacity over the greyed image, so the colours show each method's ranking, not its scale.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(images), len(methods) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    for r, image in enumerate(images):
+        axes[r][0].imshow(image)
+        axes[r][0].set_title(titles[r] if titles else "image", fontsize=7)
+        grey = image.mean(axis=2)
+        for c, method in enumerate(methods, start=1):
+            ax = axes[r][c]
+            ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+            saliency = maps[r][c - 1]
+            if saliency is not None:
+                saliency = saliency.astype(np.float32)
+                span = float(saliency.max() - saliency.min())
+                shown = (saliency - saliency.min()) / span if span > 0 else saliency * 0
+                ax.imshow(shown, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(method, fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_reports(
+    output: str | Path,
+    methods: Sequence[str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Write ``results.csv`` and ``table.md`` in ``output`` from its ``results.jsonl``."""
+    output = Path(output)
+    rows = load_rows(output / "results.jsonl")
+    summary = summarize(rows, methods, n_resamples, seed)
+    if rows:
+        write_csv(rows, output / "results.csv")
+    (output / "table.md").write_text(markdown_table(summary))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("output", help="a benchmark output folder (with results.jsonl)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_reports(args.output, n_resamples=args.bootstrap, seed=args.seed)
+    print((Path(args.output) / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Benchmark GradMask against Captum's and ViT-specific attribution methods.
+
+Every method explains the same model, images and targets; every metric comes from
+:mod:`captum_gradmask.metrics`; seconds per image are measured in the same run. Results go to
+``OUTPUT/results.jsonl`` one line per (image, method), appended and flushed as soon as they are
+computed, so an interrupted run loses nothing and a re-run with the same ``--output`` skips
+what is done. At the end ``table.md`` (means with 95 % bootstrap CIs), ``results.csv`` and
+``grid.png`` (heatmaps of the first ``--grid-images`` images) are written.
+
+Example (from the repository root, with ``../shared`` present)::
+
+    python -m benchmarks.run --images 20 --output benchmarks/results/vit-tiny
+
+The runner only composes library calls: methods come from :mod:`captum_gradmask.registry`,
+models from :mod:`captum_gradmask.models`, data from :mod:`captum_gradmask.data`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from benchmarks import report
+from captum_gradmask.data import class_names, load_imagenet_sample
+from captum_gradmask.metrics import (
+    adcc,
+    gradmask_notebook_deletion,
+    gradmask_notebook_insertion,
+    patch_infidelity,
+    pointing_game,
+    rise_deletion,
+    rise_insertion,
+    sensitivity,
+)
+from captum_gradmask.models import load_model
+from captum_gradmask.registry import MethodUnavailable, build_method, method_names
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenet-val-sample"
+DEFAULT_MODEL = REPO.parent / "shared" / "models" / "vit-tiny-patch16-224-augreg-in1k"
+DEFAULT_GATE = REPO / "benchmarks" / "checkpoints" / "diffmask-vit-tiny"
+
+# Metric groups selectable with --metrics; "rise" and "captum" run on the first
+# --rise-metrics-images / --captum-metrics-images images only (they cost the most).
+METRIC_GROUPS = ("notebook", "pointing", "adcc", "rise", "captum")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Benchmark attribution methods on an ImageNet sample (see docs/benchmarks.md).",
+    )
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL) if DEFAULT_MODEL.is_dir() else None,
+        help="Hugging Face folder or hub id, or timm:<architecture> (default: the shared "
+        "ViT-Tiny at ../shared when present)",
+    )
+    parser.add_argument(
+        "--weights", default=None, help="timm weights file (.safetensors/.pth) for timm:<arch>"
+    )
+    parser.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None,
+        help="folder with images/ and annotations.csv (default: ../shared's ImageNet sample)",
+    )
+    parser.add_argument("--images", type=int, default=20, help="first N images of the sample")
+    parser.add_argument(
+        "--methods",
+        default="all",
+        help=f"comma-separated registry names or 'all' ({', '.join(method_names())})",
+    )
+    parser.add_argument(
+        "--metrics",
+        default="all",
+        help=f"comma-separated metric groups or 'all' ({', '.join(METRIC_GROUPS)})",
+    )
+    parser.add_argument(
+        "--rise-metrics-images",
+        type=int,
+        default=None,
+        help="RISE-preset insertion/deletion (225 forward passes per curve) on the first N "
+        "images only (default: all)",
+    )
+    parser.add_argument(
+        "--captum-metrics-images",
+        type=int,
+        default=5,
+        help="Captum infidelity and max-sensitivity on the first N images only",
+    )
+    parser.add_argument(
+        "--sensitivity-samples", type=int, default=5, help="max-sensitivity perturbations"
+    )
+    parser.add_argument("--target", choices=("label", "predicted"), default="label")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=64, help="metric forward batch")
+    parser.add_argument(
+        "--perturbations-per-eval",
+        type=int,
+        default=None,
+        help="override the methods' perturbations_per_eval (masked images per forward pass)",
+    )
+    parser.add_argument("--diffmask-gate", default=str(DEFAULT_GATE), help="DiffMask gate folder")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "default"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--grid-images", type=int, default=4, help="rows of grid.png")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="time the first call of each method too"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error("no --model given and the shared ViT-Tiny is not at ../shared")
+    if args.data is None:
+        parser.error(
+            f"no --data given and the shared ImageNet sample is not at {DEFAULT_DATA}; pass "
+            "--data FOLDER (with images/ and annotations.csv)"
+        )
+    for name in ("images", "batch_size", "bootstrap"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _split(value: str, valid: Sequence[str], what: str) -> list[str]:
+    if value.strip() == "all":
+        return list(valid)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; valid: {', '.join(valid)}")
+    return names
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(
+    explain: Callable[[Tensor, Any], Tensor], image: Tensor, target: int, device: torch.device
+) -> tuple[Tensor, float]:
+    """``explain(image, target)`` and its wall-clock seconds (CUDA work included)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    result = explain(image, target)
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def _as_tensor(attributions: Any) -> Tensor:
+    if isinstance(attributions, tuple):
+        attributions = attributions[0]
+    return attributions.detach()
+
+
+def _build_methods(
+    names: Sequence[str], model: torch.nn.Module, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, str]]:
+    methods, skipped = {}, {}
+    for name in names:
+        overrides: dict[str, Any] = {}
+        if name == "diffmask":
+            overrides["gate"] = args.diffmask_gate if Path(args.diffmask_gate).is_dir() else None
+        if args.perturbations_per_eval is not None and "perturbations_per_eval" in (
+            _registered_settings(name)
+        ):
+            overrides["perturbations_per_eval"] = args.perturbations_per_eval
+        try:
+            methods[name] = build_method(name, model, **overrides)
+        except MethodUnavailable as error:
+            skipped[name] = str(error)
+            print(f"skipping {name}: {error}", file=sys.stderr)
+    return methods, skipped
+
+
+def _registered_settings(name: str) -> dict[str, Any]:
+    from captum_gradmask.registry import METHODS
+
+    return METHODS[name].settings
+
+
+def _image_metrics(
+    groups: Sequence[str],
+    model: torch.nn.Module,
+    image: Tensor,
+    attributions: Tensor,
+    target: int,
+    record: Any,
+    explain: Callable[[Tensor, Tensor], Tensor],
+    index: int,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Every selected metric of one map (library calls only)."""
+    out: dict[str, float] = {}
+    batch = args.batch_size
+    if "notebook" in groups:
+        out["insertion_notebook"] = float(
+            gradmask_notebook_insertion(model, image, attributions, target, batch_size=batch).auc[0]
+        )
+        out["deletion_notebook"] = float(
+            gradmask_notebook_deletion(model, image, attributions, target, batch_size=batch).auc[0]
+        )
+    if "rise" in groups and (args.rise_metrics_images is None or index < args.rise_metrics_images):
+        out["insertion_rise"] = float(
+            rise_insertion(model, image, attributions, target, batch_size=batch).auc[0]
+        )
+        out["deletion_rise"] = float(
+            rise_deletion(model, image, attributions, target, batch_size=batch).auc[0]
+        )
+    if "pointing" in groups:
+        for tolerance in (0, 15):
+            game = pointing_game(
+                attributions,
+                [record.boxes],
+                [target],
+                original_sizes=[record.original_size],
+                input_size=tuple(image.shape[-2:]),
+                tolerance=tolerance,
+            )
+            out[f"pointing_{tolerance}"] = float(game.hits[0])
+    if "adcc" in groups:
+        summary = adcc(
+            model, image, attributions, target, explanation_func=explain, batch_size=batch
+        ).summary()
+        for key in ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"):
+            out[key] = summary[key]
+    if "captum" in groups and index < args.captum_metrics_images:
+        out["infidelity"] = float(
+            patch_infidelity(
+                model,
+                image,
+                attributions,
+                target,
+                patch_size=_patch_size(model),
+                seed=args.seed,
+            )[0]
+        )
+        out["sensitivity"] = float(
+            sensitivity(
+                explain,
+                image,
+                target,
+                n_perturb_samples=args.sensitivity_samples,
+                seed=args.seed,
+            )[0]
+        )
+    return out
+
+
+def _patch_size(model: torch.nn.Module) -> int:
+    from captum_gradmask.adapters import get_adapter
+
+    return int(get_adapter(model).patch_size[0])
+
+
+def _done_pairs(path: Path) -> set[tuple[str, str]]:
+    return {(row["image"], row["method"]) for row in report.load_rows(path)}
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the benchmark described by ``args`` (see :func:`parse_args`); returns the output."""
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    output = Path(args.output)
+    (output / "maps").mkdir(parents=True, exist_ok=True)
+    results = output / "results.jsonl"
+
+    model, preprocess = load_model(args.model, weights=args.weights)
+    model = model.to(device)
+    records = load_imagenet_sample(args.data, limit=args.images)
+    names = _split(args.methods, method_names(), "methods")
+    groups = _split(args.metrics, METRIC_GROUPS, "metric groups")
+    methods, skipped = _build_methods(names, model, args)
+    (output / "config.json").write_text(
+        json.dumps(
+            {**vars(args), "skipped": skipped, "torch": torch.__version__},
+            indent=2,
+        )
+    )
+
+    done = _done_pairs(results)
+    warmed: set[str] = set()
+    bar = tqdm(records, desc="images", disable=args.quiet)
+    with results.open("a") as sink:
+        if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
+            sink.write("\n")  # end a line cut by an interrupted run; load_rows skips it
+        for index, record in enumerate(bar):
+            image = preprocess.preprocess(record.path)[None].to(device)
+            with torch.no_grad():
+                probabilities = model_probabilities(model, image)
+            predicted = int(probabilities.argmax())
+            target = record.label if args.target == "label" else predicted
+            for name, method in methods.items():
+                key = record.path.name
+                if (key, name) in done:
+                    continue
+                bar.set_postfix_str(name)
+
+                def explain(x: Tensor, t: Any, method: Any = method) -> Tensor:
+                    return _as_tensor(method.attribute(x, target=t))
+
+                if name not in warmed and not args.no_warmup:
+                    explain(image, target)  # first call: lazy set-up, not timed
+                warmed.add(name)
+                attributions, seconds = _timed(explain, image, target, device)
+                row: dict[str, Any] = {
+                    "image": key,
+                    "index": index,
+                    "method": name,
+                    "label": record.label,
+                    "target": target,
+                    "predicted": predicted,
+                    "target_probability": float(probabilities[target]),
+                    "seconds": seconds,
+                }
+                row.update(
+                    _image_metrics(
+                        groups, model, image, attributions, target, record, explain, index, args
+                    )
+                )
+                if index < args.grid_images:
+                    np.save(
+                        output / "maps" / f"{record.path.stem}__{name}.npy",
+                        attributions[0].sum(0).float().cpu().numpy().astype(np.float16),
+                    )
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+    report.write_reports(output, list(methods), args.bootstrap, args.seed)
+    write_grid(output, records[: args.grid_images], list(methods), preprocess, args.data)
+    return output
+
+
+def model_probabilities(model: torch.nn.Module, image: Tensor) -> Tensor:
+    """Softmax of the model's logits for one image, ``(classes,)``."""
+    from captum_gradmask._utils import extract_logits
+
+    return torch.softmax(extract_logits(model(image)), dim=-1)[0]
+
+
+def write_grid(
+    output: Path, records: Sequence[Any], methods: Sequence[str], preprocess: Any, data: str
+) -> None:
+    """``grid.png`` from the maps saved under ``output/maps``."""
+    if not records or not methods:
+        return
+    names = class_names(data) if (Path(data) / "synsets.txt").is_file() else None
+    images, maps, titles = [], [], []
+    for record in records:
+        tensor = preprocess.preprocess(record.path)
+        mean = torch.tensor(preprocess.mean)[:, None, None]
+        std = torch.tensor(preprocess.std)[:, None, None]
+        images.append((tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+        row = []
+        for name in methods:
+            path = output / "maps" / f"{record.path.stem}__{name}.npy"
+            row.append(np.load(path) if path.is_file() else None)
+        maps.append(row)
+        titles.append(names[record.label] if names else str(record.label))
+    report.plot_grid(images, maps, methods, output / "grid.png", titles)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    output = run(parse_args(argv))
+    print((output / "table.md").read_text())
+    print(f"results in {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,677 @@
+"""Captum's attribution methods, configured for Vision Transformers.
+
+Each factory here returns a :class:`CaptumBaseline`: a Captum attribution object together with
+the settings an expert would pick for a ViT, behind one call
+``method.attribute(inputs, target) -> attributions`` of the inputs' shape. The model-specific
+parts (patch size, prefix tokens, Hugging Face output objects) come from the
+:class:`~captum_gradmask.adapters.ViTAdapter`, so the same factories serve Hugging Face and timm
+models.
+
+The settings, and why:
+
+========================  ===================================================================
+method                    settings
+========================  ===================================================================
+``saliency``              Simonyan et al. 2014: ``|d logit / d x|`` per channel (Captum's
+                          ``abs=True``). The evaluators sum channels, i.e. the L1 norm of the
+                          pixel's gradient, which Captum's visualisers also use (Simonyan
+                          take the max over channels; the two rank pixels almost alike).
+``inputxgradient``        ``x * d logit / d x`` in the model's (normalised) input space, signed.
+``integrated-gradients``  Baseline 0 in normalised space (the dataset-mean / grey image, the
+                          same "absent" value the perturbation metrics use), ``n_steps=50``
+                          (Gauss-Legendre, Captum's default), ``internal_batch_size=25``.
+``gradient-shap``         Baselines = {zeros, the image blurred by the RISE Gaussian (kernel 11,
+                          sigma 5)}, drawn per sample, ``n_samples=20``, input noise
+                          ``stdevs=0.1`` (5 % of the [-1, 1] range of mean=std=0.5 inputs).
+                          Computed image by image so each image's blur is its own baseline.
+``smoothgrad``            ``NoiseTunnel(Saliency(abs=True))``, ``nt_samples=25``, noise
+                          ``sigma = 0.15 * (max - min)`` of the image (Smilkov et al. recommend
+                          10-20 % of the range), ``nt_samples_batch_size=25``.
+``occlusion``             One window per ViT patch: ``sliding_window_shapes = strides =
+                          (C, patch, patch)``, baseline 0, so each patch is removed on its own
+                          and the map is constant on every patch.
+``feature-ablation``      The same removal expressed as a feature mask with one id per patch
+                          (row-major), baseline 0.
+``kernel-shap``           One feature per patch, baseline 0, ``n_samples=256`` coalitions
+                          (cost-bounded; Kernel SHAP converges slowly with 196 features).
+``layer-gradcam``         Grad-CAM on the output of the *first LayerNorm of the last encoder
+                          block* (timm ``blocks[-1].norm1``, Hugging Face
+                          ``layers[-1].layernorm_before``), the layer pytorch-grad-cam
+                          recommends for ViTs: the block's output patch tokens get no gradient
+                          (only CLS reaches the head) but the LayerNorm output feeds the keys
+                          and values the CLS query attends to. Prefix tokens are dropped and
+                          token ``k`` goes to grid cell ``(k // w, k % w)`` (see
+                          :func:`tokens_to_grid`), ReLU, then bilinear upsampling to the input.
+========================  ===================================================================
+
+The perturbation methods send ``perturbations_per_eval=32`` masked images per forward pass.
+All wrappers put the model in eval mode for the call and restore its state afterwards; the
+device follows the inputs.
+
+Example::
+
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from captum_gradmask.methods.captum_baselines import occlusion
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5))
+    >>> method = occlusion(model.eval())
+    >>> method.attribute(torch.randn(2, 3, 32, 32), target=[1, 4]).shape
+    torch.Size([2, 3, 32, 32])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from captum._utils.models.linear_model import LinearModel
+from captum.attr import (
+    Attribution,
+    FeatureAblation,
+    GradientShap,
+    InputXGradient,
+    IntegratedGradients,
+    KernelShap,
+    LayerGradCam,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
+from torch import Tensor, nn
+
+from captum_gradmask._utils import (
+    TargetType,
+    check_positive_int,
+    preserved_model_state,
+    resolve_targets,
+    unpack_inputs,
+)
+from captum_gradmask.adapters import ViTAdapter, get_adapter
+from captum_gradmask.metrics import gaussian_blur
+
+__all__ = [
+    "CaptumBaseline",
+    "ViTLayerGradCam",
+    "default_gradcam_layer",
+    "feature_ablation",
+    "gradient_shap",
+    "grid_to_tokens",
+    "input_x_gradient",
+    "integrated_gradients",
+    "kernel_shap",
+    "layer_gradcam",
+    "occlusion",
+    "patch_feature_mask",
+    "saliency",
+    "smoothgrad",
+    "tokens_to_grid",
+]
+
+PrepareFn = Callable[[Tensor, Tensor], dict[str, Any]]
+PostprocessFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class CaptumBaseline:
+    """A Captum attribution object with fixed settings: ``attribute(inputs, target)``.
+
+    Args:
+        name: a label (the registry name).
+        attribution: the Captum object (its forward function returns logits).
+        settings: keyword arguments passed to ``attribution.attribute`` on every call.
+        model: the module whose mode is managed during the call (may be ``None``).
+        prepare: optional ``prepare(images, targets) -> extra kwargs`` computed per call
+            (input-dependent settings such as feature masks or noise levels).
+        postprocess: optional ``postprocess(attributions, images) -> attributions`` bringing
+            the result to the inputs' shape (Grad-CAM's upsampling).
+        per_image: call Captum one image at a time (for per-image baselines).
+
+    Example::
+
+        >>> import torch
+        >>> from captum.attr import Saliency
+        >>> from captum_gradmask.methods.captum_baselines import CaptumBaseline
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+        >>> method = CaptumBaseline("saliency", Saliency(model), {"abs": True})
+        >>> method.attribute(torch.rand(1, 3, 4, 4), target=1).shape
+        torch.Size([1, 3, 4, 4])
+    """
+
+    def __init__(
+        self,
+        name: str,
+        attribution: Attribution,
+        settings: dict[str, Any] | None = None,
+        *,
+        model: nn.Module | None = None,
+        prepare: PrepareFn | None = None,
+        postprocess: PostprocessFn | None = None,
+        per_image: bool = False,
+    ) -> None:
+        self.name = name
+        self.attribution = attribution
+        self.settings = dict(settings or {})
+        self.model = model
+        self.prepare = prepare
+        self.postprocess = postprocess
+        self.per_image = per_image
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        method = type(self.attribution).__name__
+        return f"{type(self).__name__}({self.name!r}, {method}, {settings})"
+
+    def attribute(
+        self, inputs: Tensor | tuple[Tensor], target: TargetType = None
+    ) -> Tensor | tuple[Tensor]:
+        """Attributions of ``inputs`` (normalised images ``(B, C, H, W)``) for ``target``.
+
+        Args:
+            inputs: a tensor or a one-element tuple of one.
+            target: an int, one class per image (list or 1-D tensor), or ``None`` for each
+                image's predicted class.
+
+        Returns:
+            Attributions with the inputs' shape and form (tensor or one-element tuple).
+        """
+        images, is_tuple = unpack_inputs(inputs)
+        with preserved_model_state(self.model):
+            targets = self._targets(images, target)
+            if self.per_image:
+                parts = [
+                    self._attribute(images[i : i + 1], targets[i : i + 1])
+                    for i in range(images.shape[0])
+                ]
+                result = torch.cat(parts)
+            else:
+                result = self._attribute(images, targets)
+        result = result.detach()
+        return (result,) if is_tuple else result
+
+    def _targets(self, images: Tensor, target: TargetType) -> Tensor:
+        # One forward pass checks the targets against the number of classes (or finds the
+        # predicted ones).
+        with torch.no_grad():
+            logits = self.attribution.forward_func(images)
+        return resolve_targets(target, logits)
+
+    def _attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        settings = dict(self.settings)
+        if self.prepare is not None:
+            settings.update(self.prepare(images, targets))
+        result = self.attribution.attribute(images, target=targets, **settings)
+        if self.postprocess is not None:
+            result = self.postprocess(result, images)
+        return result
+
+
+def _setup(model: Any, adapter: ViTAdapter | None) -> tuple[ViTAdapter, Callable[..., Tensor]]:
+    """The adapter and a forward function returning 2-D logits (Hugging Face outputs unwrapped)."""
+    adapter = get_adapter(model) if adapter is None else adapter
+
+    def forward(images: Tensor, *args: Any) -> Tensor:
+        return adapter.logits(images, *args)
+
+    return adapter, forward
+
+
+def _module(model: Any, adapter: ViTAdapter) -> nn.Module | None:
+    if adapter.model is not None:
+        return adapter.model
+    return model if isinstance(model, nn.Module) else None
+
+
+def patch_feature_mask(
+    image_size: tuple[int, int], patch_size: tuple[int, int], device: torch.device | None = None
+) -> Tensor:
+    """A ``(1, 1, H, W)`` long mask giving each pixel the id of its patch, row-major.
+
+    Patch ``(r, c)`` of an ``h x w`` grid has id ``r * w + c``; the mask broadcasts over the
+    batch and the channels, so Captum treats each patch as one feature.
+
+    Example::
+
+        >>> from captum_gradmask.methods.captum_baselines import patch_feature_mask
+        >>> patch_feature_mask((4, 6), (2, 2))[0, 0]
+        tensor([[0, 0, 1, 1, 2, 2],
+                [0, 0, 1, 1, 2, 2],
+                [3, 3, 4, 4, 5, 5],
+                [3, 3, 4, 4, 5, 5]])
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    ph, pw = int(patch_size[0]), int(patch_size[1])
+    if height % ph or width % pw:
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}"
+        )
+    rows, cols = height // ph, width // pw
+    ids = torch.arange(rows * cols, device=device).reshape(1, 1, rows, cols)
+    return ids.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3)
+
+
+def tokens_to_grid(tokens: Tensor, prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
+    """ViT tokens ``(B, P + h*w, D)`` to a feature map ``(B, D, h, w)``, prefix tokens dropped.
+
+    Patch token ``k`` (counting after the prefix) lands at row ``k // w``, column ``k % w``:
+    the row-major order of the patch embedding. This is the ``reshape_transform`` that
+    pytorch-grad-cam documents for ViTs.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask.methods.captum_baselines import tokens_to_grid
+        >>> tokens = torch.arange(7.0).reshape(1, 7, 1)  # CLS + a 2x3 grid, D = 1
+        >>> tokens_to_grid(tokens, prefix_tokens=1, grid=(2, 3))[0, 0]
+        tensor([[1., 2., 3.],
+                [4., 5., 6.]])
+    """
+    rows, cols = grid
+    batch, count, dim = tokens.shape
+    if count != prefix_tokens + rows * cols:
+        raise ValueError(
+            f"expected {prefix_tokens} prefix + {rows}x{cols} patch tokens, got {count} tokens"
+        )
+    return tokens[:, prefix_tokens:].reshape(batch, rows, cols, dim).permute(0, 3, 1, 2)
+
+
+def grid_to_tokens(grid_map: Tensor, prefix: Tensor) -> Tensor:
+    """Inverse of :func:`tokens_to_grid`: ``(B, D, h, w)`` and prefix ``(B, P, D)`` to tokens."""
+    patches = grid_map.flatten(2).transpose(1, 2)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def saliency(model: Any, adapter: ViTAdapter | None = None, *, abs: bool = True) -> CaptumBaseline:
+    """Captum ``Saliency``: the gradient of the target logit, absolute by default.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from captum_gradmask.methods.captum_baselines import saliency
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> saliency(model).attribute(torch.randn(1, 3, 32, 32), target=0).min() >= 0
+        tensor(True)
+    """
+    adapter, forward = _setup(model, adapter)
+    return CaptumBaseline(
+        "saliency", Saliency(forward), {"abs": abs}, model=_module(model, adapter)
+    )
+
+
+def input_x_gradient(model: Any, adapter: ViTAdapter | None = None) -> CaptumBaseline:
+    """Captum ``InputXGradient`` in the normalised input space (signed)."""
+    adapter, forward = _setup(model, adapter)
+    return CaptumBaseline(
+        "inputxgradient", InputXGradient(forward), {}, model=_module(model, adapter)
+    )
+
+
+def integrated_gradients(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    n_steps: int = 50,
+    internal_batch_size: int = 25,
+    baseline: float = 0.0,
+) -> CaptumBaseline:
+    """Captum ``IntegratedGradients`` from a constant baseline (0 = the normalisation mean).
+
+    Args:
+        n_steps: integration points (Gauss-Legendre).
+        internal_batch_size: interpolated images per forward/backward pass.
+        baseline: the baseline value in normalised space.
+    """
+    adapter, forward = _setup(model, adapter)
+    settings = {
+        "baselines": float(baseline),
+        "n_steps": check_positive_int(n_steps, "n_steps"),
+        "internal_batch_size": check_positive_int(internal_batch_size, "internal_batch_size"),
+    }
+    return CaptumBaseline(
+        "integrated-gradients",
+        IntegratedGradients(forward),
+        settings,
+        model=_module(model, adapter),
+    )
+
+
+def gradient_shap(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    n_samples: int = 20,
+    stdevs: float = 0.1,
+    blur_kernel_size: int = 11,
+    blur_sigma: float = 5.0,
+) -> CaptumBaseline:
+    """Captum ``GradientShap`` with baselines {zeros, the blurred image}.
+
+    Args:
+        n_samples: random (baseline, interpolation point) draws per image.
+        stdevs: standard deviation of the Gaussian noise added to the inputs.
+        blur_kernel_size, blur_sigma: the blur of the second baseline
+            (:func:`captum_gradmask.metrics.gaussian_blur`).
+    """
+    adapter, forward = _setup(model, adapter)
+    check_positive_int(blur_kernel_size, "blur_kernel_size")
+
+    def baselines(images: Tensor, targets: Tensor) -> dict[str, Any]:
+        blurred = gaussian_blur(images, blur_kernel_size, blur_sigma)
+        return {"baselines": torch.cat([torch.zeros_like(images), blurred])}
+
+    return CaptumBaseline(
+        "gradient-shap",
+        GradientShap(forward),
+        {"n_samples": check_positive_int(n_samples, "n_samples"), "stdevs": float(stdevs)},
+        model=_module(model, adapter),
+        prepare=baselines,
+        per_image=True,
+    )
+
+
+def smoothgrad(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    nt_samples: int = 25,
+    noise_level: float = 0.15,
+    nt_samples_batch_size: int = 25,
+) -> CaptumBaseline:
+    """SmoothGrad: Captum ``NoiseTunnel`` over ``Saliency(abs=True)``.
+
+    Args:
+        nt_samples: noisy copies per image.
+        noise_level: noise standard deviation as a fraction of the image's value range.
+        nt_samples_batch_size: noisy copies per forward/backward pass.
+    """
+    adapter, forward = _setup(model, adapter)
+    if not noise_level > 0:
+        raise ValueError(f"`noise_level` must be positive, got {noise_level!r}")
+
+    def noise(images: Tensor, targets: Tensor) -> dict[str, Any]:
+        value_range = float(images.max() - images.min())
+        return {"stdevs": noise_level * (value_range if value_range > 0 else 1.0)}
+
+    return CaptumBaseline(
+        "smoothgrad",
+        NoiseTunnel(Saliency(forward)),
+        {
+            "nt_type": "smoothgrad",
+            "nt_samples": check_positive_int(nt_samples, "nt_samples"),
+            "nt_samples_batch_size": check_positive_int(
+                nt_samples_batch_size, "nt_samples_batch_size"
+            ),
+            "abs": True,
+        },
+        model=_module(model, adapter),
+        prepare=noise,
+        # The noise level follows each image's own range.
+        per_image=True,
+    )
+
+
+def occlusion(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    perturbations_per_eval: int = 32,
+    baseline: float = 0.0,
+) -> CaptumBaseline:
+    """Captum ``Occlusion`` with one window per ViT patch (window = stride = patch).
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from captum_gradmask.methods.captum_baselines import occlusion
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> occlusion(model).settings["sliding_window_shapes"]
+        (3, 8, 8)
+    """
+    adapter, forward = _setup(model, adapter)
+    ph, pw = adapter.patch_size
+    window = (3, ph, pw)
+
+    def windows(images: Tensor, targets: Tensor) -> dict[str, Any]:
+        adapter.grid(tuple(images.shape[-2:]))
+        patch_window = (images.shape[1], ph, pw)
+        return {"sliding_window_shapes": patch_window, "strides": patch_window}
+
+    return CaptumBaseline(
+        "occlusion",
+        Occlusion(forward),
+        {
+            "sliding_window_shapes": window,
+            "strides": window,
+            "baselines": float(baseline),
+            "perturbations_per_eval": check_positive_int(
+                perturbations_per_eval, "perturbations_per_eval"
+            ),
+        },
+        model=_module(model, adapter),
+        prepare=windows,
+    )
+
+
+def _patch_mask_prepare(adapter: ViTAdapter) -> PrepareFn:
+    def prepare(images: Tensor, targets: Tensor) -> dict[str, Any]:
+        adapter.grid(tuple(images.shape[-2:]))
+        mask = patch_feature_mask(tuple(images.shape[-2:]), adapter.patch_size, images.device)
+        return {"feature_mask": mask}
+
+    return prepare
+
+
+def feature_ablation(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    perturbations_per_eval: int = 32,
+    baseline: float = 0.0,
+) -> CaptumBaseline:
+    """Captum ``FeatureAblation`` with one feature per patch (:func:`patch_feature_mask`)."""
+    adapter, forward = _setup(model, adapter)
+    return CaptumBaseline(
+        "feature-ablation",
+        FeatureAblation(forward),
+        {
+            "baselines": float(baseline),
+            "perturbations_per_eval": check_positive_int(
+                perturbations_per_eval, "perturbations_per_eval"
+            ),
+        },
+        model=_module(model, adapter),
+        prepare=_patch_mask_prepare(adapter),
+    )
+
+
+def _weighted_least_squares(
+    model: LinearModel, dataloader: Any, construct_kwargs: Any = None, **kwargs: Any
+) -> dict[str, float]:
+    """Captum ``train_fn``: weighted ordinary least squares with an intercept, in closed form.
+
+    It is what Captum's default ``SkLearnLinearRegression`` fits (``LinearRegression`` with
+    ``sample_weight``), without needing scikit-learn. Solved on the CPU in float64 with the
+    SVD-based ``gelsd`` driver, so rank-deficient designs get the minimum-norm solution.
+    """
+    features, outputs, weights = [], [], []
+    for batch in dataloader:
+        x, y = batch[0], batch[1]
+        w = batch[2] if len(batch) == 3 else torch.ones(x.shape[0])
+        features.append(x.detach().double().cpu().reshape(x.shape[0], -1))
+        outputs.append(y.detach().double().cpu().reshape(x.shape[0], -1))
+        weights.append(w.detach().double().cpu().reshape(-1))
+    x, y, w = torch.cat(features), torch.cat(outputs), torch.cat(weights)
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    root = w.clamp_min(0).sqrt()[:, None]
+    solution = torch.linalg.lstsq(design * root, y * root, driver="gelsd").solution
+    coefficients, intercept = solution[:-1].T, solution[-1]
+    model._construct_model_params(
+        norm_type=None,
+        weight_values=coefficients.float().contiguous(),
+        bias_value=intercept.float(),
+    )
+    return {}
+
+
+def kernel_shap(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    n_samples: int = 256,
+    perturbations_per_eval: int = 32,
+    baseline: float = 0.0,
+) -> CaptumBaseline:
+    """Captum ``KernelShap`` with one feature per patch, baseline 0.
+
+    Args:
+        n_samples: sampled coalitions per image (forward passes).
+        perturbations_per_eval: coalitions per forward pass.
+        baseline: value of an absent patch in normalised space.
+    """
+    adapter, forward = _setup(model, adapter)
+    explainer = KernelShap(forward)
+    # Captum's default surrogate needs scikit-learn; the same weighted least squares in torch.
+    explainer.interpretable_model = LinearModel(train_fn=_weighted_least_squares)
+    return CaptumBaseline(
+        "kernel-shap",
+        explainer,
+        {
+            "baselines": float(baseline),
+            "n_samples": check_positive_int(n_samples, "n_samples"),
+            "perturbations_per_eval": check_positive_int(
+                perturbations_per_eval, "perturbations_per_eval"
+            ),
+        },
+        model=_module(model, adapter),
+        prepare=_patch_mask_prepare(adapter),
+        # Captum's KernelShap fits one surrogate per example; a batch is one image at a time.
+        per_image=True,
+    )
+
+
+def default_gradcam_layer(model: Any) -> nn.Module:
+    """The first LayerNorm of the last encoder block (pytorch-grad-cam's choice for ViTs).
+
+    timm ``VisionTransformer``: ``blocks[-1].norm1``; Hugging Face ViT/DeiT:
+    ``layers[-1].layernorm_before`` (5.x) or ``encoder.layer[-1].layernorm_before`` (4.x).
+
+    Raises:
+        ValueError: for other models; pass ``layer=`` to :func:`layer_gradcam` then.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) and hasattr(blocks[-1], "norm1"):
+        return blocks[-1].norm1
+    prefix = getattr(model, "base_model_prefix", None)
+    base = getattr(model, prefix, None) if prefix else None
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is not None and len(layers) and hasattr(layers[-1], "layernorm_before"):
+        return layers[-1].layernorm_before
+    raise ValueError(
+        f"no default Grad-CAM layer for a model of type {type(model).__name__}: pass `layer=` "
+        "(a module whose output is the (B, tokens, D) sequence of a late encoder block)"
+    )
+
+
+class _TokenGrid(nn.Module):
+    """Identity on the ``(B, D, h, w)`` view of a token sequence: Captum hooks its output."""
+
+    def forward(self, grid_map: Tensor) -> Tensor:
+        return grid_map
+
+
+class ViTLayerGradCam(CaptumBaseline):
+    """Captum ``LayerGradCam`` on a ViT token layer seen as a ``(B, D, h, w)`` feature map.
+
+    Captum's Grad-CAM averages gradients over the dimensions after the second, so it needs a
+    channels-first spatial map. During :meth:`attribute`, a forward hook on ``layer`` rewrites
+    its output ``(B, P + h*w, D)`` as the prefix tokens followed by :func:`tokens_to_grid`
+    passed through an identity module (and flattened back), and Grad-CAM is taken on that
+    module's output. The ReLU'd ``(h, w)`` map is upsampled (``interpolate_mode``) to the input
+    size and repeated over the channels. Build it with :func:`layer_gradcam`.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[..., Tensor],
+        adapter: ViTAdapter,
+        layer: nn.Module,
+        *,
+        model: nn.Module | None,
+        interpolate_mode: str,
+    ) -> None:
+        self.grid_view = _TokenGrid()
+        super().__init__(
+            "layer-gradcam",
+            LayerGradCam(forward, self.grid_view),
+            {"relu_attributions": True},
+            model=model,
+        )
+        self.adapter = adapter
+        self.layer = layer
+        self.interpolate_mode = interpolate_mode
+
+    def _attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+        grid = self.adapter.grid(tuple(images.shape[-2:]))
+        prefix = self.adapter.prefix_tokens
+
+        def reshape_hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            grid_map = self.grid_view(tokens_to_grid(output, prefix, grid))
+            return grid_to_tokens(grid_map, output[:, :prefix])
+
+        handle = self.layer.register_forward_hook(reshape_hook)
+        try:
+            cam = self.attribution.attribute(images, target=targets, **self.settings)
+        finally:
+            handle.remove()
+        extra = {"align_corners": False} if self.interpolate_mode == "bilinear" else {}
+        up = F.interpolate(cam, size=tuple(images.shape[-2:]), mode=self.interpolate_mode, **extra)
+        return up.expand(-1, images.shape[1], -1, -1).contiguous()
+
+
+def layer_gradcam(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    layer: nn.Module | None = None,
+    interpolate_mode: str = "bilinear",
+) -> ViTLayerGradCam:
+    """Grad-CAM for ViTs (:class:`ViTLayerGradCam`) on ``layer``.
+
+    Args:
+        layer: a module whose output is the ``(B, P + h*w, D)`` token sequence of a late
+            encoder block; default :func:`default_gradcam_layer`.
+        interpolate_mode: ``"bilinear"`` (pytorch-grad-cam's upsampling) or ``"nearest"``.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from captum_gradmask.methods.captum_baselines import layer_gradcam
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> layer_gradcam(model).attribute(torch.randn(2, 3, 32, 32), target=3).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    adapter, forward = _setup(model, adapter)
+    target_layer = default_gradcam_layer(model) if layer is None else layer
+    if interpolate_mode not in ("bilinear", "nearest"):
+        raise ValueError(
+            f"`interpolate_mode` must be 'bilinear' or 'nearest', got {interpolate_mode!r}"
+        )
+    return ViTLayerGradCam(
+        forward,
+        adapter,
+        target_layer,
+        model=_module(model, adapter),
+        interpolate_mode=interpolate_mode,
+    )
