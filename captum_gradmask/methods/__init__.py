@@ -1,0 +1,14 @@
+"""Comparison attribution methods for Vision Transformers, with GradMask's Captum-style API."""
+
+from .chefer import CheferGAE
+from .reciprocam import ViTReciproCAM
+from .rise import RISE, generate_masks
+from .rollout import AttentionRollout
+
+__all__ = [
+    "RISE",
+    "AttentionRollout",
+    "CheferGAE",
+    "ViTReciproCAM",
+    "generate_masks",
+]

@@ -1,0 +1,179 @@
+"""ViT-ReciproCAM against a plain loop over patches that calls the models' own modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_gradmask import ViTAdapter
+from captum_gradmask.methods import ViTReciproCAM
+from captum_gradmask.methods.reciprocam import spatial_weights
+
+from .models import LegacyViT, tiny_hf_deit, tiny_hf_vit, tiny_timm_vit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: on a shared 2-core machine, intra-op threads only contend (100x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+GAUSSIAN = [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]]
+
+
+def _hf_parts(model):
+    base = model.deit if hasattr(model, "deit") else model.vit
+
+    def block(layer):
+        def run(h):
+            out = layer(h)
+            return out[0] if isinstance(out, tuple) else out
+
+        return run
+
+    def head(h):
+        h = base.layernorm(h)
+        if hasattr(model, "distillation_classifier"):
+            return (model.cls_classifier(h[:, 0]) + model.distillation_classifier(h[:, 1])) / 2
+        return model.classifier(h[:, 0])
+
+    return base.embeddings, [block(layer) for layer in base.layers], head
+
+
+def _timm_parts(model):
+    def embed(x):
+        return model._pos_embed(model.patch_embed(x))
+
+    return embed, list(model.blocks), lambda h: model.head(model.norm(h)[:, 0])
+
+
+def plain_reciprocam(parts, image, target, prefix, layer, gaussian, normalize=True):
+    """One token set per patch, built token by token, run through the remaining blocks."""
+    embed, blocks, head = parts
+    start = layer % len(blocks)
+    with torch.no_grad():
+        tokens = embed(image[None])
+        for block in blocks[:start]:
+            tokens = block(tokens)
+        scores = []
+        for r in range(4):
+            for c in range(4):
+                masked = torch.zeros_like(tokens)
+                masked[:, :prefix] = tokens[:, :prefix]
+                if gaussian:
+                    for dr in (-1, 0, 1):
+                        for dc in (-1, 0, 1):
+                            if 0 <= r + dr < 4 and 0 <= c + dc < 4:
+                                k = prefix + (r + dr) * 4 + (c + dc)
+                                masked[:, k] = tokens[:, k] * GAUSSIAN[dr + 1][dc + 1]
+                else:
+                    k = prefix + r * 4 + c
+                    masked[:, k] = tokens[:, k]
+                for block in blocks[start:]:
+                    masked = block(masked)
+                scores.append(torch.softmax(head(masked), dim=-1)[0, target])
+    scores = torch.stack(scores).reshape(4, 4)
+    if normalize:
+        scores = (scores - scores.min()) / (scores.max() - scores.min())
+    return scores
+
+
+CASES = {
+    "hf-vit": (tiny_hf_vit, _hf_parts, 1),
+    "hf-deit-teacher": (lambda: tiny_hf_deit(teacher=True), _hf_parts, 2),
+    "timm-vit": (tiny_timm_vit, _timm_parts, 1),
+}
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+@pytest.mark.parametrize("layer", [-1, 0])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_plain_loop(name: str, layer: int, gaussian: bool) -> None:
+    build, parts, prefix = CASES[name]
+    model = build()
+    images = _images()
+    target = [1, 5]
+    cam = ViTReciproCAM(model)
+    options = dict(target=target, layer=layer, gaussian=gaussian, perturbations_per_eval=7)
+    raw = cam.attribute_grid(images, normalize=False, **options)
+    ours = cam.attribute_grid(images, **options)
+    for i in range(2):
+        expected = plain_reciprocam(
+            parts(model), images[i], target[i], prefix, layer, gaussian, normalize=False
+        )
+        torch.testing.assert_close(raw[i], expected, atol=1e-6, rtol=1e-5)
+        # the paper's min-max normalisation of the same scores
+        low, high = raw[i].min(), raw[i].max()
+        torch.testing.assert_close(ours[i], (raw[i] - low) / (high - low))
+    assert ours.amin(dim=(1, 2)).tolist() == [0.0, 0.0]
+    assert ours.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+
+
+def test_raw_scores_are_softmax_probabilities() -> None:
+    model = tiny_timm_vit()
+    images = _images(1)
+    raw = ViTReciproCAM(model).attribute_grid(images, target=3, normalize=False, layer=1)
+    expected = plain_reciprocam(_timm_parts(model), images[0], 3, 1, 1, False, normalize=False)
+    torch.testing.assert_close(raw[0], expected, atol=1e-6, rtol=0)
+    assert raw.min() > 0 and raw.max() < 1
+
+
+def test_spatial_weights_by_hand() -> None:
+    one_hot = spatial_weights((2, 3))
+    torch.testing.assert_close(one_hot, torch.eye(6))
+    corner = spatial_weights((3, 3), gaussian=True)[0].reshape(3, 3)
+    expected = torch.tensor([[1 / 4, 1 / 8, 0], [1 / 8, 1 / 16, 0], [0, 0, 0]])
+    torch.testing.assert_close(corner, expected)
+
+
+def test_targets_batches_and_layouts() -> None:
+    model = tiny_hf_vit()
+    images = _images(3)
+    cam = ViTReciproCAM(model)
+    predicted = model(images).logits.argmax(-1)
+    default = cam.attribute_grid(images)
+    torch.testing.assert_close(default, cam.attribute_grid(images, target=predicted))
+    per_image = cam.attribute_grid(images, target=[0, 2, 4], perturbations_per_eval=100)
+    single = torch.cat([cam.attribute_grid(images[i : i + 1], target=2 * i) for i in range(3)])
+    torch.testing.assert_close(per_image, single, atol=1e-6, rtol=0)
+    # raw probabilities: min-max normalisation would amplify float noise between the layouts
+    legacy = ViTReciproCAM(LegacyViT(model)).attribute_grid(
+        images, target=[0, 2, 4], normalize=False
+    )
+    current = cam.attribute_grid(images, target=[0, 2, 4], normalize=False)
+    torch.testing.assert_close(current, legacy, atol=1e-6, rtol=1e-5)
+    attr = cam.attribute((images,), target=[0, 2, 4])[0]
+    expected = per_image.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    torch.testing.assert_close(attr, expected.expand_as(images))
+
+
+def test_model_mode_restored_and_errors_named() -> None:
+    model = tiny_timm_vit().train()
+    cam = ViTReciproCAM(model)
+    images = _images()
+    cam.attribute_grid(images, target=0)
+    assert model.training
+    with pytest.raises(ValueError, match="layer"):
+        cam.attribute_grid(images, layer=3)
+    with pytest.raises(ValueError, match="additional_forward_args"):
+        cam.attribute_grid(images, additional_forward_args=(1,))
+    with pytest.raises(ValueError, match="perturbations_per_eval"):
+        cam.attribute_grid(images, perturbations_per_eval=0)
+    with pytest.raises(ValueError, match="out of range"):
+        cam.attribute_grid(images, target=7)
+    adapter = ViTAdapter.from_modules(
+        model,
+        num_heads=3,
+        patch_size=8,
+        prefix_tokens=1,
+        fused_qkv=[b.attn.qkv for b in model.blocks],
+    )
+    with pytest.raises(ValueError, match="embed"):
+        ViTReciproCAM(model, adapter=adapter)
