@@ -215,6 +215,10 @@ def _load_timm(
     network.eval()
     data = resolve_data_config({}, model=network)
     _, height, width = data["input_size"]
+    # The pretrained config keeps its size when the model is built at another (img_size=...).
+    built = getattr(getattr(network, "patch_embed", None), "img_size", None)
+    if built is not None:
+        height, width = _pair(built)
     return network, PreprocessConfig(
         size=(int(height), int(width)),
         mean=_triple(data["mean"]),

@@ -276,8 +276,8 @@ _SPECS = [
     MethodSpec(
         "rise",
         _class_method("captum_gradmask.methods.rise", "RISE", "rise"),
-        {"n_masks": 1000, "perturbations_per_eval": 32},
-        "RISE, 1000 random 7x7-grid masks (p = 0.5), seed 0",
+        {"n_masks": 500, "perturbations_per_eval": 32},
+        "RISE, 500 random 7x7-grid masks (p = 0.5), seed 0",
         "captum_gradmask.methods.rise",
     ),
     MethodSpec(

@@ -1,0 +1,200 @@
+"""Captum methods configured for ViTs, checked against their definitions on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_gradmask.adapters import ViTAdapter, get_adapter
+from captum_gradmask.methods import captum_baselines as cb
+from captum_gradmask.registry import METHODS, ConfiguredMethod, build_method, method_names
+
+from .models import tiny_hf_vit, tiny_timm_vit
+
+# Small settings: the point here is shapes and definitions, not quality.
+FACTORIES = {
+    "saliency": (cb.saliency, {}),
+    "inputxgradient": (cb.input_x_gradient, {}),
+    "integrated-gradients": (cb.integrated_gradients, {"n_steps": 4}),
+    "gradient-shap": (cb.gradient_shap, {"n_samples": 3, "blur_kernel_size": 3}),
+    "smoothgrad": (cb.smoothgrad, {"nt_samples": 3}),
+    "occlusion": (cb.occlusion, {}),
+    "feature-ablation": (cb.feature_ablation, {}),
+    "kernel-shap": (cb.kernel_shap, {"n_samples": 40}),
+    "layer-gradcam": (cb.layer_gradcam, {}),
+}
+
+
+def _patch_only_model(row: int, col: int, patch: int = 8) -> tuple[nn.Module, ViTAdapter]:
+    """Logits depend on the pixels of patch (row, col) only (2 classes)."""
+
+    class PatchModel(nn.Module):
+        def forward(self, images: Tensor) -> Tensor:
+            block = images[:, :, row * patch : (row + 1) * patch, col * patch : (col + 1) * patch]
+            score = (block**2).sum(dim=(1, 2, 3)) + block.sum(dim=(1, 2, 3))
+            return torch.stack([score, -score], dim=1)
+
+    model = PatchModel()
+    adapter = ViTAdapter.from_modules(
+        model, num_heads=1, patch_size=patch, prefix_tokens=1, fused_qkv=[nn.Linear(3, 9)]
+    )
+    return model, adapter
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("build_model", [tiny_hf_vit, tiny_timm_vit], ids=["hf", "timm"])
+def test_each_method_gives_input_shaped_finite_maps(name: str, build_model) -> None:
+    model = build_model()
+    factory, settings = FACTORIES[name]
+    method = factory(model, **settings)
+    images = torch.randn(2, 3, 32, 32)
+    was_training = model.training
+    attributions = method.attribute(images, target=[1, 4])
+    assert attributions.shape == images.shape
+    assert torch.isfinite(attributions).all() and attributions.abs().sum() > 0
+    assert model.training == was_training
+    assert all(p.grad is None for p in model.parameters())
+    # The tuple form is kept, and None targets use the predicted class.
+    assert method.attribute((images[:1],), target=None)[0].shape == (1, 3, 32, 32)
+
+
+def test_patch_feature_mask_has_one_row_major_id_per_patch() -> None:
+    mask = cb.patch_feature_mask((16, 24), (8, 8))[0, 0]
+    assert mask.shape == (16, 24)
+    assert sorted(mask.unique().tolist()) == list(range(6))
+    for r in range(2):
+        for c in range(3):
+            block = mask[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8]
+            assert (block == r * 3 + c).all()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        cb.patch_feature_mask((20, 24), (8, 8))
+
+
+@pytest.mark.parametrize("factory", [cb.occlusion, cb.feature_ablation])
+def test_occlusion_windows_are_patch_aligned(factory) -> None:
+    model, adapter = _patch_only_model(row=1, col=2)
+    images = torch.rand(1, 3, 32, 32) + 0.5
+    attributions = factory(model, adapter).attribute(images, target=0)
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:16, 16:24] = True
+    assert (attributions[0, :, inside] != 0).all()
+    assert (attributions[0, :, ~inside] == 0).all()
+    # Removing the patch (baseline 0) costs its whole score, spread uniformly over the patch.
+    score = float(model(images)[0, 0])
+    torch.testing.assert_close(attributions[0, :, inside], torch.full((3, 64), score))
+
+
+def test_kernel_shap_recovers_a_linear_model_per_patch() -> None:
+    # For a model linear in the patch sums, Shapley values are w_i * (sum_i - baseline_i).
+    torch.manual_seed(0)
+    weights = torch.randn(16)
+
+    def forward(images: Tensor) -> Tensor:
+        sums = images.reshape(-1, 3, 4, 8, 4, 8).sum(dim=(1, 3, 5)).flatten(1)
+        return torch.stack([sums @ weights, -(sums @ weights)], dim=1)
+
+    adapter = ViTAdapter.from_modules(
+        forward, num_heads=1, patch_size=8, prefix_tokens=1, fused_qkv=[nn.Linear(3, 9)]
+    )
+    images = torch.randn(1, 3, 32, 32)
+    attributions = cb.kernel_shap(forward, adapter, n_samples=80).attribute(images, target=0)
+    expected = images.reshape(1, 3, 4, 8, 4, 8).sum(dim=(1, 3, 5)).flatten() * weights
+    torch.testing.assert_close(
+        attributions[0, 0, ::8, ::8].flatten(), expected, atol=1e-3, rtol=1e-3
+    )
+
+
+def test_integrated_gradients_completeness() -> None:
+    model = tiny_hf_vit()
+    images = torch.randn(1, 3, 32, 32)
+    attributions = cb.integrated_gradients(model, n_steps=64).attribute(images, target=3)
+    with torch.no_grad():
+        gap = model(images).logits[0, 3] - model(torch.zeros_like(images)).logits[0, 3]
+    assert float(attributions.sum()) == pytest.approx(float(gap), rel=0.05, abs=0.02)
+
+
+def test_saliency_is_the_absolute_logit_gradient() -> None:
+    model = tiny_timm_vit()
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(images)[:, 2].sum(), images)
+    attributions = cb.saliency(model).attribute(images.detach(), target=2)
+    torch.testing.assert_close(attributions, grad.abs())
+
+
+def test_tokens_to_grid_places_token_k_at_row_k_div_w() -> None:
+    rows, cols, prefix = 3, 4, 2
+    tokens = torch.arange(prefix + rows * cols, dtype=torch.float32)[None, :, None].repeat(2, 1, 5)
+    grid = cb.tokens_to_grid(tokens, prefix, (rows, cols))
+    assert grid.shape == (2, 5, rows, cols)
+    for k in range(rows * cols):
+        assert (grid[:, :, k // cols, k % cols] == prefix + k).all()
+    torch.testing.assert_close(cb.grid_to_tokens(grid, tokens[:, :prefix]), tokens)
+    with pytest.raises(ValueError, match="prefix"):
+        cb.tokens_to_grid(tokens, prefix, (4, 4))
+
+
+@pytest.mark.parametrize("build_model", [tiny_hf_vit, tiny_timm_vit], ids=["hf", "timm"])
+def test_layer_gradcam_matches_a_plain_grad_cam(build_model) -> None:
+    model = build_model()
+    layer = cb.default_gradcam_layer(model)
+    adapter = get_adapter(model)
+    images = torch.randn(2, 3, 32, 32)
+    targets = [1, 5]
+
+    # Grad-CAM by hand: activations A and gradients G of the layer's patch tokens.
+    saved = {}
+    handle = layer.register_forward_hook(lambda m, a, out: saved.setdefault("tokens", out))
+    try:
+        logits = adapter.logits(images)
+    finally:
+        handle.remove()
+    tokens = saved["tokens"]
+    (grads,) = torch.autograd.grad(logits[[0, 1], targets].sum(), tokens)
+    patches, patch_grads = tokens[:, 1:].detach(), grads[:, 1:]
+    weights = patch_grads.mean(dim=1, keepdim=True)  # mean over the 4x4 positions
+    cam = F.relu((weights * patches).sum(-1)).reshape(2, 1, 4, 4)
+    expected = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)
+
+    attributions = cb.layer_gradcam(model).attribute(images, target=targets)
+    torch.testing.assert_close(attributions, expected.expand(-1, 3, -1, -1), atol=1e-5, rtol=1e-4)
+    # The hook is gone: the model's outputs are untouched afterwards.
+    torch.testing.assert_close(adapter.logits(images), logits.detach())
+
+
+def test_default_gradcam_layer_choices_and_error() -> None:
+    timm_model = tiny_timm_vit()
+    assert cb.default_gradcam_layer(timm_model) is timm_model.blocks[-1].norm1
+    hf_model = tiny_hf_vit()
+    assert cb.default_gradcam_layer(hf_model) is hf_model.vit.layers[-1].layernorm_before
+    with pytest.raises(ValueError, match="layer="):
+        cb.default_gradcam_layer(nn.Linear(2, 2))
+
+
+def test_registry_names_and_overrides() -> None:
+    expected = {
+        "gradmask-m1", "gradmask-m4", "gradmask-mheads", "gradmask-fast", "saliency",
+        "inputxgradient", "integrated-gradients", "gradient-shap", "smoothgrad", "occlusion",
+        "feature-ablation", "kernel-shap", "layer-gradcam", "rollout", "chefer-gae",
+        "vit-reciprocam", "vit-reciprocam-3x3", "rise", "diffmask",
+    }  # fmt: skip
+    assert set(method_names()) == expected
+    model = tiny_hf_vit()
+    heads = build_method("gradmask-mheads", model)
+    assert isinstance(heads, ConfiguredMethod) and heads.settings["masks_per_layer"] == 3
+    assert build_method("gradmask-fast", model).settings["mode"] == "fast"
+    assert build_method("integrated-gradients", model, n_steps=7).settings["n_steps"] == 7
+    assert METHODS["integrated-gradients"].settings["n_steps"] == 50  # defaults untouched
+    with pytest.raises(ValueError, match="registered methods are"):
+        build_method("gradcam", model)
+
+
+def test_registry_gradmask_matches_the_class() -> None:
+    from captum_gradmask import GradMaskAttribution
+
+    model = tiny_timm_vit()
+    images = torch.randn(1, 3, 32, 32)
+    built = build_method("gradmask-m1", model).attribute(images, target=2)
+    direct = GradMaskAttribution(model).attribute(images, target=2, masks_per_layer=1)
+    torch.testing.assert_close(built, direct)
