@@ -108,7 +108,7 @@ def reference_gradmask(
         masked_images.append(image * pixel_mask)
     with torch.no_grad():  # step 9
         probs = torch.softmax(logits_of(model, torch.stack(masked_images)), dim=-1)[:, t]
-    heat = torch.zeros(masks[0].shape)
+    heat = torch.zeros(masks[0].shape, device=image.device)
     for c, mask in zip(probs, masks, strict=True):  # step 10
         heat += c * mask
     return heat

@@ -1,0 +1,347 @@
+"""Seconds per image and peak memory of GradMask and its competitors, measured in one run.
+
+Every number is reported as a ratio to GradMask exact (m = 4, default settings) measured in the
+same run on the same images, so the table survives a noisy machine better than raw seconds.
+
+    python -m benchmarks.speed                       # shared ViT-Tiny + random ViT-B/16, CPU
+    python -m benchmarks.speed --models base --device cuda --masks 4 12
+
+What is timed (median of ``--repeats`` runs after one warm-up, per image):
+
+* ``floor``: one forward+backward of the plain model plus forwards over the masked images at the
+  best batch size found among 16, 32, 64 and all (the images are built beforehand, not timed);
+* ``naive``: the authors' algorithm written plainly (one image, Python loops over masks, all masks
+  in one batch, eager attention) -- ``tests/reference_gradmask.py``;
+* ``gradmask exact`` / ``gradmask fast`` at each ``--masks`` value and batch size;
+* comparison methods from :mod:`captum_gradmask.registry` at their registry settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captum_gradmask import GradMaskAttribution
+from captum_gradmask._utils import extract_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SHARED = ROOT.parent / "shared"
+COMPARISONS = ("occlusion", "integrated-gradients", "rise", "vit-reciprocam", "chefer-gae")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory above the starting point: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            yield
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - start) / 2**20
+            return
+        start = self._rss_mb()
+        peak = [start]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], self._rss_mb())
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.peak_mb = max(peak[0], self._rss_mb()) - start
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` over ``repeats`` runs after a warm-up, and its peak memory (MB)."""
+    fn()
+    _sync(device)
+    seconds, memory = [], PeakMemory(device)
+    for _ in range(repeats):
+        with memory.measure():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), memory.peak_mb
+
+
+def masked_batch(images: torch.Tensor, count: int, patch: int, keep: float = 0.24) -> torch.Tensor:
+    """``count`` zero-filled masked copies of each image, about ``keep`` of the patches kept."""
+    n, _, height, width = images.shape
+    generator = torch.Generator().manual_seed(0)
+    grid = torch.rand(n * count, height // patch, width // patch, generator=generator) < keep
+    pixels = grid.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]
+    return images.repeat_interleave(count, 0) * pixels.to(images.device, images.dtype)
+
+
+def floor_time(
+    model: torch.nn.Module, images: torch.Tensor, masks: int, device: torch.device, repeats: int
+) -> tuple[float, int]:
+    """Forward+backward plus plain forwards over the masked images at the best batch size."""
+    batch = masked_batch(images, masks, 16)
+    leaf = images.clone().requires_grad_(True)
+
+    def gradient_pass() -> None:
+        logits = extract_logits(model(leaf))
+        torch.autograd.grad(logits.max(-1).values.sum(), leaf)
+
+    grad_seconds, _ = timed(gradient_pass, device, repeats)
+    best, best_size = float("inf"), 0
+    for size in sorted({16, 32, 64, batch.shape[0]}):
+
+        def forwards(size: int = size) -> None:
+            with torch.inference_mode():
+                for start in range(0, batch.shape[0], size):
+                    model(batch[start : start + size])
+
+        seconds, _ = timed(forwards, device, repeats)
+        if seconds < best:
+            best, best_size = seconds, size
+    return grad_seconds + best, best_size
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face eager attention for the block (the authors' transformers 4.x default)."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous is None:
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def load_models(names: list[str], shared: Path, device: torch.device) -> dict[str, torch.nn.Module]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    models = {}
+    for name in names:
+        if name == "tiny":
+            path = shared / "models" / "vit-tiny-patch16-224-augreg-in1k"
+            if not path.is_dir():
+                print(f"skipping the shared ViT-Tiny: {path} not found")
+                continue
+            models["ViT-Ti/16 (shared)"] = ViTForImageClassification.from_pretrained(path)
+        elif name == "base":
+            torch.manual_seed(0)  # google/vit-base-patch16-224's config, random weights
+            models["ViT-B/16 (random)"] = ViTForImageClassification(ViTConfig(num_labels=1000))
+        else:
+            raise SystemExit(f"unknown model {name!r}: use tiny and/or base")
+    return {k: v.eval().to(device) for k, v in models.items()}
+
+
+def real_images(shared: Path, count: int, size: int = 224) -> torch.Tensor:
+    from captum_gradmask.data import load_imagenet_sample, preprocess_image
+
+    root = shared / "data" / "imagenet-val-sample"
+    if not root.is_dir():
+        return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    records = load_imagenet_sample(root, limit=count)
+    return torch.stack([preprocess_image(r.path, size=size) for r in records])
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    images_all = real_images(args.shared, max(args.images, *args.images_per_call)).to(device)
+    for model_name, model in load_models(args.models, args.shared, device).items():
+        rows += measure_model(model_name, model, images_all, args, device)
+    return rows
+
+
+def measure_model(
+    model_name: str,
+    model: torch.nn.Module,
+    images_all: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """All rows of one model; ratios are to GradMask exact, m = 4, first batch size."""
+    rows: list[dict[str, Any]] = []
+
+    def record(what: str, settings: Any, fn: Callable[[], Any], per: int) -> float:
+        seconds, memory = timed(fn, device, args.repeats)
+        row = dict(
+            model=model_name,
+            method=what,
+            settings=str(settings),
+            seconds_per_image=seconds / per,
+            peak_mb=memory,
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return seconds / per
+
+    images = images_all[: args.images]
+    n = images.shape[0]
+    heads = model.config.num_attention_heads
+    layers = model.config.num_hidden_layers
+    gradmask = GradMaskAttribution(model)
+    reference = None
+    for m in sorted({*args.masks, heads}):
+        count = 3 * (layers - 1) * m
+        seconds, best = floor_time(model, images, count, device, args.repeats)
+        rows.append(
+            dict(
+                model=model_name,
+                method="floor",
+                settings=f"m={m}, {count} masked images, best batch {best}",
+                seconds_per_image=seconds / n,
+                peak_mb=float("nan"),
+            )
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        for batch in args.batch_sizes:
+            for mode in ("exact", "fast"):
+                seconds = record(
+                    f"gradmask {mode}",
+                    f"m={m}, batch {batch}",
+                    lambda m=m, batch=batch, mode=mode: gradmask.attribute_grid(
+                        images, masks_per_layer=m, perturbations_per_eval=batch, mode=mode
+                    ),
+                    n,
+                )
+                if mode == "exact" and m == 4 and batch == args.batch_sizes[0]:
+                    reference = seconds
+    if args.naive:
+        from tests.reference_gradmask import reference_gradmask
+
+        with eager_attention(model):
+            record(
+                "naive reference",
+                "m=4, one image, one batch, eager attention",
+                lambda: reference_gradmask(model, images[0], "hf5", 4),
+                1,
+            )
+    for per_call in args.images_per_call:
+        record(
+            "gradmask exact",
+            f"m=4, {per_call} images per call",
+            lambda b=images_all[:per_call]: gradmask.attribute_grid(
+                b, perturbations_per_eval=args.batch_sizes[0]
+            ),
+            per_call,
+        )
+    if args.size_384:
+        big = torch.nn.functional.interpolate(images, size=(384, 384), mode="bilinear")
+        for mode in ("exact", "fast"):
+            record(
+                f"gradmask {mode}",
+                "m=4, 384x384 (interpolated positions)",
+                lambda mode=mode: gradmask.attribute_grid(big, mode=mode),
+                n,
+            )
+    from captum_gradmask.registry import MethodUnavailable, build_method
+
+    targets = extract_logits(model(images)).argmax(-1)
+    for name in args.compare:
+        try:
+            method = build_method(name, model)
+        except MethodUnavailable as error:
+            print(f"skipping {name}: {error}")
+            continue
+        record(
+            name,
+            getattr(method, "settings", ""),
+            lambda method=method: method.attribute(images, targets),
+            n,
+        )
+    for row in rows:
+        if reference:
+            row["ratio_to_exact"] = row["seconds_per_image"] / reference
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | method | settings | s / image | x GradMask exact (m=4) | peak MB |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = r.get("ratio_to_exact")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['settings']} | {r['seconds_per_image']:.3f} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {r['peak_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # A fixed mmap threshold makes glibc hand large blocks back to the OS when freed, so
+        # the process's resident size tracks live CPU memory and its peak is measurable.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        args = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.speed", *args], env)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "base"], help="tiny and/or base")
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=2, help="images per timed call")
+    parser.add_argument("--images-per-call", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--masks", type=int, nargs="+", default=[1, 4], help="plus the head count")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-naive", dest="naive", action="store_false")
+    parser.add_argument("--size-384", action="store_true")
+    parser.add_argument("--compare", nargs="*", default=list(COMPARISONS))
+    parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
+    args = parser.parse_args(argv)
+    started = time.time()
+    rows = run(args)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    if args.device.startswith("cuda"):
+        machine += f", {torch.cuda.get_device_name()}"
+    print(f"\nmachine: {machine}; total {time.time() - started:.0f} s\n")
+    print(to_markdown(rows))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(machine=machine, argv=argv, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
