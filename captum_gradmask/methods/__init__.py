@@ -1,6 +1,7 @@
 """Comparison attribution methods for Vision Transformers, with GradMask's Captum-style API."""
 
 from .chefer import CheferGAE
+from .diffmask import DiffMaskGate, GateConfig, VisionDiffMask, VisionDiffMaskTrainer
 from .reciprocam import ViTReciproCAM
 from .rise import RISE, generate_masks
 from .rollout import AttentionRollout
@@ -9,6 +10,10 @@ __all__ = [
     "RISE",
     "AttentionRollout",
     "CheferGAE",
+    "DiffMaskGate",
+    "GateConfig",
     "ViTReciproCAM",
+    "VisionDiffMask",
+    "VisionDiffMaskTrainer",
     "generate_masks",
 ]
