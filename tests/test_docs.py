@@ -1,0 +1,35 @@
+"""The code in README.md and docs/usage.md runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+from .conftest import needs_shared
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_custom_adapter_example_runs(capsys) -> None:
+    exec(compile(_python_blocks(ROOT / "docs" / "usage.md")[0], "usage.md", "exec"), {})
+    assert "torch.Size([2, 3, 16, 16])" in capsys.readouterr().out
+
+
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.parametrize(("doc", "index"), [("README.md", 0), ("docs/usage.md", 1)])
+def test_real_model_examples_run(doc: str, index: int, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # the examples use ../shared relative to the checkout
+    code = _python_blocks(ROOT / doc)[index].replace('"overlay.png"', repr(str(tmp_path / "o.png")))
+    code = code.replace("mode=", "mode=").replace("n_perturb_samples=4", "n_perturb_samples=2")
+    namespace: dict = {}
+    exec(compile(code, doc, "exec"), namespace)
+    assert namespace["attr"].shape == namespace.get("pixel_values", namespace.get("x")).shape
