@@ -207,8 +207,12 @@ def plot_grid(
         path: the PNG to write.
         titles: optional row labels (e.g. class names).
 
-    Each map is min-max normalised on its own and drawn with the ``jet`` colormap at 50 %
-    opacity over the greyed image, so the colours show each method's ranking, not its scale.
+    Signed maps are shown as Captum's ``visualize_image_attr`` does with
+    ``sign="absolute_value"``: ``|map|`` divided by its 99th percentile and clipped to [0, 1]
+    (a few extreme pixels would otherwise flatten gradient maps); non-negative maps have their
+    minimum subtracted first (RISE's maps sit on a large offset). Drawn with the ``jet``
+    colormap at 50 % opacity over the greyed image. Colours show each map's own ranking, not
+    its scale.
     """
     import matplotlib
 
@@ -216,7 +220,7 @@ def plot_grid(
     import matplotlib.pyplot as plt
 
     rows, cols = len(images), len(methods) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
     for r, image in enumerate(images):
         axes[r][0].imshow(image)
         axes[r][0].set_title(titles[r] if titles else "image", fontsize=7)
@@ -226,9 +230,10 @@ def plot_grid(
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
             saliency = maps[r][c - 1]
             if saliency is not None:
-                saliency = saliency.astype(np.float32)
-                span = float(saliency.max() - saliency.min())
-                shown = (saliency - saliency.min()) / span if span > 0 else saliency * 0
+                values = saliency.astype(np.float32)
+                magnitude = values - values.min() if values.min() >= 0 else np.abs(values)
+                scale = float(np.quantile(magnitude, 0.99))
+                shown = np.clip(magnitude / scale, 0, 1) if scale > 0 else magnitude * 0
                 ax.imshow(shown, cmap="jet", alpha=0.5, vmin=0, vmax=1)
             if r == 0:
                 ax.set_title(method, fontsize=7)
@@ -236,7 +241,7 @@ def plot_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=64)
     plt.close(fig)
 
 

@@ -74,7 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None,
         help="folder with images/ and annotations.csv (default: ../shared's ImageNet sample)",
     )
-    parser.add_argument("--images", type=int, default=20, help="first N images of the sample")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=5,
+        help="first N images of the sample (default 5: all methods and metrics in about an hour "
+        "on 2 CPU cores)",
+    )
     parser.add_argument(
         "--methods",
         default="all",
@@ -95,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--captum-metrics-images",
         type=int,
-        default=5,
+        default=2,
         help="Captum infidelity and max-sensitivity on the first N images only",
     )
     parser.add_argument(

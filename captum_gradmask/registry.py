@@ -6,8 +6,9 @@ comparison methods of :mod:`captum_gradmask.methods` are imported when first bui
 missing one raises :class:`MethodUnavailable` (an ``ImportError``) naming its module instead
 of breaking the others.
 
-Defaults are sized so that every method together runs on the shared ViT-Tiny (224x224, 196
-patches) in roughly a minute per image on two CPU cores (see ``docs/benchmarks.md``).
+Defaults bound each method's cost (at most about 500 forward passes per image) so that the
+benchmark's default run (every method and metric, 5 images of the shared ViT-Tiny) takes about
+an hour on two CPU cores; ``docs/benchmarks.md`` lists the measured seconds per image.
 
 Example::
 
