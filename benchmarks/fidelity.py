@@ -40,7 +40,7 @@ def measure(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model = ViTForImageClassification.from_pretrained(args.model).eval().to(device)
     gradmask = GradMaskAttribution(model)
-    records = load_imagenet_sample(args.data)[args.start : args.start + args.images]
+    records = load_imagenet_sample(args.data, limit=args.images, offset=args.start)
     out = open(args.out, "a")  # noqa: SIM115 - appended to image by image
     for first in range(0, len(records), args.batch):
         batch = records[first : first + args.batch]

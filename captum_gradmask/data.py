@@ -51,7 +51,9 @@ class ImageRecord:
     original_size: tuple[int, int]
 
 
-def load_imagenet_sample(root: str | Path, limit: int | None = None) -> list[ImageRecord]:
+def load_imagenet_sample(
+    root: str | Path, limit: int | None = None, offset: int = 0
+) -> list[ImageRecord]:
     """Read ``annotations.csv`` under ``root`` and return one record per image, in file order.
 
     Only image headers are opened (for the original size). ``limit`` keeps the first images.
@@ -59,6 +61,8 @@ def load_imagenet_sample(root: str | Path, limit: int | None = None) -> list[Ima
     Args:
         root: folder holding ``annotations.csv`` and ``images/``.
         limit: at most this many images (``None``: all).
+        offset: skip this many images first (to split the sample into shards); the skipped
+            images' files are not opened.
 
     Returns:
         A list of :class:`ImageRecord`.
@@ -80,7 +84,10 @@ def load_imagenet_sample(root: str | Path, limit: int | None = None) -> list[Ima
         )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"`limit` must be a positive int or None, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"`offset` must be an int >= 0, got {offset!r}")
     grouped: dict[str, tuple[int, str, list[list[int]]]] = {}
+    skipped: set[str] = set()
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = set(_COLUMNS) - set(reader.fieldnames or ())
@@ -90,6 +97,9 @@ def load_imagenet_sample(root: str | Path, limit: int | None = None) -> list[Ima
             )
         for row in reader:
             file = row["file"]
+            if file in skipped or (file not in grouped and len(skipped) < offset):
+                skipped.add(file)
+                continue
             if file not in grouped:
                 if limit is not None and len(grouped) == limit:
                     break

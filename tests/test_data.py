@@ -108,3 +108,21 @@ def test_preprocess_matches_vit_image_processor() -> None:
     for record in load_imagenet_sample(IMAGENET_SAMPLE, limit=3):
         expected = processor(images=load_image(record.path), return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(preprocess_image(record.path), expected[0], atol=1e-6, rtol=0)
+
+
+def test_offset_skips_images_without_opening_them(tmp_path) -> None:
+    from PIL import Image
+
+    from captum_gradmask.data import load_imagenet_sample
+
+    (tmp_path / "images").mkdir()
+    rows = ["file,label,synset,xmin,ymin,xmax,ymax"]
+    for i in range(4):
+        rows += [f"images/{i}.png,{i},n{i},0,0,1,1", f"images/{i}.png,{i},n{i},1,1,2,2"]
+        if i >= 2:  # files 0 and 1 do not exist: an offset of 2 must not open them
+            Image.new("RGB", (5, 3)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "annotations.csv").write_text("\n".join(rows) + "\n")
+    records = load_imagenet_sample(tmp_path, offset=2)
+    assert [r.label for r in records] == [2, 3]
+    assert records[0].boxes.shape == (2, 4) and records[0].original_size == (3, 5)
+    assert [r.label for r in load_imagenet_sample(tmp_path, offset=2, limit=1)] == [2]
