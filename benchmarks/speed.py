@@ -182,6 +182,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:  # the user's global choice; GradMask itself never changes it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     rows: list[dict[str, Any]] = []
     images_all = real_images(args.shared, max(args.images, *args.images_per_call)).to(device)
     for model_name, model in load_models(args.models, args.shared, device).items():
@@ -326,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-naive", dest="naive", action="store_false")
     parser.add_argument("--size-384", action="store_true")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     parser.add_argument("--compare", nargs="*", default=list(COMPARISONS))
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
     args = parser.parse_args(argv)
