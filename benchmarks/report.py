@@ -241,7 +241,7 @@ def plot_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=64)
+    fig.savefig(path, dpi=48)
     plt.close(fig)
 
 
