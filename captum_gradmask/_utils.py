@@ -142,12 +142,32 @@ def format_target(
 
 def check_target_length(target: TargetType, batch_size: int) -> None:
     """Raise early when a per-example ``target`` does not have one entry per image."""
-    per_example = isinstance(target, Sequence) or (isinstance(target, Tensor) and target.dim() > 0)
+    per_example = (isinstance(target, Sequence) and not isinstance(target, str)) or (
+        isinstance(target, Tensor) and target.dim() > 0
+    )
     if per_example and len(target) != batch_size:
         raise ValueError(
             f"`target` has {len(target)} entries but the batch has {batch_size} images; "
             "give one class per image or a single int"
         )
+
+
+def slice_target(target: TargetType, batch: slice) -> TargetType:
+    """The part of a Captum-style ``target`` that belongs to the images in ``batch``."""
+    if target is None or isinstance(target, int):
+        return target
+    if isinstance(target, Tensor) and target.dim() == 0:
+        return int(target.item())
+    return target[batch]
+
+
+def slice_args(additional_forward_args: Any, batch: slice, batch_size: int) -> tuple[Any, ...]:
+    """Extra forward arguments for the images in ``batch`` (batch-first tensors are sliced)."""
+    args = expand_additional_args(additional_forward_args, 1)
+    return tuple(
+        a[batch] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
+        for a in args
+    )
 
 
 def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from ._utils import (
     expand_additional_args,
     preserved_model_state,
     resolve_targets,
+    slice_args,
+    slice_target,
     unpack_inputs,
     upsample_grid,
 )
@@ -252,7 +254,7 @@ class GradMaskAttribution(GradientAttribution):
         """Binary masks ``(B, M, h, w)`` and the targets ``(B,)``."""
         all_masks, all_targets = [], []
         for batch in chunks(images.shape[0], batch_size):
-            extra = _slice_args(additional_forward_args, batch, images.shape[0])
+            extra = slice_args(additional_forward_args, batch, images.shape[0])
             gradients, targets = self._projection_gradients(
                 images[batch], target, batch, extra, layers
             )
@@ -289,7 +291,7 @@ class GradMaskAttribution(GradientAttribution):
                 # A fresh leaf: the user's tensor and the parameters' .grad stay untouched.
                 leaf = images.detach().requires_grad_(True)
                 logits = self.adapter.logits(leaf, *additional_forward_args)
-                targets = resolve_targets(_slice_target(target, batch), logits)
+                targets = resolve_targets(slice_target(target, batch), logits)
                 missing = [m for m in modules if id(m) not in captured]
                 if missing:
                     raise RuntimeError(
@@ -395,6 +397,7 @@ class GradMaskAttribution(GradientAttribution):
                     selected = tokens[owners[rows][:, None], index]
                     yield rows, adapter.run_tokens(selected)
 
+
 def _binary_masks(
     gradients: list[Tensor],
     masks_per_layer: int,
@@ -444,22 +447,6 @@ def _batch_count(flat_masks: Tensor, mode: Mode, batch_size: int, prefix: int) -
         per_pass = max(1, batch_size * tokens // (prefix + int(kept)))
         total += -(-int(n) // per_pass)
     return total
-
-
-def _slice_target(target: TargetType, batch: slice) -> TargetType:
-    if target is None or isinstance(target, int):
-        return target
-    if isinstance(target, Tensor) and target.dim() == 0:
-        return int(target.item())
-    return target[batch]
-
-
-def _slice_args(additional_forward_args: Any, batch: slice, batch_size: int) -> tuple[Any, ...]:
-    args = expand_additional_args(additional_forward_args, 1)
-    return tuple(
-        a[batch] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
-        for a in args
-    )
 
 
 def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:

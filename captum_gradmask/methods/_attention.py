@@ -24,7 +24,7 @@ Nothing is changed on the model: hooks are removed when the pass ends, errors in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,10 +36,12 @@ from tqdm.auto import tqdm
 from .._utils import (
     TargetType,
     check_positive_int,
+    check_target_length,
     chunks,
-    expand_additional_args,
     preserved_model_state,
     resolve_targets,
+    slice_args,
+    slice_target,
     unpack_inputs,
     upsample_grid,
 )
@@ -50,10 +52,7 @@ __all__ = [
     "AttentionPass",
     "attention_pass",
     "check_attention_layers",
-    "check_target_length",
     "patch_row",
-    "slice_args",
-    "slice_target",
 ]
 
 
@@ -234,36 +233,6 @@ def _check_context(
             f"from the projections differs from the attention context by {error:.3g} (relative "
             f"{error / scale:.3g}); this layer's attention has extra terms (relative position "
             "bias, masks, gating or a normalised context) that the recomputation cannot follow"
-        )
-
-
-def slice_target(target: TargetType, batch: slice) -> TargetType:
-    """The part of Captum-style ``target`` that belongs to the images in ``batch``."""
-    if target is None or isinstance(target, int):
-        return target
-    if isinstance(target, Tensor) and target.dim() == 0:
-        return int(target.item())
-    return target[batch]
-
-
-def slice_args(additional_forward_args: Any, batch: slice, batch_size: int) -> tuple[Any, ...]:
-    """Extra forward arguments for the images in ``batch`` (batch-first tensors are sliced)."""
-    args = expand_additional_args(additional_forward_args, 1)
-    return tuple(
-        a[batch] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
-        for a in args
-    )
-
-
-def check_target_length(target: TargetType, batch_size: int) -> None:
-    """Reject a per-image target whose length differs from the batch before slicing it."""
-    if isinstance(target, Tensor) and target.dim() == 0:
-        return
-    is_list = isinstance(target, (Sequence, Tensor)) and not isinstance(target, str)
-    if is_list and len(target) != batch_size:
-        raise ValueError(
-            f"`target` has {len(target)} entries but the batch has {batch_size} images; "
-            "give one class per image or a single int"
         )
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .._utils import (
     TargetType,
     check_positive_int,
+    check_target_length,
     chunks,
     preserved_model_state,
     resolve_targets,
@@ -30,7 +31,6 @@ from .._utils import (
     upsample_grid,
 )
 from ..adapters import ViTAdapter, get_adapter
-from ._attention import check_target_length
 
 __all__ = ["ViTReciproCAM", "spatial_weights"]
 
