@@ -235,6 +235,28 @@ class ViTAdapter:
         )
 
 
+def managed_module(adapter: ViTAdapter, model: Any) -> nn.Module | None:
+    """The module whose mode and flags an attribution manages: the adapter's, else ``model``."""
+    if adapter.model is not None:
+        return adapter.model
+    return model if isinstance(model, nn.Module) else None
+
+
+def resolve_adapter(
+    model: Any, adapter: ViTAdapter | None = None
+) -> tuple[ViTAdapter, nn.Module | None]:
+    """The adapter of ``model`` and the module to manage, as every attribution class needs them.
+
+    Without ``adapter`` it is :func:`get_adapter`'s; a callable given beside an explicit
+    adapter becomes that adapter's forward function (the function to explain).
+    """
+    if adapter is None:
+        adapter = get_adapter(model)
+    elif not isinstance(model, ViTAdapter):
+        adapter.forward = model
+    return adapter, managed_module(adapter, model)
+
+
 AdapterBuilder = Callable[[Any], ViTAdapter]
 _REGISTRY: list[tuple[str, Callable[[Any], bool], AdapterBuilder]] = []
 

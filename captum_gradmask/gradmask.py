@@ -31,7 +31,7 @@ from ._utils import (
     unpack_inputs,
     upsample_grid,
 )
-from .adapters import AttentionLayer, ViTAdapter, get_adapter
+from .adapters import AttentionLayer, ViTAdapter, resolve_adapter
 
 __all__ = ["GradMaskAttribution"]
 
@@ -68,15 +68,7 @@ class GradMaskAttribution(GradientAttribution):
     def __init__(
         self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
     ) -> None:
-        self.adapter = get_adapter(model) if adapter is None else adapter
-        if adapter is not None and not isinstance(model, ViTAdapter):
-            # A callable given beside an explicit adapter is the forward function to explain.
-            self.adapter.forward = model
-        self.model = (
-            self.adapter.model
-            if self.adapter.model is not None
-            else (model if isinstance(model, nn.Module) else None)
-        )
+        self.adapter, self.model = resolve_adapter(model, adapter)
         super().__init__(self.adapter.forward)
 
     def attribute(  # type: ignore[override]

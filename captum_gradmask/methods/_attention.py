@@ -45,7 +45,7 @@ from .._utils import (
     unpack_inputs,
     upsample_grid,
 )
-from ..adapters import ViTAdapter, get_adapter
+from ..adapters import ViTAdapter, resolve_adapter
 
 __all__ = [
     "AttentionMapAttribution",
@@ -271,15 +271,7 @@ class AttentionMapAttribution(Attribution):
     def __init__(
         self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
     ) -> None:
-        self.adapter = get_adapter(model) if adapter is None else adapter
-        if adapter is not None and not isinstance(model, ViTAdapter):
-            # A callable given beside an explicit adapter is the forward function to explain.
-            self.adapter.forward = model
-        self.model = (
-            self.adapter.model
-            if self.adapter.model is not None
-            else (model if isinstance(model, nn.Module) else None)
-        )
+        self.adapter, self.model = resolve_adapter(model, adapter)
         check_attention_layers(self.adapter, self.method_name, need_output=self.needs_gradients)
         super().__init__(self.adapter.forward)
 

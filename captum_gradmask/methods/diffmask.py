@@ -80,7 +80,7 @@ from .._utils import (
     unpack_inputs,
     upsample_grid,
 )
-from ..adapters import ViTAdapter, get_adapter
+from ..adapters import ViTAdapter, get_adapter, managed_module
 from ._hard_concrete import log_prob_open, sample_gates
 
 __all__ = [
@@ -390,11 +390,7 @@ class VisionDiffMask(Attribution):
                 "gate was trained for another model"
             )
         self.gate = gate
-        self.model = (
-            self.adapter.model
-            if self.adapter.model is not None
-            else (model if isinstance(model, nn.Module) else None)
-        )
+        self.model = managed_module(self.adapter, model)
         super().__init__(self.adapter.forward)
 
     def attribute(  # type: ignore[override]
@@ -633,11 +629,7 @@ class VisionDiffMaskTrainer:
     ) -> None:
         self.adapter = get_adapter(model) if adapter is None else adapter
         self.adapter.require_tokens("Vision DiffMask")
-        self.model = (
-            self.adapter.model
-            if self.adapter.model is not None
-            else (model if isinstance(model, nn.Module) else None)
-        )
+        self.model = managed_module(self.adapter, model)
         base = config or DiffMaskTrainingConfig()
         unknown = set(overrides) - set(asdict(base))
         if unknown:

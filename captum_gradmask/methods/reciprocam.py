@@ -30,7 +30,7 @@ from .._utils import (
     unpack_inputs,
     upsample_grid,
 )
-from ..adapters import ViTAdapter, get_adapter
+from ..adapters import ViTAdapter, resolve_adapter
 
 __all__ = ["ViTReciproCAM", "spatial_weights"]
 
@@ -69,14 +69,7 @@ class ViTReciproCAM(PerturbationAttribution):
     def __init__(
         self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
     ) -> None:
-        self.adapter = get_adapter(model) if adapter is None else adapter
-        if adapter is not None and not isinstance(model, ViTAdapter):
-            self.adapter.forward = model
-        self.model = (
-            self.adapter.model
-            if self.adapter.model is not None
-            else (model if isinstance(model, nn.Module) else None)
-        )
+        self.adapter, self.model = resolve_adapter(model, adapter)
         self.adapter.require_tokens("ViTReciproCAM")
         super().__init__(self.adapter.forward)
 
