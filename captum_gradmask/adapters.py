@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,13 @@ class ViTAdapter:
             embeddings added; needed by token-level methods (fast GradMask, ViT-ReciproCAM,
             Vision DiffMask).
         blocks: optional encoder blocks, each ``block(tokens) -> tokens``.
-        head: optional ``head(tokens) -> logits``, final norm and classifier included.
+        head: optional ``head(tokens) -> logits``, final norm and classifier included; it
+            must read only what the blocks give it.
+        padding_mask: optional ``padding_mask(tokens, keep) -> mask``: the attention mask that
+            the ``blocks`` take as a second argument, ``block(tokens, mask)``, so that no token
+            attends to a token where ``keep`` (``(B, T)`` bool) is False. Set it only when, in
+            addition, ``head`` reads the prefix tokens alone (CLS pooling), so padding tokens
+            never reach the logits. Lets fast GradMask batch token sets of different lengths.
         model: the wrapped module, if any (its mode is managed during attribution).
         name: a label for messages.
     """
@@ -111,8 +118,9 @@ class ViTAdapter:
     patch_size: tuple[int, int]
     prefix_tokens: int
     embed: Callable[[Tensor], Tensor] | None = None
-    blocks: Sequence[Callable[[Tensor], Tensor]] | None = None
+    blocks: Sequence[Callable[..., Tensor]] | None = None
     head: Callable[[Tensor], Tensor] | None = None
+    padding_mask: Callable[[Tensor, Tensor], Any] | None = None
     model: nn.Module | None = field(default=None, repr=False)
     name: str = "custom"
 
@@ -158,12 +166,30 @@ class ViTAdapter:
         """Run ``forward`` and return its logits."""
         return extract_logits(self.forward(images, *args))
 
-    def run_tokens(self, tokens: Tensor, start: int = 0) -> Tensor:
-        """Run blocks ``start..end`` and the head on ``tokens``; returns logits."""
+    @property
+    def supports_padding(self) -> bool:
+        """Whether :meth:`run_tokens` accepts ``keep`` (padded token sets)."""
+        return self.supports_tokens and self.padding_mask is not None
+
+    def run_tokens(self, tokens: Tensor, start: int = 0, keep: Tensor | None = None) -> Tensor:
+        """Run blocks ``start..end`` and the head on ``tokens``; returns logits.
+
+        ``keep`` (``(B, T)`` bool) marks the real tokens of a padded batch; padding tokens are
+        not attended to (needs :attr:`padding_mask`).
+        """
         self.require_tokens("running from tokens")
         assert self.blocks is not None and self.head is not None
-        for block in self.blocks[start:]:
-            tokens = block(tokens)
+        if keep is None:
+            for block in self.blocks[start:]:
+                tokens = block(tokens)
+        else:
+            if self.padding_mask is None:
+                raise ValueError(
+                    f"adapter {self.name!r} has no `padding_mask`, so it cannot run padded tokens"
+                )
+            mask = self.padding_mask(tokens, keep)
+            for block in self.blocks[start:]:
+                tokens = block(tokens, mask)
         return extract_logits(self.head(tokens))
 
     @classmethod
@@ -344,6 +370,22 @@ def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _hf_padding_mask(config: Any, layers: Sequence[nn.Module]) -> Callable[..., Any] | None:
+    """The 5.x layers take an attention mask in the format of the configured attention kernel;
+    the 4.x layers take none (their second argument is a head mask)."""
+    if not all("attention_mask" in inspect.signature(layer.forward).parameters for layer in layers):
+        return None
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # pragma: no cover - transformers releases before the masking utilities
+        return None
+
+    def padding_mask(tokens: Tensor, keep: Tensor) -> Any:
+        return create_bidirectional_mask(config=config, inputs_embeds=tokens, attention_mask=keep)
+
+    return padding_mask
+
+
 def _build_hf(model: Any) -> ViTAdapter:
     base = _hf_base(model)
     config = model.config
@@ -371,7 +413,10 @@ def _build_hf(model: Any) -> ViTAdapter:
         return model.classifier(tokens[:, 0])
 
     layers = list(_hf_layers(base))
-    blocks = [(lambda h, block=block: _first(block(h))) for block in layers]
+    blocks = [
+        (lambda h, mask=None, block=block: _first(block(h) if mask is None else block(h, mask)))
+        for block in layers
+    ]
     patch = config.patch_size
     return ViTAdapter(
         forward=forward,
@@ -381,6 +426,7 @@ def _build_hf(model: Any) -> ViTAdapter:
         embed=embed,
         blocks=blocks,
         head=head,
+        padding_mask=_hf_padding_mask(config, layers),
         model=model,
         name=f"hf-{config.model_type}",
     )
@@ -419,6 +465,19 @@ def _build_timm(model: Any) -> ViTAdapter:
     def head(tokens: Tensor) -> Tensor:
         return model.forward_head(model.norm(tokens))
 
+    # Padded token sets need blocks that take `attn_mask` and a head that pools the CLS token
+    # (average or attention pooling would read the padding).
+    maskable = getattr(model, "global_pool", None) == "token" and all(
+        "attn_mask" in inspect.signature(block.forward).parameters for block in model.blocks
+    )
+
+    def padding_mask(tokens: Tensor, keep: Tensor) -> Tensor:
+        return keep[:, None, None, :]
+
+    blocks = [
+        (lambda x, mask=None, block=block: block(x) if mask is None else block(x, attn_mask=mask))
+        for block in model.blocks
+    ]
     patch = model.patch_embed.patch_size
     return ViTAdapter(
         forward=model,
@@ -426,8 +485,9 @@ def _build_timm(model: Any) -> ViTAdapter:
         patch_size=(patch, patch) if isinstance(patch, int) else tuple(patch),
         prefix_tokens=int(model.num_prefix_tokens),
         embed=embed,
-        blocks=list(model.blocks),
+        blocks=blocks,
         head=head,
+        padding_mask=padding_mask if maskable else None,
         model=model,
         name=f"timm-{type(model).__name__}",
     )

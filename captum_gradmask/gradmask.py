@@ -37,6 +37,7 @@ __all__ = ["GradMaskAttribution"]
 
 LayerSelection = Sequence[int] | Literal["all"] | None
 Mode = Literal["exact", "fast"]
+FastBatching = Literal["auto", "pad", "group"]
 
 
 class GradMaskAttribution(GradientAttribution):
@@ -82,6 +83,7 @@ class GradMaskAttribution(GradientAttribution):
         clamp: bool = True,
         fill_value: float = 0.0,
         mode: Mode = "exact",
+        fast_batching: FastBatching = "auto",
         perturbations_per_eval: int = 32,
         show_progress: bool = False,
     ) -> Tensor | tuple[Tensor]:
@@ -104,6 +106,11 @@ class GradMaskAttribution(GradientAttribution):
             mode: ``"exact"`` (default) masks pixels as the reference does; ``"fast"`` drops the
                 masked patch tokens instead of filling their pixels (a documented
                 approximation: an absent patch is not a grey patch).
+            fast_batching: how fast mode batches masks that keep different numbers of
+                patches: ``"pad"`` pads them to the longest in the pass and hides the padding
+                with an attention mask (few large passes); ``"group"`` runs masks with equal
+                counts together (no attention mask, many smaller passes); ``"auto"``
+                (default) pads when the adapter has a ``padding_mask``, else groups.
             perturbations_per_eval: masked images per forward pass (also images per gradient
                 pass); bounds memory. 16-64 suits CPUs, larger batches suit GPUs.
             show_progress: show a progress bar over the masked-image batches.
@@ -134,6 +141,7 @@ class GradMaskAttribution(GradientAttribution):
             clamp=clamp,
             fill_value=fill_value,
             mode=mode,
+            fast_batching=fast_batching,
             perturbations_per_eval=perturbations_per_eval,
             show_progress=show_progress,
         )
@@ -151,6 +159,7 @@ class GradMaskAttribution(GradientAttribution):
         clamp: bool = True,
         fill_value: float = 0.0,
         mode: Mode = "exact",
+        fast_batching: FastBatching = "auto",
         perturbations_per_eval: int = 32,
         show_progress: bool = False,
     ) -> Tensor:
@@ -173,8 +182,20 @@ class GradMaskAttribution(GradientAttribution):
         check_positive_int(masks_per_layer, "masks_per_layer")
         if mode not in ("exact", "fast"):
             raise ValueError(f"`mode` must be 'exact' or 'fast', got {mode!r}")
+        if fast_batching not in ("auto", "pad", "group"):
+            raise ValueError(
+                f"`fast_batching` must be 'auto', 'pad' or 'group', got {fast_batching!r}"
+            )
         if mode == "fast":
             self.adapter.require_tokens("mode='fast'")
+            if fast_batching == "pad" and not self.adapter.supports_padding:
+                raise ValueError(
+                    f"`fast_batching`='pad' needs an adapter with a `padding_mask`; adapter "
+                    f"{self.adapter.name!r} has none (its blocks take no attention mask, or its "
+                    "head pools over patch tokens): use 'group' or 'auto'"
+                )
+            if fast_batching == "auto":
+                fast_batching = "pad" if self.adapter.supports_padding else "group"
         check_target_length(target, images.shape[0])
         selected = self._select_layers(layers)
         hidden = self.adapter.hidden_size
@@ -202,6 +223,7 @@ class GradMaskAttribution(GradientAttribution):
                 additional_forward_args,
                 fill_value,
                 mode,
+                fast_batching,
                 perturbations_per_eval,
                 show_progress,
             )
@@ -315,6 +337,7 @@ class GradMaskAttribution(GradientAttribution):
         additional_forward_args: Any,
         fill_value: float,
         mode: Mode,
+        fast_batching: FastBatching,
         batch_size: int,
         show_progress: bool,
     ) -> Tensor:
@@ -324,18 +347,25 @@ class GradMaskAttribution(GradientAttribution):
         owners = torch.arange(count, device=images.device).repeat_interleave(per_image)
         flat_targets = targets[owners]
         confidences = torch.empty(flat_masks.shape[0], device=images.device)
+        batches: Iterator[tuple[Any, Tensor]]
         if mode == "fast":
-            batches = self._token_dropped_batches(images, flat_masks, owners, batch_size)
+            plan = _token_plan(
+                flat_masks.flatten(1).sum(1).tolist(),
+                self.adapter.prefix_tokens,
+                self.adapter.prefix_tokens + flat_masks[0].numel(),
+                batch_size,
+                pad=fast_batching == "pad",
+            )
+            batches = self._token_dropped_batches(images, flat_masks, owners, plan)
+            total = len(plan)
         else:
             batches = self._pixel_masked_batches(
                 images, flat_masks, owners, additional_forward_args, fill_value, batch_size
             )
+            total = -(-flat_masks.shape[0] // batch_size)
         with torch.inference_mode():
             for rows, logits in tqdm(
-                batches,
-                desc="GradMask masked passes",
-                total=_batch_count(flat_masks, mode, batch_size, self.adapter.prefix_tokens),
-                disable=not show_progress,
+                batches, desc="GradMask masked passes", total=total, disable=not show_progress
             ):
                 probs = torch.softmax(logits.float(), dim=-1)
                 confidences[rows] = probs.gather(1, flat_targets[rows][:, None]).squeeze(1)
@@ -361,33 +391,62 @@ class GradMaskAttribution(GradientAttribution):
                 yield rows, self.adapter.logits(masked, *_index_args(extra_all, rows))
 
     def _token_dropped_batches(
-        self, images: Tensor, flat_masks: Tensor, owners: Tensor, batch_size: int
+        self,
+        images: Tensor,
+        flat_masks: Tensor,
+        owners: Tensor,
+        plan: list[tuple[list[int], int, bool]],
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Fast mode: each masked image is its prefix tokens plus its kept patch tokens.
 
-        Masks with the same number of kept patches run together (no padding, so no attention
-        mask is needed); a pass holds about as many tokens as ``batch_size`` full images.
+        ``plan`` (from :func:`_token_plan`) lists the masks of each pass, the longest kept
+        count among them, and whether their counts differ; masks with fewer kept patches are
+        padded with some of their dropped patch tokens, which the attention mask hides.
         """
         adapter = self.adapter
         prefix = adapter.prefix_tokens
         with torch.inference_mode():
             tokens = adapter.embed(images)  # type: ignore[misc]
-        flat = flat_masks.flatten(1)
-        counts = flat.sum(1)
-        token_budget = batch_size * tokens.shape[1]
-        prefix_index = torch.arange(prefix, device=tokens.device)
-        for kept in counts.unique().tolist():
-            group = (counts == kept).nonzero().squeeze(1)
-            # Kept patches of each mask in grid order: a stable sort puts the ones first.
-            order = torch.sort(flat[group].to(torch.uint8), dim=1, descending=True, stable=True)
-            patches = order.indices[:, :kept].sort(dim=1).values + prefix
-            per_pass = max(1, token_budget // (prefix + kept))
-            for part in chunks(group.shape[0], per_pass):
-                rows = group[part]
-                index = torch.cat([prefix_index.expand(len(rows), -1), patches[part]], dim=1)
-                with torch.inference_mode():
-                    selected = tokens[owners[rows][:, None], index]
-                    yield rows, adapter.run_tokens(selected)
+            flat = flat_masks.flatten(1)
+            counts = flat.sum(1)
+            prefix_index = torch.arange(prefix, device=tokens.device)
+            for members, longest, padded in plan:
+                rows = torch.tensor(members, device=tokens.device)
+                # A stable sort puts each mask's kept patches first, in grid order.
+                order = torch.sort(flat[rows].to(torch.uint8), dim=1, descending=True, stable=True)
+                patches = order.indices[:, :longest] + prefix
+                index = torch.cat([prefix_index.expand(len(members), -1), patches], dim=1)
+                selected = tokens[owners[rows][:, None], index]
+                keep = None
+                if padded:
+                    position = torch.arange(prefix + longest, device=tokens.device)
+                    keep = position < (prefix + counts[rows])[:, None]
+                yield rows, adapter.run_tokens(selected, keep=keep)
+
+
+def _token_plan(
+    counts: list[int], prefix: int, tokens_per_image: int, batch_size: int, pad: bool
+) -> list[tuple[list[int], int, bool]]:
+    """The passes of fast mode: ``(masks, longest kept count, padded)`` for each.
+
+    Masks are taken in order of their kept count; a pass holds about as many tokens as
+    ``batch_size`` full images. Without ``pad`` a pass holds masks of one count only (no
+    attention mask needed, but many small passes); with it, neighbouring counts share a pass.
+    """
+    order = sorted(range(len(counts)), key=counts.__getitem__)
+    budget = batch_size * tokens_per_image
+    plan, start = [], 0
+    for end in range(1, len(order) + 1):
+        if (
+            end == len(order)
+            or (not pad and counts[order[end]] != counts[order[start]])
+            or (end + 1 - start) * (prefix + counts[order[end]]) > budget
+        ):
+            members = order[start:end]
+            longest = counts[members[-1]]
+            plan.append((members, longest, counts[members[0]] != longest))
+            start = end
+    return plan
 
 
 def _binary_masks(
@@ -427,18 +486,6 @@ def _pixel_masks(masks: Tensor, patch_size: tuple[int, int]) -> Tensor:
     return masks.repeat_interleave(patch_size[0], dim=1).repeat_interleave(patch_size[1], dim=2)[
         :, None
     ]
-
-
-def _batch_count(flat_masks: Tensor, mode: Mode, batch_size: int, prefix: int) -> int:
-    if mode == "exact":
-        return -(-flat_masks.shape[0] // batch_size)
-    counts = flat_masks.flatten(1).sum(1)
-    tokens = prefix + flat_masks[0].numel()
-    total = 0
-    for kept, n in zip(*counts.unique(return_counts=True), strict=True):
-        per_pass = max(1, batch_size * tokens // (prefix + int(kept)))
-        total += -(-int(n) // per_pass)
-    return total
 
 
 def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from captum_gradmask import GradMaskAttribution
+from captum_gradmask.gradmask import _token_plan
 
-from .models import tiny_hf_deit, tiny_hf_vit, tiny_timm_distilled, tiny_timm_vit
+from .models import LegacyViT, tiny_hf_deit, tiny_hf_vit, tiny_timm_distilled, tiny_timm_vit
 from .reference_gradmask import reference_masks
 
 
@@ -55,10 +56,23 @@ def _independent_fast_map(model, image, kind, dropped_logits, prefix, m=4) -> to
         (tiny_timm_distilled, "timm", 2, _timm_dropped_logits),
     ],
 )
-def test_fast_mode_equals_independent_token_dropping(build, kind, prefix, dropped) -> None:
+@pytest.mark.parametrize("batching", ["group", "pad"])
+def test_fast_mode_equals_independent_token_dropping(
+    build, kind, prefix, dropped, batching
+) -> None:
     model = build()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    ours = GradMaskAttribution(model).attribute_grid(images, mode="fast", perturbations_per_eval=3)
+    gm = GradMaskAttribution(model)
+    run_tokens, padded_passes = gm.adapter.run_tokens, []
+
+    def spy(tokens, start=0, keep=None):
+        padded_passes.append(keep is not None and not bool(keep.all()))
+        return run_tokens(tokens, start, keep)
+
+    gm.adapter.run_tokens = spy
+    ours = gm.attribute_grid(images, mode="fast", fast_batching=batching, perturbations_per_eval=3)
+    # "pad" must really mix kept counts in a pass (else the attention mask went untested)
+    assert any(padded_passes) == (batching == "pad")
     for i in range(2):
         expected = _independent_fast_map(model, images[i], kind, dropped, prefix)
         torch.testing.assert_close(ours[i], expected, atol=1e-5, rtol=0)
@@ -72,3 +86,34 @@ def test_fast_mode_differs_from_exact_but_ranks_alike() -> None:
     assert not torch.allclose(exact, fast)
     # both are sums of the same masks, weighted by confidences in [0, 1]
     assert ((exact > 0) == (fast > 0)).all()
+
+
+def test_pad_plan_covers_every_mask_once_within_the_token_budget() -> None:
+    counts = torch.randint(1, 17, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    plans = {pad: _token_plan(counts, 1, 17, 8, pad=pad) for pad in (False, True)}
+    for pad, plan in plans.items():
+        members = sorted(m for rows, _, _ in plan for m in rows)
+        assert members == list(range(200))
+        for rows, longest, padded in plan:
+            assert longest == max(counts[m] for m in rows)
+            assert padded == (min(counts[m] for m in rows) != longest)
+            assert len(rows) * (1 + longest) <= 8 * 17
+        assert any(padded for _, _, padded in plan) == pad
+    # padding merges the per-count groups into fewer, fuller passes
+    assert len(plans[True]) < len(plans[False])
+
+
+def test_pad_needs_a_padding_mask_and_auto_falls_back_to_grouping() -> None:
+    legacy = LegacyViT(tiny_hf_vit())  # transformers 4.x layers take no attention mask
+    avg_pool = tiny_timm_vit(global_pool="avg", class_token=False)  # the head reads padding
+    images = torch.randn(1, 3, 32, 32)
+    for model in (legacy, avg_pool):
+        gm = GradMaskAttribution(model)
+        assert not gm.adapter.supports_padding
+        with pytest.raises(ValueError, match=r"`fast_batching`='pad' needs an adapter"):
+            gm.attribute_grid(images, mode="fast", fast_batching="pad")
+        auto = gm.attribute_grid(images, mode="fast", perturbations_per_eval=3)
+        group = gm.attribute_grid(images, mode="fast", fast_batching="group")
+        torch.testing.assert_close(auto, group)
+    assert GradMaskAttribution(tiny_hf_vit()).adapter.supports_padding
+    assert GradMaskAttribution(tiny_timm_distilled()).adapter.supports_padding

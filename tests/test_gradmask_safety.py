@@ -101,6 +101,10 @@ def test_works_under_no_grad_as_captum_sensitivity_calls_it() -> None:
         (dict(layers=[5]), r"`layers`=\[5\] is not valid"),
         (dict(layers="last"), r"`layers` must be None, 'all' or a list of ints"),
         (dict(mode="quick"), r"`mode` must be 'exact' or 'fast', got 'quick'"),
+        (
+            dict(mode="fast", fast_batching="bucket"),
+            r"`fast_batching` must be 'auto', 'pad' or 'group', got 'bucket'",
+        ),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
