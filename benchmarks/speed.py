@@ -12,7 +12,8 @@ What is timed (median of ``--repeats`` runs after one warm-up, per image):
   best batch size found among 16, 32, 64 and all (the images are built beforehand, not timed);
 * ``naive``: the authors' algorithm written plainly (one image, Python loops over masks, all masks
   in one batch, eager attention) -- ``tests/reference_gradmask.py``;
-* ``gradmask exact`` / ``gradmask fast`` at each ``--masks`` value and batch size;
+* ``gradmask exact`` / ``gradmask fast`` (masks grouped by kept count) / ``gradmask fast pad``
+  (padded passes with an attention mask) at each ``--masks`` value and batch size;
 * comparison methods from :mod:`captum_gradmask.registry` at their registry settings.
 """
 
@@ -39,6 +40,13 @@ from captum_gradmask._utils import extract_logits
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
 COMPARISONS = ("occlusion", "integrated-gradients", "rise", "vit-reciprocam", "chefer-gae")
+LABELS = {"tiny": "ViT-Ti/16 (shared)", "base": "ViT-B/16 (random)"}
+# GradMask variants timed at every setting: exact, and fast with both ways of batching.
+VARIANTS = {
+    "exact": dict(mode="exact"),
+    "fast": dict(mode="fast", fast_batching="group"),
+    "fast pad": dict(mode="fast", fast_batching="pad"),
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -85,10 +93,14 @@ class PeakMemory:
             self.peak_mb = max(peak[0], self._rss_mb()) - start
 
 
+WARMUP = True  # one untimed call before the timed ones (``--no-warmup`` for slow CPU runs)
+
+
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
     """Median seconds of ``fn`` over ``repeats`` runs after a warm-up, and its peak memory (MB)."""
-    fn()
-    _sync(device)
+    if WARMUP:
+        fn()
+        _sync(device)
     seconds, memory = [], PeakMemory(device)
     for _ in range(repeats):
         with memory.measure():
@@ -109,7 +121,12 @@ def masked_batch(images: torch.Tensor, count: int, patch: int, keep: float = 0.2
 
 
 def floor_time(
-    model: torch.nn.Module, images: torch.Tensor, masks: int, device: torch.device, repeats: int
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    masks: int,
+    device: torch.device,
+    repeats: int,
+    sizes: list[int] | None = None,
 ) -> tuple[float, int]:
     """Forward+backward plus plain forwards over the masked images at the best batch size."""
     batch = masked_batch(images, masks, 16)
@@ -121,7 +138,8 @@ def floor_time(
 
     grad_seconds, _ = timed(gradient_pass, device, repeats)
     best, best_size = float("inf"), 0
-    for size in sorted({16, 32, 64, batch.shape[0]}):
+    candidates = sizes or [16, 32, 64, batch.shape[0]]
+    for size in sorted({min(size, batch.shape[0]) for size in candidates}):
 
         def forwards(size: int = size) -> None:
             with torch.inference_mode():
@@ -159,10 +177,10 @@ def load_models(names: list[str], shared: Path, device: torch.device) -> dict[st
             if not path.is_dir():
                 print(f"skipping the shared ViT-Tiny: {path} not found")
                 continue
-            models["ViT-Ti/16 (shared)"] = ViTForImageClassification.from_pretrained(path)
+            models[LABELS[name]] = ViTForImageClassification.from_pretrained(path)
         elif name == "base":
             torch.manual_seed(0)  # google/vit-base-patch16-224's config, random weights
-            models["ViT-B/16 (random)"] = ViTForImageClassification(ViTConfig(num_labels=1000))
+            models[LABELS[name]] = ViTForImageClassification(ViTConfig(num_labels=1000))
         else:
             raise SystemExit(f"unknown model {name!r}: use tiny and/or base")
     return {k: v.eval().to(device) for k, v in models.items()}
@@ -179,6 +197,8 @@ def real_images(shared: Path, count: int, size: int = 224) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    global WARMUP
+    WARMUP = args.warmup
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,9 +206,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows: list[dict[str, Any]] = []
-    images_all = real_images(args.shared, max(args.images, *args.images_per_call)).to(device)
+    images_all = real_images(args.shared, max([args.images, *args.images_per_call])).to(device)
+    scaling_labels = {LABELS[name] for name in args.scaling_models or args.models}
     for model_name, model in load_models(args.models, args.shared, device).items():
-        rows += measure_model(model_name, model, images_all, args, device)
+        scaling = model_name in scaling_labels
+        rows += measure_model(model_name, model, images_all, args, device, scaling)
     return rows
 
 
@@ -198,9 +220,15 @@ def measure_model(
     images_all: torch.Tensor,
     args: argparse.Namespace,
     device: torch.device,
+    scaling: bool = True,
 ) -> list[dict[str, Any]]:
-    """All rows of one model; ratios are to GradMask exact, m = 4, first batch size."""
+    """All rows of one model; ratios are to GradMask exact, m = 4, first batch size.
+
+    ``scaling`` adds the rows for images per call and 384x384 inputs.
+    """
     rows: list[dict[str, Any]] = []
+    with torch.inference_mode():  # one warm-up forward per model, also with --no-warmup
+        model(images_all[:1])
 
     def record(what: str, settings: Any, fn: Callable[[], Any], per: int) -> float:
         seconds, memory = timed(fn, device, args.repeats)
@@ -223,7 +251,7 @@ def measure_model(
     reference = None
     for m in sorted({*args.masks, heads}):
         count = 3 * (layers - 1) * m
-        seconds, best = floor_time(model, images, count, device, args.repeats)
+        seconds, best = floor_time(model, images, count, device, args.repeats, args.floor_batches)
         rows.append(
             dict(
                 model=model_name,
@@ -235,16 +263,16 @@ def measure_model(
         )
         print(json.dumps(rows[-1]), flush=True)
         for batch in args.batch_sizes:
-            for mode in ("exact", "fast"):
+            for variant, options in VARIANTS.items():
                 seconds = record(
-                    f"gradmask {mode}",
+                    f"gradmask {variant}",
                     f"m={m}, batch {batch}",
-                    lambda m=m, batch=batch, mode=mode: gradmask.attribute_grid(
-                        images, masks_per_layer=m, perturbations_per_eval=batch, mode=mode
+                    lambda m=m, batch=batch, options=options: gradmask.attribute_grid(
+                        images, masks_per_layer=m, perturbations_per_eval=batch, **options
                     ),
                     n,
                 )
-                if mode == "exact" and m == 4 and batch == args.batch_sizes[0]:
+                if variant == "exact" and m == 4 and batch == args.batch_sizes[0]:
                     reference = seconds
     if args.naive:
         from tests.reference_gradmask import reference_gradmask
@@ -256,23 +284,25 @@ def measure_model(
                 lambda: reference_gradmask(model, images[0], "hf5", 4),
                 1,
             )
-    for per_call in args.images_per_call:
-        for mode in ("exact", "fast"):
+    for per_call in args.images_per_call if scaling else []:
+        for variant, options in VARIANTS.items():
             record(
-                f"gradmask {mode}",
+                f"gradmask {variant}",
                 f"m=4, {per_call} images per call",
-                lambda b=images_all[:per_call], mode=mode: gradmask.attribute_grid(
-                    b, perturbations_per_eval=args.batch_sizes[0], mode=mode
+                lambda b=images_all[:per_call], options=options: gradmask.attribute_grid(
+                    b, perturbations_per_eval=args.batch_sizes[0], **options
                 ),
                 per_call,
             )
-    if args.size_384:
+    if args.size_384 and scaling:
         big = torch.nn.functional.interpolate(images, size=(384, 384), mode="bilinear")
-        for mode in ("exact", "fast"):
+        for variant, options in VARIANTS.items():
             record(
-                f"gradmask {mode}",
+                f"gradmask {variant}",
                 "m=4, 384x384 (interpolated positions)",
-                lambda mode=mode: gradmask.attribute_grid(big, mode=mode),
+                lambda options=options: gradmask.attribute_grid(
+                    big, perturbations_per_eval=args.batch_sizes[0], **options
+                ),
                 n,
             )
     from captum_gradmask.registry import MethodUnavailable, build_method
@@ -310,6 +340,45 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "base"], choices=sorted(LABELS))
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=2, help="images per timed call")
+    parser.add_argument("--images-per-call", type=int, nargs="*", default=[1, 4, 8])
+    parser.add_argument("--masks", type=int, nargs="+", default=[1, 4], help="plus the head count")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument(
+        "--floor-batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes tried for the floor (default 16 32 64 and all masked images)",
+    )
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed call before each timing (one warm-up forward per model stays)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-naive", dest="naive", action="store_false")
+    parser.add_argument("--size-384", action="store_true")
+    parser.add_argument(
+        "--scaling-models",
+        nargs="+",
+        default=None,
+        choices=sorted(LABELS),
+        help="models that get the images-per-call and 384 rows (default: all)",
+    )
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    parser.add_argument("--compare", nargs="*", default=list(COMPARISONS))
+    parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # A fixed mmap threshold makes glibc hand large blocks back to the OS when freed, so
@@ -317,22 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         args = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.speed", *args], env)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "base"], help="tiny and/or base")
-    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=2, help="images per timed call")
-    parser.add_argument("--images-per-call", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--masks", type=int, nargs="+", default=[1, 4], help="plus the head count")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--no-naive", dest="naive", action="store_false")
-    parser.add_argument("--size-384", action="store_true")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
-    parser.add_argument("--compare", nargs="*", default=list(COMPARISONS))
-    parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     started = time.time()
     rows = run(args)
     machine = (
