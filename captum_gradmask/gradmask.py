@@ -107,10 +107,11 @@ class GradMaskAttribution(GradientAttribution):
                 masked patch tokens instead of filling their pixels (a documented
                 approximation: an absent patch is not a grey patch).
             fast_batching: how fast mode batches masks that keep different numbers of
-                patches: ``"pad"`` pads them to the longest in the pass and hides the padding
-                with an attention mask (few large passes); ``"group"`` runs masks with equal
-                counts together (no attention mask, many smaller passes); ``"auto"``
-                (default) pads when the adapter has a ``padding_mask``, else groups.
+                patches: ``"pad"`` pads them to the longest in the pass (at most 10 % more
+                tokens) and hides the padding with an attention mask (few large passes);
+                ``"group"`` runs masks with equal counts together (no attention mask, many
+                small passes); ``"auto"`` (default) pads when the adapter has a
+                ``padding_mask``, else groups.
             perturbations_per_eval: masked images per forward pass (also images per gradient
                 pass); bounds memory. 16-64 suits CPUs, larger batches suit GPUs.
             show_progress: show a progress bar over the masked-image batches.
@@ -424,28 +425,35 @@ class GradMaskAttribution(GradientAttribution):
                 yield rows, adapter.run_tokens(selected, keep=keep)
 
 
+PAD_SLACK = 1.1  # a padded pass holds at most 10 % more tokens than its masks keep
+
+
 def _token_plan(
     counts: list[int], prefix: int, tokens_per_image: int, batch_size: int, pad: bool
 ) -> list[tuple[list[int], int, bool]]:
     """The passes of fast mode: ``(masks, longest kept count, padded)`` for each.
 
-    Masks are taken in order of their kept count; a pass holds about as many tokens as
+    Masks are taken in order of their kept count; a pass holds at most as many tokens as
     ``batch_size`` full images. Without ``pad`` a pass holds masks of one count only (no
-    attention mask needed, but many small passes); with it, neighbouring counts share a pass.
+    attention mask needed, but many small passes); with it, neighbouring counts share a pass
+    as long as padding adds at most ``PAD_SLACK - 1`` to its tokens.
     """
     order = sorted(range(len(counts)), key=counts.__getitem__)
     budget = batch_size * tokens_per_image
-    plan, start = [], 0
+    plan, start, real = [], 0, 0
     for end in range(1, len(order) + 1):
-        if (
-            end == len(order)
-            or (not pad and counts[order[end]] != counts[order[start]])
-            or (end + 1 - start) * (prefix + counts[order[end]]) > budget
-        ):
-            members = order[start:end]
-            longest = counts[members[-1]]
-            plan.append((members, longest, counts[members[0]] != longest))
-            start = end
+        real += prefix + counts[order[end - 1]]
+        if end < len(order):
+            size, longest = end + 1 - start, prefix + counts[order[end]]
+            fits = size * longest <= budget
+            if pad and fits and size * longest <= PAD_SLACK * (real + longest):
+                continue
+            if not pad and fits and counts[order[end]] == counts[order[start]]:
+                continue
+        members = order[start:end]
+        longest_count = counts[members[-1]]
+        plan.append((members, longest_count, counts[members[0]] != longest_count))
+        start, real = end, 0
     return plan
 
 

@@ -73,6 +73,11 @@ def test_fast_mode_equals_independent_token_dropping(
     ours = gm.attribute_grid(images, mode="fast", fast_batching=batching, perturbations_per_eval=3)
     # "pad" must really mix kept counts in a pass (else the attention mask went untested)
     assert any(padded_passes) == (batching == "pad")
+    if batching == "pad":  # "auto" pads where the adapter can
+        padded_passes.clear()
+        auto = gm.attribute_grid(images, mode="fast", perturbations_per_eval=3)
+        assert any(padded_passes)
+        torch.testing.assert_close(auto, ours)
     for i in range(2):
         expected = _independent_fast_map(model, images[i], kind, dropped, prefix)
         torch.testing.assert_close(ours[i], expected, atol=1e-5, rtol=0)
@@ -98,6 +103,8 @@ def test_pad_plan_covers_every_mask_once_within_the_token_budget() -> None:
             assert longest == max(counts[m] for m in rows)
             assert padded == (min(counts[m] for m in rows) != longest)
             assert len(rows) * (1 + longest) <= 8 * 17
+            # padding adds at most 10 % to the tokens a pass really needs
+            assert len(rows) * (1 + longest) <= 1.1 * sum(1 + counts[m] for m in rows)
         assert any(padded for _, _, padded in plan) == pad
     # padding merges the per-count groups into fewer, fuller passes
     assert len(plans[True]) < len(plans[False])
@@ -117,3 +124,20 @@ def test_pad_needs_a_padding_mask_and_auto_falls_back_to_grouping() -> None:
         torch.testing.assert_close(auto, group)
     assert GradMaskAttribution(tiny_hf_vit()).adapter.supports_padding
     assert GradMaskAttribution(tiny_timm_distilled()).adapter.supports_padding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_padding_on_cuda_matches_grouping() -> None:
+    gm = GradMaskAttribution(tiny_timm_vit().cuda())
+    images = torch.randn(2, 3, 32, 32, device="cuda")
+    run_tokens, padded_passes = gm.adapter.run_tokens, []
+
+    def spy(tokens, start=0, keep=None):
+        padded_passes.append(keep is not None)
+        return run_tokens(tokens, start, keep)
+
+    gm.adapter.run_tokens = spy
+    auto = gm.attribute_grid(images, mode="fast", perturbations_per_eval=3)
+    assert any(padded_passes)
+    group = gm.attribute_grid(images, mode="fast", fast_batching="group", perturbations_per_eval=3)
+    torch.testing.assert_close(auto, group, atol=1e-5, rtol=0)
