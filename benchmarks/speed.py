@@ -12,7 +12,7 @@ What is timed (median of ``--repeats`` runs after one warm-up, per image):
   best batch size found among 16, 32, 64 and all (the images are built beforehand, not timed);
 * ``naive``: the authors' algorithm written plainly (one image, Python loops over masks, all masks
   in one batch, eager attention) -- ``tests/reference_gradmask.py``;
-* ``gradmask exact`` / ``gradmask fast`` (masks grouped by kept count) / ``gradmask fast pad``
+* ``gradmask exact`` / ``gradmask fast group`` (masks grouped by kept count) / ``gradmask fast pad``
   (padded passes with an attention mask) at each ``--masks`` value and batch size;
 * comparison methods from :mod:`captum_gradmask.registry` at their registry settings.
 """
@@ -44,7 +44,7 @@ LABELS = {"tiny": "ViT-Ti/16 (shared)", "base": "ViT-B/16 (random)"}
 # GradMask variants timed at every setting: exact, and fast with both ways of batching.
 VARIANTS = {
     "exact": dict(mode="exact"),
-    "fast": dict(mode="fast", fast_batching="group"),
+    "fast group": dict(mode="fast", fast_batching="group"),
     "fast pad": dict(mode="fast", fast_batching="pad"),
 }
 

@@ -21,7 +21,7 @@ def test_speed_run_reports_every_variant_as_a_ratio_to_exact() -> None:
     rows = speed.run(args)
     methods = [(row["method"], row["settings"]) for row in rows]
     assert ("floor", "m=3, 99 masked images, best batch 64") in methods  # the head count
-    for variant in ("exact", "fast", "fast pad"):
+    for variant in ("exact", "fast group", "fast pad"):
         assert (f"gradmask {variant}", "m=4, batch 64") in methods
     exact = next(r for r in rows if r["method"] == "gradmask exact" and "m=4" in r["settings"])
     assert exact["ratio_to_exact"] == 1.0
