@@ -409,19 +409,19 @@ class GradMaskAttribution(GradientAttribution):
         with torch.inference_mode():
             tokens = adapter.embed(images)  # type: ignore[misc]
             flat = flat_masks.flatten(1)
-            counts = flat.sum(1)
             prefix_index = torch.arange(prefix, device=tokens.device)
             for members, longest, padded in plan:
                 rows = torch.tensor(members, device=tokens.device)
-                # A stable sort puts each mask's kept patches first, in grid order.
+                # A stable sort puts each mask's kept patches first, in grid order; its sorted
+                # values say which of the first `longest` are kept and which are padding.
                 order = torch.sort(flat[rows].to(torch.uint8), dim=1, descending=True, stable=True)
                 patches = order.indices[:, :longest] + prefix
                 index = torch.cat([prefix_index.expand(len(members), -1), patches], dim=1)
                 selected = tokens[owners[rows][:, None], index]
                 keep = None
                 if padded:
-                    position = torch.arange(prefix + longest, device=tokens.device)
-                    keep = position < (prefix + counts[rows])[:, None]
+                    kept = order.values[:, :longest].bool()
+                    keep = torch.cat([kept.new_ones(len(members), prefix), kept], dim=1)
                 yield rows, adapter.run_tokens(selected, keep=keep)
 
 
