@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from captum_gradmask import GradMaskAttribution
-from captum_gradmask._utils import extract_logits
 
-from .speed import DEFAULT_SHARED, LABELS, load_models, masked_batch, real_images
+from .speed import DEFAULT_SHARED, LABELS, floor_passes, load_models, masked_batch, real_images
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -50,14 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     count = 3 * (model.config.num_hidden_layers - 1) * args.masks
     masked = masked_batch(images, count, model.config.patch_size)
     gradmask = GradMaskAttribution(model)
-    leaf = images.clone().requires_grad_(True)
+    gradient_pass, forwards = floor_passes(model, images, masked)
 
     def floor(size: int) -> None:
-        logits = extract_logits(model(leaf))
-        torch.autograd.grad(logits.max(-1).values.sum(), leaf)
-        with torch.inference_mode():
-            for start in range(0, masked.shape[0], size):
-                model(masked[start : start + size])
+        gradient_pass()
+        forwards(size)
 
     def exact(size: int) -> None:
         gradmask.attribute_grid(images, masks_per_layer=args.masks, perturbations_per_eval=size)

@@ -93,12 +93,12 @@ class PeakMemory:
             self.peak_mb = max(peak[0], self._rss_mb()) - start
 
 
-WARMUP = True  # one untimed call before the timed ones (``--no-warmup`` for slow CPU runs)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn`` over ``repeats`` runs after a warm-up, and its peak memory (MB)."""
-    if WARMUP:
+def timed(
+    fn: Callable[[], Any], device: torch.device, repeats: int, warmup: bool = True
+) -> tuple[float, float]:
+    """Median seconds of ``fn`` over ``repeats`` runs (after an untimed call unless not
+    ``warmup``), and its peak memory (MB)."""
+    if warmup:
         fn()
         _sync(device)
     seconds, memory = [], PeakMemory(device)
@@ -120,6 +120,25 @@ def masked_batch(images: torch.Tensor, count: int, patch: int, keep: float = 0.2
     return images.repeat_interleave(count, 0) * pixels.to(images.device, images.dtype)
 
 
+def floor_passes(
+    model: torch.nn.Module, images: torch.Tensor, masked: torch.Tensor
+) -> tuple[Callable[[], None], Callable[[int], None]]:
+    """The floor's two parts: one forward+backward over ``images``, and plain forwards over
+    ``masked`` in batches of a given size."""
+    leaf = images.clone().requires_grad_(True)
+
+    def gradient_pass() -> None:
+        logits = extract_logits(model(leaf))
+        torch.autograd.grad(logits.max(-1).values.sum(), leaf)
+
+    def forwards(size: int) -> None:
+        with torch.inference_mode():
+            for start in range(0, masked.shape[0], size):
+                model(masked[start : start + size])
+
+    return gradient_pass, forwards
+
+
 def floor_time(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -127,26 +146,16 @@ def floor_time(
     device: torch.device,
     repeats: int,
     sizes: list[int] | None = None,
+    warmup: bool = True,
 ) -> tuple[float, int]:
     """Forward+backward plus plain forwards over the masked images at the best batch size."""
     batch = masked_batch(images, masks, 16)
-    leaf = images.clone().requires_grad_(True)
-
-    def gradient_pass() -> None:
-        logits = extract_logits(model(leaf))
-        torch.autograd.grad(logits.max(-1).values.sum(), leaf)
-
-    grad_seconds, _ = timed(gradient_pass, device, repeats)
+    gradient_pass, forwards = floor_passes(model, images, batch)
+    grad_seconds, _ = timed(gradient_pass, device, repeats, warmup)
     best, best_size = float("inf"), 0
     candidates = sizes or [16, 32, 64, batch.shape[0]]
     for size in sorted({min(size, batch.shape[0]) for size in candidates}):
-
-        def forwards(size: int = size) -> None:
-            with torch.inference_mode():
-                for start in range(0, batch.shape[0], size):
-                    model(batch[start : start + size])
-
-        seconds, _ = timed(forwards, device, repeats)
+        seconds, _ = timed(lambda size=size: forwards(size), device, repeats, warmup)
         if seconds < best:
             best, best_size = seconds, size
     return grad_seconds + best, best_size
@@ -197,8 +206,6 @@ def real_images(shared: Path, count: int, size: int = 224) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    global WARMUP
-    WARMUP = args.warmup
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,7 +238,7 @@ def measure_model(
         model(images_all[:1])
 
     def record(what: str, settings: Any, fn: Callable[[], Any], per: int) -> float:
-        seconds, memory = timed(fn, device, args.repeats)
+        seconds, memory = timed(fn, device, args.repeats, args.warmup)
         row = dict(
             model=model_name,
             method=what,
@@ -251,7 +258,9 @@ def measure_model(
     reference = None
     for m in sorted({*args.masks, heads}):
         count = 3 * (layers - 1) * m
-        seconds, best = floor_time(model, images, count, device, args.repeats, args.floor_batches)
+        seconds, best = floor_time(
+            model, images, count, device, args.repeats, args.floor_batches, args.warmup
+        )
         rows.append(
             dict(
                 model=model_name,
