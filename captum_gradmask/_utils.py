@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 TargetType = int | Sequence[int] | Tensor | None
@@ -198,12 +197,6 @@ def preserved_model_state(model: nn.Module | None, eval_mode: bool = True) -> It
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def upsample_grid(grid_map: Tensor, size: tuple[int, int], channels: int) -> Tensor:
-    """Nearest-neighbour upsampling of ``(B, h, w)`` patch maps to ``(B, channels, H, W)``."""
-    up = F.interpolate(grid_map.unsqueeze(1), size=size, mode="nearest")
-    return up.expand(-1, channels, -1, -1).contiguous()
 
 
 def chunks(total: int, size: int) -> Iterator[slice]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from ._utils import upsample_grid
+from ._ops import upsample_grid
 from .gradmask import GradMaskAttribution
 from .viz import save_heatmap_overlay
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from captum_gradmask.metrics.pointing_game import resize_boxes
+from captum_gradmask._ops import resize_boxes
 
 __all__ = [
     "ImageRecord",

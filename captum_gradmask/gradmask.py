@@ -18,6 +18,7 @@ from captum.attr import GradientAttribution
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._ops import pixel_masks, upsample_grid
 from ._utils import (
     TargetType,
     check_positive_int,
@@ -29,7 +30,6 @@ from ._utils import (
     slice_args,
     slice_target,
     unpack_inputs,
-    upsample_grid,
 )
 from .adapters import AttentionLayer, ViTAdapter, resolve_adapter
 
@@ -387,7 +387,7 @@ class GradMaskAttribution(GradientAttribution):
         fill = torch.as_tensor(fill_value, dtype=images.dtype, device=images.device)
         for rows in chunks(flat_masks.shape[0], batch_size):
             with torch.inference_mode():
-                keep = _pixel_masks(flat_masks[rows], self.adapter.patch_size)
+                keep = pixel_masks(flat_masks[rows], self.adapter.patch_size)
                 masked = torch.where(keep, images[owners[rows]], fill)
                 yield rows, self.adapter.logits(masked, *_index_args(extra_all, rows))
 
@@ -487,13 +487,6 @@ def _binary_masks(
     scores = scores[:, :, prefix_tokens:, :].transpose(2, 3)  # (B, S, m, N)
     keep = scores >= scores.mean(dim=-1, keepdim=True)
     return keep.reshape(batch, sources * masks_per_layer, *grid)
-
-
-def _pixel_masks(masks: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """Nearest upsampling of ``(n, h, w)`` patch masks to ``(n, 1, H, W)`` pixel masks."""
-    return masks.repeat_interleave(patch_size[0], dim=1).repeat_interleave(patch_size[1], dim=2)[
-        :, None
-    ]
 
 
 def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:

@@ -33,6 +33,7 @@ from captum.attr import Attribution
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._ops import upsample_grid
 from .._utils import (
     TargetType,
     check_positive_int,
@@ -43,7 +44,6 @@ from .._utils import (
     slice_args,
     slice_target,
     unpack_inputs,
-    upsample_grid,
 )
 from ..adapters import ViTAdapter, resolve_adapter
 

@@ -82,6 +82,7 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
+from captum_gradmask._ops import gaussian_blur, grid_to_tokens, patch_feature_mask, tokens_to_grid
 from captum_gradmask._utils import (
     TargetType,
     check_positive_int,
@@ -90,7 +91,6 @@ from captum_gradmask._utils import (
     unpack_inputs,
 )
 from captum_gradmask.adapters import ViTAdapter, get_adapter
-from captum_gradmask.metrics import gaussian_blur
 
 __all__ = [
     "CaptumBaseline",
@@ -221,65 +221,6 @@ def _module(model: Any, adapter: ViTAdapter) -> nn.Module | None:
     if adapter.model is not None:
         return adapter.model
     return model if isinstance(model, nn.Module) else None
-
-
-def patch_feature_mask(
-    image_size: tuple[int, int], patch_size: tuple[int, int], device: torch.device | None = None
-) -> Tensor:
-    """A ``(1, 1, H, W)`` long mask giving each pixel the id of its patch, row-major.
-
-    Patch ``(r, c)`` of an ``h x w`` grid has id ``r * w + c``; the mask broadcasts over the
-    batch and the channels, so Captum treats each patch as one feature.
-
-    Example::
-
-        >>> from captum_gradmask.methods.captum_baselines import patch_feature_mask
-        >>> patch_feature_mask((4, 6), (2, 2))[0, 0]
-        tensor([[0, 0, 1, 1, 2, 2],
-                [0, 0, 1, 1, 2, 2],
-                [3, 3, 4, 4, 5, 5],
-                [3, 3, 4, 4, 5, 5]])
-    """
-    height, width = int(image_size[0]), int(image_size[1])
-    ph, pw = int(patch_size[0]), int(patch_size[1])
-    if height % ph or width % pw:
-        raise ValueError(
-            f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}"
-        )
-    rows, cols = height // ph, width // pw
-    ids = torch.arange(rows * cols, device=device).reshape(1, 1, rows, cols)
-    return ids.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3)
-
-
-def tokens_to_grid(tokens: Tensor, prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
-    """ViT tokens ``(B, P + h*w, D)`` to a feature map ``(B, D, h, w)``, prefix tokens dropped.
-
-    Patch token ``k`` (counting after the prefix) lands at row ``k // w``, column ``k % w``:
-    the row-major order of the patch embedding. This is the ``reshape_transform`` that
-    pytorch-grad-cam documents for ViTs.
-
-    Example::
-
-        >>> import torch
-        >>> from captum_gradmask.methods.captum_baselines import tokens_to_grid
-        >>> tokens = torch.arange(7.0).reshape(1, 7, 1)  # CLS + a 2x3 grid, D = 1
-        >>> tokens_to_grid(tokens, prefix_tokens=1, grid=(2, 3))[0, 0]
-        tensor([[1., 2., 3.],
-                [4., 5., 6.]])
-    """
-    rows, cols = grid
-    batch, count, dim = tokens.shape
-    if count != prefix_tokens + rows * cols:
-        raise ValueError(
-            f"expected {prefix_tokens} prefix + {rows}x{cols} patch tokens, got {count} tokens"
-        )
-    return tokens[:, prefix_tokens:].reshape(batch, rows, cols, dim).permute(0, 3, 1, 2)
-
-
-def grid_to_tokens(grid_map: Tensor, prefix: Tensor) -> Tensor:
-    """Inverse of :func:`tokens_to_grid`: ``(B, D, h, w)`` and prefix ``(B, P, D)`` to tokens."""
-    patches = grid_map.flatten(2).transpose(1, 2)
-    return torch.cat([prefix, patches], dim=1)
 
 
 def saliency(model: Any, adapter: ViTAdapter | None = None, *, abs: bool = True) -> CaptumBaseline:

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from tqdm.auto import tqdm
 
+from .._ops import upsample_grid
 from .._utils import (
     TargetType,
     check_positive_int,
@@ -78,7 +79,6 @@ from .._utils import (
     format_target,
     preserved_model_state,
     unpack_inputs,
-    upsample_grid,
 )
 from ..adapters import ViTAdapter, get_adapter, managed_module
 from ._hard_concrete import log_prob_open, sample_gates

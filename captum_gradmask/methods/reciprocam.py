@@ -20,6 +20,7 @@ from captum.attr import PerturbationAttribution
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._ops import upsample_grid
 from .._utils import (
     TargetType,
     check_positive_int,
@@ -28,7 +29,6 @@ from .._utils import (
     preserved_model_state,
     resolve_targets,
     unpack_inputs,
-    upsample_grid,
 )
 from ..adapters import ViTAdapter, resolve_adapter
 

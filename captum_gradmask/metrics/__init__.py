@@ -5,6 +5,7 @@ shape that broadcasts to them (including ``(B, h, w)`` patch grids, upsampled ne
 device follows the inputs. See ``docs/metrics.md`` for the protocols.
 """
 
+from captum_gradmask._ops import boxes_to_mask, gaussian_blur, resize_boxes
 from captum_gradmask.metrics.adcc import ADCCResult, adcc, adcc_score, normalize_map, pearson
 from captum_gradmask.metrics.captum_metrics import (
     patch_infidelity,
@@ -15,7 +16,6 @@ from captum_gradmask.metrics.insertion_deletion import (
     GRADMASK_NOTEBOOK_FRACTIONS,
     PerturbationCurve,
     deletion,
-    gaussian_blur,
     gradmask_notebook_deletion,
     gradmask_notebook_insertion,
     insertion,
@@ -27,10 +27,8 @@ from captum_gradmask.metrics.insertion_deletion import (
 from captum_gradmask.metrics.pointing_game import (
     TORCHRAY_TOLERANCE,
     PointingGameResult,
-    boxes_to_mask,
     max_point,
     pointing_game,
-    resize_boxes,
 )
 
 __all__ = [

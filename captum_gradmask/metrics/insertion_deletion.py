@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_gradmask._ops import gaussian_blur
 from captum_gradmask._utils import (
     TargetType,
     check_positive_int,
@@ -77,64 +78,6 @@ class PerturbationCurve:
     def mean_auc(self) -> float:
         """AUC averaged over the batch."""
         return float(self.auc.mean())
-
-
-def gaussian_blur(inputs: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Blur each channel with the Gaussian kernel RISE uses for its insertion baseline.
-
-    The kernel is what RISE builds: a centred unit impulse on a ``kernel_size`` square filtered
-    by a Gaussian of standard deviation ``sigma`` (truncated at 4 sigma, borders reflected, as
-    ``scipy.ndimage.gaussian_filter`` does), so it sums to 1 but is flatter than a sampled
-    Gaussian when ``sigma`` is large for the kernel. It is applied with zero padding of
-    ``kernel_size // 2`` (``same`` size for odd kernels).
-
-    Args:
-        inputs: ``(B, C, H, W)`` images.
-        kernel_size: side of the square kernel (positive, odd).
-        sigma: standard deviation in pixels (positive).
-
-    Returns:
-        The blurred images, same shape, dtype and device.
-
-    Examples::
-
-        >>> import torch
-        >>> from captum_gradmask.metrics import gaussian_blur
-        >>> blurred = gaussian_blur(torch.rand(2, 3, 32, 32), kernel_size=11, sigma=5.0)
-        >>> blurred.shape
-        torch.Size([2, 3, 32, 32])
-    """
-    kernel_size = check_positive_int(kernel_size, "blur_kernel_size")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"`blur_kernel_size` must be odd, got {kernel_size}")
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
-        raise ValueError(f"`blur_sigma` must be a positive number, got {sigma!r}")
-    kernel_1d = _reflected_gaussian_impulse(kernel_size, float(sigma))
-    kernel = torch.outer(kernel_1d, kernel_1d).to(device=inputs.device, dtype=inputs.dtype)
-    channels = inputs.shape[1]
-    weight = kernel.expand(channels, 1, kernel_size, kernel_size)
-    return F.conv2d(inputs, weight, padding=kernel_size // 2, groups=channels)
-
-
-def _reflected_gaussian_impulse(size: int, sigma: float) -> Tensor:
-    """1-D Gaussian filter (radius ``round(4 sigma)``, mirrored borders) of a centred impulse."""
-    radius = int(4.0 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    weights = weights / weights.sum()
-    out = torch.zeros(size, dtype=torch.float64)
-    centre = size // 2
-    for i in range(size):
-        for offset, weight in zip(range(-radius, radius + 1), weights.tolist(), strict=True):
-            j = i + offset
-            # Half-sample symmetric extension (d c b a | a b c d | d c b a), repeated as needed.
-            period = 2 * size
-            j %= period
-            if j >= size:
-                j = period - 1 - j
-            if j == centre:
-                out[i] += weight
-    return out.float()
 
 
 def _make_baseline(baseline: Any, inputs: Tensor, kernel_size: int, sigma: float) -> Tensor:

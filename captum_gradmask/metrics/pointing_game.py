@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from captum_gradmask._ops import (
+    BoxesLike,
+    SizeLike,
+    as_boxes,
+    boxes_to_mask,
+    check_size,
+    resize_boxes,
+)
 from captum_gradmask.metrics._common import ChannelReduction, attribution_map, check_choice
-
-BoxesLike = Tensor | Sequence[Sequence[float]]
-SizeLike = tuple[int, int]
 
 #: TorchRay's tolerance radius in pixels.
 TORCHRAY_TOLERANCE = 15
@@ -55,65 +60,6 @@ class PointingGameResult:
         """Mean of the per-class hit rates (TorchRay's headline number)."""
         rates = list(self.per_class_hit_rate.values())
         return sum(rates) / len(rates)
-
-
-def resize_boxes(boxes: BoxesLike, original_size: SizeLike, new_size: SizeLike) -> Tensor:
-    """Map boxes from original-image pixels to a resized image (a plain resize, no crop).
-
-    Boxes are ``(xmin, ymin, xmax, ymax)`` with inclusive integer pixel indices (ImageNet's
-    convention: ``xmax`` is the last pixel column of the object), so a box covers the
-    continuous region ``[xmin, xmax + 1) x [ymin, ymax + 1)``. That region is scaled by
-    ``new / original`` per axis and returned as continuous ``[x0, y0, x1, y1)`` float boxes in
-    the new image; a pixel of the new image belongs to the box when its centre
-    ``(col + 0.5, row + 0.5)`` lies inside (see :func:`boxes_to_mask`). This is what a
-    nearest-neighbour resize of the box mask gives.
-
-    Args:
-        boxes: ``(K, 4)`` boxes in original pixels.
-        original_size: ``(height, width)`` of the original image.
-        new_size: ``(height, width)`` of the resized image (the model input).
-
-    Returns:
-        ``(K, 4)`` float64 tensor of continuous boxes in the resized image.
-
-    Examples::
-
-        >>> from captum_gradmask.metrics import resize_boxes
-        >>> resize_boxes([[0, 10, 99, 49]], original_size=(100, 200), new_size=(50, 100)).tolist()
-        [[0.0, 5.0, 50.0, 25.0]]
-    """
-    box_tensor = _as_boxes(boxes)
-    (orig_h, orig_w), (new_h, new_w) = (
-        _check_size(original_size, "original_size"),
-        _check_size(new_size, "new_size"),
-    )
-    scale = torch.tensor(
-        [new_w / orig_w, new_h / orig_h, new_w / orig_w, new_h / orig_h], dtype=torch.float64
-    )
-    region = box_tensor.clone()
-    region[:, 2:] += 1
-    return region * scale
-
-
-def boxes_to_mask(boxes: Tensor, size: SizeLike, device: torch.device | None = None) -> Tensor:
-    """Boolean ``(height, width)`` mask of the pixels whose centres lie in any continuous box.
-
-    ``boxes`` are ``[x0, y0, x1, y1)`` as returned by :func:`resize_boxes`.
-
-    Examples::
-
-        >>> import torch
-        >>> from captum_gradmask.metrics import boxes_to_mask
-        >>> boxes_to_mask(torch.tensor([[1.0, 0.0, 3.0, 1.0]]), (2, 4)).int().tolist()
-        [[0, 1, 1, 0], [0, 0, 0, 0]]
-    """
-    height, width = _check_size(size, "size")
-    rows = torch.arange(height, dtype=torch.float64, device=device)[:, None] + 0.5
-    cols = torch.arange(width, dtype=torch.float64, device=device)[None, :] + 0.5
-    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
-    for x0, y0, x1, y1 in boxes.to(device=device, dtype=torch.float64).tolist():
-        mask |= (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
-    return mask
 
 
 def max_point(saliency: Tensor) -> Tensor:
@@ -198,7 +144,7 @@ def pointing_game(
             raise ValueError(f"`input_size` {input_size} differs from the masks' size {size}")
         object_masks = masks.to(device=device, dtype=torch.bool)
     else:
-        size = _check_size(input_size or tuple(attributions.shape[-2:]), "input_size")
+        size = check_size(input_size or tuple(attributions.shape[-2:]), "input_size")
         if len(boxes) != batch:
             raise ValueError(f"`boxes` has {len(boxes)} entries but there are {batch} maps")
         if original_sizes is not None and len(original_sizes) != batch:
@@ -207,7 +153,7 @@ def pointing_game(
             )
         per_image = []
         for i, image_boxes in enumerate(boxes):
-            box_tensor = _as_boxes(image_boxes)
+            box_tensor = as_boxes(image_boxes)
             if original_sizes is not None:
                 box_tensor = resize_boxes(box_tensor, original_sizes[i], size)
             else:
@@ -250,29 +196,3 @@ def pointing_game(
 def _positions(is_max: Tensor, width: int) -> Tensor:
     index = torch.nonzero(is_max).flatten()
     return torch.stack([index // width, index % width], dim=1)
-
-
-def _as_boxes(boxes: Any) -> Tensor:
-    box_tensor = torch.as_tensor(boxes, dtype=torch.float64)
-    if box_tensor.dim() == 1 and box_tensor.numel() == 4:
-        box_tensor = box_tensor[None]
-    if box_tensor.dim() != 2 or box_tensor.shape[1] != 4:
-        raise ValueError(
-            f"boxes must have shape (K, 4) as (xmin, ymin, xmax, ymax); got shape "
-            f"{tuple(box_tensor.shape)}"
-        )
-    if ((box_tensor[:, 2] < box_tensor[:, 0]) | (box_tensor[:, 3] < box_tensor[:, 1])).any():
-        raise ValueError(
-            f"boxes must have xmax >= xmin and ymax >= ymin; got {box_tensor.tolist()}"
-        )
-    return box_tensor
-
-
-def _check_size(size: Any, name: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a (height, width) pair, got {size!r}") from None
-    if height < 1 or width < 1:
-        raise ValueError(f"`{name}` must be positive, got {size!r}")
-    return height, width
