@@ -188,7 +188,9 @@ _SPECS = [
         {"mode": "fast"},
         "GradMask m=4, masked patch tokens dropped instead of filled",
     ),
-    MethodSpec("saliency", _CAPTUM, "saliency", {}, "absolute gradient (Captum Saliency)", is_class=False),
+    MethodSpec(
+        "saliency", _CAPTUM, "saliency", {}, "absolute gradient (Captum Saliency)", is_class=False
+    ),
     MethodSpec(
         "inputxgradient",
         _CAPTUM,
