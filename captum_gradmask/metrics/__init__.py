@@ -12,17 +12,21 @@ from captum_gradmask.metrics.captum_metrics import (
     patch_perturbation,
     sensitivity,
 )
-from captum_gradmask.metrics.insertion_deletion import (
-    GRADMASK_NOTEBOOK_FRACTIONS,
+from captum_gradmask.metrics.curves import (
     PerturbationCurve,
     deletion,
-    gradmask_notebook_deletion,
-    gradmask_notebook_insertion,
     insertion,
     perturbation_curve,
+    rank_units,
+    step_counts,
+)
+from captum_gradmask.metrics.insertion_deletion import (
+    GRADMASK_NOTEBOOK_FRACTIONS,
+    PresetOptions,
+    gradmask_notebook_deletion,
+    gradmask_notebook_insertion,
     rise_deletion,
     rise_insertion,
-    step_counts,
 )
 from captum_gradmask.metrics.pointing_game import (
     TORCHRAY_TOLERANCE,
@@ -37,6 +41,7 @@ __all__ = [
     "ADCCResult",
     "PerturbationCurve",
     "PointingGameResult",
+    "PresetOptions",
     "adcc",
     "adcc_score",
     "boxes_to_mask",
@@ -52,6 +57,7 @@ __all__ = [
     "pearson",
     "perturbation_curve",
     "pointing_game",
+    "rank_units",
     "resize_boxes",
     "rise_deletion",
     "rise_insertion",
