@@ -1,7 +1,8 @@
 """Pointing game (Zhang et al., ECCV 2016), with TorchRay's tolerance.
 
-The map's maximum "points" at one pixel; it is a hit when a disc of ``tolerance`` pixels around
-that pixel touches the ground-truth object of the target class.
+The map's maximum "points" at one pixel; it is a hit when the open disc of radius ``tolerance``
+pixels around that pixel (TorchRay's ``PointingGame``: distance ``< tolerance``, strictly)
+touches the ground-truth object of the target class.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def pointing_game(
     """Pointing game: does each map's maximum fall on (or within ``tolerance`` of) the object?
 
     The maximum of each map (at the model-input resolution; patch grids are upsampled nearest)
-    is taken; a hit when some object pixel lies at Euclidean distance ``<= tolerance`` from it
-    in pixel-index units (``tolerance=0``: the maximum pixel itself must be on the object;
-    TorchRay uses 15). Several maxima (ties): ``ties="first"`` (default) uses the first in
+    is taken; a hit when some object pixel lies at Euclidean distance strictly below
+    ``tolerance`` from it in pixel-index units, as TorchRay's ``PointingGame.evaluate``
+    (``< tolerance**2``; TorchRay uses 15, so a pixel at distance exactly 15 is a miss);
+    ``tolerance=0`` means the maximum pixel itself must be on the object. Several maxima (ties): ``ties="first"`` (default) uses the first in
     row-major order, as ``numpy.argmax`` does in TorchRay; ``ties="any"`` counts a hit if any
     maximum hits (kinder to patch maps, but a constant map then hits whenever an object exists).
     The pointing game needs no model: it reads only the map and the ground truth.
@@ -177,7 +179,8 @@ def pointing_game(
     for i in range(batch):
         candidates = points[i : i + 1] if ties == "first" else _positions(is_max[i], width)
         for row, col in candidates.tolist():
-            disc = (rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2 <= tolerance**2
+            squared = (rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2
+            disc = squared < tolerance**2 if tolerance > 0 else squared == 0
             if bool((disc & object_masks[i]).any()):
                 hits[i] = True
                 break
