@@ -249,7 +249,7 @@ def _image_metrics(
                 target,
                 patch_size=_patch_size(model),
                 seed=args.seed,
-            )[0]
+            ).values[0]
         )
         out["sensitivity"] = float(
             sensitivity(
@@ -258,7 +258,7 @@ def _image_metrics(
                 target,
                 n_perturb_samples=args.sensitivity_samples,
                 seed=args.seed,
-            )[0]
+            ).values[0]
         )
     return out
 

@@ -111,7 +111,9 @@ def test_ties_first_in_row_major_or_any() -> None:
     assert first.points.tolist() == [[0, 31]] and first.hit_rate == 0.0
     anywhere = pointing_game(saliency, masks=single_pixel_object(), tolerance=0, ties="any")
     assert anywhere.hit_rate == 1.0
-    assert max_point(torch.zeros(2, 3, 3)).tolist() == [[0, 0], [0, 0]]
+    peaks = max_point(torch.zeros(2, 3, 3))
+    assert peaks.points.tolist() == [[0, 0], [0, 0]]
+    assert peaks.n_maxima.tolist() == [9, 9] and peaks.values.tolist() == [0.0, 0.0]
 
 
 def test_overall_and_mean_class_hit_rates() -> None:

@@ -8,6 +8,8 @@ device follows the inputs. See ``docs/metrics.md`` for the protocols.
 from captum_gradmask._ops import boxes_to_mask, gaussian_blur, resize_boxes
 from captum_gradmask.metrics.adcc import ADCCResult, adcc, adcc_score, normalize_map, pearson
 from captum_gradmask.metrics.captum_metrics import (
+    InfidelityResult,
+    SensitivityResult,
     patch_infidelity,
     patch_perturbation,
     sensitivity,
@@ -30,6 +32,7 @@ from captum_gradmask.metrics.insertion_deletion import (
 )
 from captum_gradmask.metrics.pointing_game import (
     TORCHRAY_TOLERANCE,
+    MaxPointResult,
     PointingGameResult,
     max_point,
     pointing_game,
@@ -39,9 +42,12 @@ __all__ = [
     "GRADMASK_NOTEBOOK_FRACTIONS",
     "TORCHRAY_TOLERANCE",
     "ADCCResult",
+    "InfidelityResult",
+    "MaxPointResult",
     "PerturbationCurve",
     "PointingGameResult",
     "PresetOptions",
+    "SensitivityResult",
     "adcc",
     "adcc_score",
     "boxes_to_mask",
