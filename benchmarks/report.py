@@ -1,7 +1,7 @@
 """Tables and pictures from a benchmark's per-image results (``results.jsonl``).
 
 ``python -m benchmarks.report OUTPUT_DIR`` rewrites ``results.csv``, ``table.md`` and
-``grid.png`` from what a run (or several resumed runs) wrote there.
+``ties.md`` from what a run (or several resumed runs) wrote there.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "HEADLINE_KEYS",
     "METRICS",
+    "TIE_KEYS",
     "MetricInfo",
     "bootstrap_ci",
     "load_rows",
@@ -40,11 +42,26 @@ class MetricInfo:
     scale: float = 1.0  # multiply per-image values by this in the table (e.g. hits -> %)
 
 
+def _tie_columns(key: str, header: str, higher_is_better: bool) -> tuple[MetricInfo, ...]:
+    """A curve's headline column (random ties) and its tie columns."""
+    return (
+        MetricInfo(key, f"{header} ↑" if higher_is_better else f"{header} ↓", higher_is_better),
+        MetricInfo(f"{key}_tie_spread", f"{header} tie spread", None),
+        MetricInfo(f"{key}_stable", f"{header} stable ties", higher_is_better),
+        MetricInfo(f"{key}_reference", f"{header} reference ties", higher_is_better),
+    )
+
+
+# Insertion/deletion: the headline is the mean over random tie orders (docs/metrics.md).
+_CURVES = (
+    *_tie_columns("insertion_rise", "Ins. AUC (RISE)", True),
+    *_tie_columns("deletion_rise", "Del. AUC (RISE)", False),
+    *_tie_columns("insertion_notebook", "Ins. AUC (GM nb, %)", True),
+    *_tie_columns("deletion_notebook", "Del. AUC (GM nb, %)", False),
+)
+
 METRICS: tuple[MetricInfo, ...] = (
-    MetricInfo("insertion_rise", "Ins. AUC (RISE) ↑", True),
-    MetricInfo("deletion_rise", "Del. AUC (RISE) ↓", False),
-    MetricInfo("insertion_notebook", "Ins. AUC (GM nb, %) ↑", True),
-    MetricInfo("deletion_notebook", "Del. AUC (GM nb, %) ↓", False),
+    *_CURVES,
     MetricInfo("pointing_0", "Pointing 0 px (%) ↑", True, 100.0),
     MetricInfo("pointing_15", "Pointing 15 px (%) ↑", True, 100.0),
     MetricInfo("average_drop", "Avg drop (%) ↓", False),
@@ -56,6 +73,13 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("sensitivity", "Max-sens. ↓", False),
     MetricInfo("seconds", "s / image ↓", False),
 )
+
+#: Columns of ``table.md``: every metric, insertion/deletion with random ties and their spread.
+HEADLINE_KEYS: tuple[str, ...] = tuple(
+    m.key for m in METRICS if not m.key.endswith(("_stable", "_reference"))
+)
+#: Columns of ``ties.md``: insertion/deletion under each tie policy and the spread.
+TIE_KEYS: tuple[str, ...] = tuple(m.key for m in _CURVES)
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -251,13 +275,15 @@ def write_reports(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Write ``results.csv`` and ``table.md`` in ``output`` from its ``results.jsonl``."""
+    """Write ``results.csv``, ``table.md`` (:data:`HEADLINE_KEYS`) and ``ties.md``
+    (:data:`TIE_KEYS`) in ``output`` from its ``results.jsonl``."""
     output = Path(output)
     rows = load_rows(output / "results.jsonl")
     summary = summarize(rows, methods, n_resamples, seed)
     if rows:
         write_csv(rows, output / "results.csv")
-    (output / "table.md").write_text(markdown_table(summary))
+    (output / "table.md").write_text(markdown_table(summary, HEADLINE_KEYS))
+    (output / "ties.md").write_text(markdown_table(summary, TIE_KEYS))
     return summary
 
 

@@ -4,8 +4,14 @@ Every method explains the same model, images and targets; every metric comes fro
 :mod:`captum_gradmask.metrics`; seconds per image are measured in the same run. Results go to
 ``OUTPUT/results.jsonl`` one line per (image, method), appended and flushed as soon as they are
 computed, so an interrupted run loses nothing and a re-run with the same ``--output`` skips
-what is done. At the end ``table.md`` (means with 95 % bootstrap CIs), ``results.csv`` and
-``grid.png`` (heatmaps of the first ``--grid-images`` images) are written.
+what is done. The settings that decide a row's values (model, data, target, seeds, tie samples,
+each method's settings) are recorded in ``config.json``; resuming a folder made with other
+settings is refused, naming them. Insertion/deletion are scored under three tie orders (see
+``docs/metrics.md``): the headline columns use random ties averaged over ``--tie-samples``
+orders; ``*_stable`` and ``*_reference`` keep the other two and ``*_tie_spread`` the range
+of the AUC over all orders scored. At the end ``table.md`` (means with 95 % bootstrap CIs),
+``ties.md`` (insertion/deletion under each tie policy), ``results.csv`` and ``grid.png``
+(heatmaps of the first ``--grid-images`` images) are written.
 
 Example (from the repository root, with ``../shared`` present)::
 
@@ -33,6 +39,7 @@ from tqdm.auto import tqdm
 from benchmarks import report
 from captum_gradmask.data import class_names, load_imagenet_sample
 from captum_gradmask.metrics import (
+    PerturbationCurve,
     adcc,
     gradmask_notebook_deletion,
     gradmask_notebook_insertion,
@@ -107,6 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sensitivity-samples", type=int, default=5, help="max-sensitivity perturbations"
     )
+    parser.add_argument(
+        "--tie-samples",
+        type=int,
+        default=10,
+        help="random tie orders averaged for the headline insertion/deletion (default 10; "
+        "costs one forward pass per order at each point inside a tie)",
+    )
     parser.add_argument("--target", choices=("label", "predicted"), default="label")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=64, help="metric forward batch")
@@ -131,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"no --data given and the shared ImageNet sample is not at {DEFAULT_DATA}; pass "
             "--data FOLDER (with images/ and annotations.csv)"
         )
-    for name in ("images", "batch_size", "bootstrap"):
+    for name in ("images", "batch_size", "bootstrap", "tie_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -174,25 +188,32 @@ def _build_methods(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     methods, skipped = {}, {}
     for name in names:
-        overrides: dict[str, Any] = {}
-        if name == "diffmask":
-            overrides["gate"] = args.diffmask_gate if Path(args.diffmask_gate).is_dir() else None
-        if args.perturbations_per_eval is not None and "perturbations_per_eval" in (
-            _registered_settings(name)
-        ):
-            overrides["perturbations_per_eval"] = args.perturbations_per_eval
         try:
-            methods[name] = build_method(name, model, **overrides)
+            methods[name] = build_method(name, model, **_overrides(name, args))
         except MethodUnavailable as error:
             skipped[name] = str(error)
             print(f"skipping {name}: {error}", file=sys.stderr)
     return methods, skipped
 
 
-def _registered_settings(name: str) -> dict[str, Any]:
+def _overrides(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """This run's changes to a method's registry settings."""
     from captum_gradmask.registry import METHODS
 
-    return METHODS[name].settings
+    overrides: dict[str, Any] = {}
+    if name == "diffmask":
+        overrides["gate"] = args.diffmask_gate if Path(args.diffmask_gate).is_dir() else None
+    if args.perturbations_per_eval is not None and "perturbations_per_eval" in (
+        METHODS[name].settings
+    ):
+        overrides["perturbations_per_eval"] = args.perturbations_per_eval
+    return overrides
+
+
+def _recorded_methods(config: Path) -> dict[str, Any]:
+    if not config.is_file():
+        return {}
+    return json.loads(config.read_text()).get("experiment", {}).get("methods", {})
 
 
 def _image_metrics(
@@ -209,20 +230,13 @@ def _image_metrics(
     """Every selected metric of one map (library calls only)."""
     out: dict[str, float] = {}
     batch = args.batch_size
+    curve_args = (model, image, attributions, target, args)
     if "notebook" in groups:
-        out["insertion_notebook"] = float(
-            gradmask_notebook_insertion(model, image, attributions, target, batch_size=batch).auc[0]
-        )
-        out["deletion_notebook"] = float(
-            gradmask_notebook_deletion(model, image, attributions, target, batch_size=batch).auc[0]
-        )
+        out.update(tie_scores(gradmask_notebook_insertion, "insertion_notebook", *curve_args))
+        out.update(tie_scores(gradmask_notebook_deletion, "deletion_notebook", *curve_args))
     if "rise" in groups and (args.rise_metrics_images is None or index < args.rise_metrics_images):
-        out["insertion_rise"] = float(
-            rise_insertion(model, image, attributions, target, batch_size=batch).auc[0]
-        )
-        out["deletion_rise"] = float(
-            rise_deletion(model, image, attributions, target, batch_size=batch).auc[0]
-        )
+        out.update(tie_scores(rise_insertion, "insertion_rise", *curve_args))
+        out.update(tie_scores(rise_deletion, "deletion_rise", *curve_args))
     if "pointing" in groups:
         for tolerance in (0, 15):
             game = pointing_game(
@@ -249,7 +263,7 @@ def _image_metrics(
                 target,
                 patch_size=_patch_size(model),
                 seed=args.seed,
-            )[0]
+            ).values[0]
         )
         out["sensitivity"] = float(
             sensitivity(
@@ -258,15 +272,117 @@ def _image_metrics(
                 target,
                 n_perturb_samples=args.sensitivity_samples,
                 seed=args.seed,
-            )[0]
+            ).values[0]
         )
     return out
+
+
+def tie_scores(
+    preset: Callable[..., PerturbationCurve],
+    key: str,
+    model: torch.nn.Module,
+    image: Tensor,
+    attributions: Tensor,
+    target: int,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """One preset's AUC under each tie policy: ``key`` (random ties, mean over
+    ``args.tie_samples`` orders), ``key_stable``, ``key_reference``, and ``key_tie_spread``
+    (largest minus smallest AUC over the stable, reference and sampled orders)."""
+    options = dict(batch_size=args.batch_size)
+    stable = preset(model, image, attributions, target, ties="stable", **options)
+    reference = preset(model, image, attributions, target, ties="reference", **options)
+    random = preset(
+        model,
+        image,
+        attributions,
+        target,
+        ties="random",
+        tie_samples=args.tie_samples,
+        seed=args.seed,
+        **options,
+    )
+    aucs = [float(stable.auc[0]), float(reference.auc[0]), *random.tie_auc[0].tolist()]
+    return {
+        key: float(random.auc[0]),
+        f"{key}_stable": aucs[0],
+        f"{key}_reference": aucs[1],
+        f"{key}_tie_spread": max(aucs) - min(aucs),
+    }
 
 
 def _patch_size(model: torch.nn.Module) -> int:
     from captum_gradmask.adapters import get_adapter
 
     return int(get_adapter(model).patch_size[0])
+
+
+# The arguments that change the value of a row: a folder's rows must share them.
+EXPERIMENT_ARGS = (
+    "model",
+    "weights",
+    "data",
+    "target",
+    "seed",
+    "sensitivity_samples",
+    "tie_samples",
+    "diffmask_gate",
+)
+
+
+# Method settings that only split the work into batches; they may differ between resumed runs.
+BATCHING_SETTINGS = ("perturbations_per_eval", "internal_batch_size")
+
+
+def experiment_settings(args: argparse.Namespace, methods: dict[str, Any]) -> dict[str, Any]:
+    """What decides a row's values: the :data:`EXPERIMENT_ARGS` and each method's settings
+    (its registry settings with this run's overrides, batching left out), JSON-ready."""
+    from captum_gradmask.registry import METHODS
+
+    settings: dict[str, Any] = {name: getattr(args, name) for name in EXPERIMENT_ARGS}
+    settings["methods"] = {
+        name: {
+            key: value
+            for key, value in {**METHODS[name].settings, **_overrides(name, args)}.items()
+            if key not in BATCHING_SETTINGS
+        }
+        for name in methods
+    }
+    return json.loads(json.dumps(settings, default=repr))
+
+
+def check_resumable(output: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add rows to a folder whose rows were made with other settings.
+
+    Raises:
+        SystemExit: naming each differing setting with its recorded and its new value.
+    """
+    if not report.load_rows(output / "results.jsonl"):
+        return
+    config = output / "config.json"
+    recorded = json.loads(config.read_text()).get("experiment") if config.is_file() else None
+    if recorded is None:
+        raise SystemExit(
+            f"{output} holds results but no recorded settings (config.json 'experiment'), so "
+            "they cannot be checked against this run's; use another --output"
+        )
+    differences = [
+        f"{name}: {recorded.get(name)!r} there, {settings[name]!r} now"
+        for name in EXPERIMENT_ARGS
+        if recorded.get(name) != settings[name]
+    ]
+    old_methods = recorded.get("methods", {})
+    differences += [
+        f"settings of {name}: {old_methods[name]!r} there, {value!r} now"
+        for name, value in settings["methods"].items()
+        if name in old_methods and old_methods[name] != value
+    ]
+    if differences:
+        raise SystemExit(
+            f"{output} holds results made with other settings, which this run would mix with "
+            "its own; use another --output or the same settings. Differences: "
+            + "; ".join(differences)
+        )
 
 
 def _done_pairs(path: Path) -> set[tuple[str, str]]:
@@ -289,10 +405,20 @@ def run(args: argparse.Namespace) -> Path:
     names = _split(args.methods, method_names(), "methods")
     groups = _split(args.metrics, METRIC_GROUPS, "metric groups")
     methods, skipped = _build_methods(names, model, args)
+    settings = experiment_settings(args, methods)
+    check_resumable(output, settings)
+    recorded_methods = _recorded_methods(output / "config.json")
+    settings["methods"] = {**recorded_methods, **settings["methods"]}
     (output / "config.json").write_text(
         json.dumps(
-            {**vars(args), "skipped": skipped, "torch": torch.__version__},
+            {
+                **vars(args),
+                "skipped": skipped,
+                "torch": torch.__version__,
+                "experiment": settings,
+            },
             indent=2,
+            default=repr,
         )
     )
 

@@ -82,6 +82,10 @@ def test_runner_end_to_end_and_resume(
         for key in ("insertion_rise", "deletion_rise", "insertion_notebook", "adcc"):
             assert 0.0 <= row[key] <= 100.0
         assert row["pointing_0"] in (0.0, 1.0) and row["pointing_15"] >= row["pointing_0"]
+        # Each curve under every tie policy; the spread covers the stable and reference AUCs.
+        for key in ("insertion_rise", "deletion_rise", "insertion_notebook", "deletion_notebook"):
+            gap = abs(row[f"{key}_stable"] - row[f"{key}_reference"])
+            assert row[f"{key}_tie_spread"] >= gap - 1e-9
         # Captum metrics only on the first image.
         assert ("infidelity" in row) == (row["index"] == 0)
         assert ("sensitivity" in row) == (row["index"] == 0)
@@ -96,6 +100,9 @@ def test_runner_end_to_end_and_resume(
     assert len(cells) >= 3 * 10
     for mean, low, high in cells:
         assert float(low) <= float(mean) + 1e-9 and float(mean) <= float(high) + 1e-9
+    ties = (output / "ties.md").read_text()
+    assert "Ins. AUC (RISE) stable ties" in ties and "Ins. AUC (RISE) reference ties" in ties
+    assert "Del. AUC (GM nb, %) tie spread" in table and "stable ties" not in table
     saliency = [r["insertion_notebook"] for r in rows if r["method"] == "saliency"]
     summary = report.summarize(rows, methods)
     assert summary["saliency"]["insertion_notebook"][0] == pytest.approx(np.mean(saliency))
@@ -142,3 +149,85 @@ def test_bootstrap_ci_is_seeded_and_covers_the_mean() -> None:
     mean, low, high = first
     assert mean == pytest.approx(np.mean(values)) and low < mean < high
     assert min(values) <= low and high <= max(values)
+
+
+def test_resume_refuses_a_folder_made_with_other_settings(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, model = setup
+    output = tmp_path / "out"
+    argv = _argv(data, model, output, methods="saliency")
+    argv[argv.index("--metrics") + 1] = "pointing"
+    main(argv)
+    before = (output / "results.jsonl").read_text(), (output / "config.json").read_text()
+    for change in (["--target", "predicted"], ["--tie-samples", "3"], ["--seed", "1"]):
+        with pytest.raises(SystemExit, match=change[0].strip("-").replace("-", "_")):
+            main([*argv, *change])
+        # Nothing was added or overwritten.
+        assert ((output / "results.jsonl").read_text(), (output / "config.json").read_text()) == (
+            before
+        )
+    # A folder with results but no recorded settings (made by an older runner) is refused too.
+    config = json.loads(before[1])
+    del config["experiment"]
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="no recorded settings"):
+        main(argv)
+
+
+def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch
+
+    from benchmarks.run import model_probabilities
+    from captum_gradmask.data import load_imagenet_sample
+    from captum_gradmask.metrics import adcc, gradmask_notebook_deletion, pointing_game
+    from captum_gradmask.models import load_model
+    from captum_gradmask.registry import build_method
+
+    data, model_dir = setup
+    output = tmp_path / "out"
+    argv = _argv(data, model_dir, output, methods="gradmask-m1")
+    argv[argv.index("--metrics") + 1] = "notebook,pointing,adcc"
+    main([*argv, "--tie-samples", "4"])
+    row = next(r for r in report.load_rows(output / "results.jsonl") if r["index"] == 1)
+
+    model, preprocess = load_model(str(model_dir))
+    record = load_imagenet_sample(data, limit=2)[1]
+    image = preprocess.preprocess(record.path)[None]
+    method = build_method("gradmask-m1", model)
+    maps = method.attribute(image, target=record.label)
+    assert row["target"] == record.label
+    with torch.no_grad():
+        probability = float(model_probabilities(model, image)[record.label])
+    assert row["target_probability"] == pytest.approx(probability, rel=1e-6)
+    options = dict(batch_size=16)
+    curves = {
+        ties: gradmask_notebook_deletion(model, image, maps, record.label, ties=ties, **options)
+        for ties in ("stable", "reference")
+    }
+    random = gradmask_notebook_deletion(
+        model, image, maps, record.label, ties="random", tie_samples=4, seed=0, **options
+    )
+    assert row["deletion_notebook"] == pytest.approx(float(random.auc[0]), rel=1e-6)
+    for ties, curve in curves.items():
+        assert row[f"deletion_notebook_{ties}"] == pytest.approx(float(curve.auc[0]), rel=1e-6)
+    every_order = [float(c.auc[0]) for c in curves.values()] + random.tie_auc[0].tolist()
+    assert row["deletion_notebook_tie_spread"] == pytest.approx(
+        max(every_order) - min(every_order), abs=1e-6
+    )
+    game = pointing_game(
+        maps,
+        [record.boxes],
+        [record.label],
+        original_sizes=[record.original_size],
+        input_size=(32, 32),
+        tolerance=15,
+    )
+    assert row["pointing_15"] == float(game.hits[0])
+
+    def explain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return method.attribute(x, target=t)
+
+    scores = adcc(model, image, maps, record.label, explanation_func=explain, batch_size=16)
+    assert row["adcc"] == pytest.approx(scores.summary()["adcc"], rel=1e-5)
+    assert row["average_drop"] == pytest.approx(scores.summary()["average_drop"], rel=1e-5)

@@ -33,10 +33,12 @@ def test_infidelity_is_zero_for_the_exact_linear_map() -> None:
     images = torch.rand(2, 1, 4, 4)
     exact = patch_infidelity(
         model, images, 5.0 * weights.expand(2, 4, 4), target=0, patch_size=2, seed=0
-    )
+    ).values
     assert exact.shape == (2,)
     assert float(exact.max()) < 1e-8
-    wrong = patch_infidelity(model, images, torch.rand(2, 4, 4), target=0, patch_size=2, seed=0)
+    wrong = patch_infidelity(
+        model, images, torch.rand(2, 4, 4), target=0, patch_size=2, seed=0
+    ).values
     assert float(wrong.min()) > 1e-4
 
 
@@ -47,7 +49,7 @@ def test_infidelity_seed_is_reproducible_and_leaves_global_rng() -> None:
     first = patch_infidelity(model, images, saliency, target=1, patch_size=2, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())
     second = patch_infidelity(model, images, saliency, target=1, patch_size=2, seed=3)
-    assert torch.equal(first, second)
+    assert torch.equal(first.values, second.values)
 
 
 def test_sensitivity_zero_for_input_independent_saliency() -> None:
@@ -60,7 +62,7 @@ def test_sensitivity_zero_for_input_independent_saliency() -> None:
         target=[0, 2],
         n_perturb_samples=4,
         seed=0,
-    )
+    ).values
     assert flat.shape == (2,) and float(flat.max()) == pytest.approx(0.0, abs=1e-6)
 
     class Square(torch.nn.Module):
@@ -77,4 +79,51 @@ def test_sensitivity_zero_for_input_independent_saliency() -> None:
         perturb_radius=0.1,
         seed=0,
     )
-    assert float(varying.min()) > 1e-3
+    assert float(varying.values.min()) > 1e-3
+    assert varying.summary() == {"sensitivity": pytest.approx(float(varying.values.mean()))}
+    assert (varying.perturb_radius, varying.n_perturb_samples) == (0.1, 4)
+
+
+def test_infidelity_three_channels_unnormalized_by_hand() -> None:
+    # Every patch dropped (probability 1, baseline 0): the perturbation is the image itself in
+    # every sample, so infidelity = (sum_c,h,w s[h, w] / C * x[c, h, w] - (f(x) - f(0)))^2.
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    images = torch.rand(2, 3, 4, 4, generator=generator)
+    saliency = torch.rand(2, 4, 4, generator=generator)
+    result = patch_infidelity(
+        model,
+        images,
+        saliency,
+        target=1,
+        patch_size=2,
+        drop_probability=1.0,
+        normalize=False,
+        n_perturb_samples=3,
+        seed=0,
+    )
+    weights = model[1].weight[1].detach().view(3, 4, 4)
+    expected = []
+    for image, map_ in zip(images, saliency, strict=True):
+        explained = float((map_[None] / 3 * image).sum())
+        change = float((weights * image).sum())  # f(x) - f(x - x), the bias cancels
+        expected.append((explained - change) ** 2)
+    assert result.values.tolist() == pytest.approx(expected, rel=1e-4)
+    assert result.normalize is False and result.n_perturb_samples == 3
+    # Nothing dropped: no perturbation, nothing to explain.
+    none = patch_infidelity(
+        model, images, saliency, target=1, patch_size=2, drop_probability=0.0, normalize=False
+    )
+    assert none.values.tolist() == pytest.approx([0.0, 0.0], abs=1e-10)
+
+
+def test_batch_size_replaces_max_examples_per_batch() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    images, saliency = torch.rand(2, 3, 4, 4), torch.rand(2, 2, 2)
+    kwargs = dict(target=1, patch_size=2, seed=3, n_perturb_samples=4)
+    batched = patch_infidelity(model, images, saliency, batch_size=2, **kwargs)
+    with pytest.warns(DeprecationWarning, match="batch_size"):
+        old = patch_infidelity(model, images, saliency, max_examples_per_batch=2, **kwargs)
+    torch.testing.assert_close(batched.values, old.values)
+    with pytest.raises(ValueError, match="batch_size"):
+        patch_infidelity(model, images, saliency, batch_size=0, **kwargs)

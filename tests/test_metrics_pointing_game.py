@@ -29,9 +29,10 @@ def single_pixel_object(row: int = 10, col: int = 10, size: int = 32) -> torch.T
 @pytest.mark.parametrize(
     ("row", "col", "hit"),
     [
-        (10, 25, True),  # distance 15: on the disc's edge
-        (10, 26, False),  # distance 16
-        (19, 22, True),  # sqrt(9^2 + 12^2) = 15
+        (10, 24, True),  # distance 14
+        (10, 25, False),  # distance 15: on the disc's edge, outside TorchRay's open disc
+        (19, 22, False),  # sqrt(9^2 + 12^2) = 15
+        (18, 22, True),  # sqrt(8^2 + 12^2) = 14.4
         (20, 22, False),  # sqrt(10^2 + 12^2) = 15.6
     ],
 )
@@ -46,7 +47,33 @@ def test_torchray_tolerance_just_inside_and_outside(row: int, col: int, hit: boo
 def test_zero_tolerance_needs_the_object_pixel() -> None:
     assert pointing_game(peak_map(10, 10), masks=single_pixel_object(), tolerance=0).hit_rate == 1
     assert pointing_game(peak_map(10, 11), masks=single_pixel_object(), tolerance=0).hit_rate == 0
-    assert pointing_game(peak_map(10, 11), masks=single_pixel_object(), tolerance=1).hit_rate == 1
+    # Distance 1 is outside the open disc of radius 1 and inside that of radius 2.
+    assert pointing_game(peak_map(10, 11), masks=single_pixel_object(), tolerance=1).hit_rate == 0
+    assert pointing_game(peak_map(10, 11), masks=single_pixel_object(), tolerance=2).hit_rate == 1
+
+
+def torchray_hit(point: tuple[int, int], mask: torch.Tensor, tolerance: int) -> bool:
+    """TorchRay's rule written out: a (2t+1)-wide stencil of the offsets with
+    ``dx^2 + dy^2 < t^2``, centred on the point, must overlap the object."""
+    height, width = mask.shape
+    for dy in range(-tolerance, tolerance + 1):
+        for dx in range(-tolerance, tolerance + 1):
+            if dx * dx + dy * dy >= tolerance * tolerance:
+                continue
+            y, x = point[0] + dy, point[1] + dx
+            if 0 <= y < height and 0 <= x < width and bool(mask[y, x]):
+                return True
+    return False
+
+
+def test_torchray_rule_on_every_position_of_the_map() -> None:
+    obj = single_pixel_object(12, 9, size=32)
+    obj[0, 20:23, 25:27] = True
+    for row in range(32):
+        maps = torch.stack([peak_map(row, col)[0] for col in range(32)])
+        result = pointing_game(maps, masks=obj.expand(32, -1, -1), tolerance=TORCHRAY_TOLERANCE)
+        expected = [torchray_hit((row, col), obj[0], TORCHRAY_TOLERANCE) for col in range(32)]
+        assert result.hits.tolist() == expected
 
 
 def test_resize_boxes_and_mask_by_hand() -> None:
@@ -84,7 +111,9 @@ def test_ties_first_in_row_major_or_any() -> None:
     assert first.points.tolist() == [[0, 31]] and first.hit_rate == 0.0
     anywhere = pointing_game(saliency, masks=single_pixel_object(), tolerance=0, ties="any")
     assert anywhere.hit_rate == 1.0
-    assert max_point(torch.zeros(2, 3, 3)).tolist() == [[0, 0], [0, 0]]
+    peaks = max_point(torch.zeros(2, 3, 3))
+    assert peaks.points.tolist() == [[0, 0], [0, 0]]
+    assert peaks.n_maxima.tolist() == [9, 9] and peaks.values.tolist() == [0.0, 0.0]
 
 
 def test_overall_and_mean_class_hit_rates() -> None:

@@ -8,24 +8,31 @@ device follows the inputs. See ``docs/metrics.md`` for the protocols.
 from captum_gradmask._ops import boxes_to_mask, gaussian_blur, resize_boxes
 from captum_gradmask.metrics.adcc import ADCCResult, adcc, adcc_score, normalize_map, pearson
 from captum_gradmask.metrics.captum_metrics import (
+    InfidelityResult,
+    SensitivityResult,
     patch_infidelity,
     patch_perturbation,
     sensitivity,
 )
-from captum_gradmask.metrics.insertion_deletion import (
-    GRADMASK_NOTEBOOK_FRACTIONS,
+from captum_gradmask.metrics.curves import (
     PerturbationCurve,
     deletion,
-    gradmask_notebook_deletion,
-    gradmask_notebook_insertion,
     insertion,
     perturbation_curve,
+    rank_units,
+    step_counts,
+)
+from captum_gradmask.metrics.insertion_deletion import (
+    GRADMASK_NOTEBOOK_FRACTIONS,
+    PresetOptions,
+    gradmask_notebook_deletion,
+    gradmask_notebook_insertion,
     rise_deletion,
     rise_insertion,
-    step_counts,
 )
 from captum_gradmask.metrics.pointing_game import (
     TORCHRAY_TOLERANCE,
+    MaxPointResult,
     PointingGameResult,
     max_point,
     pointing_game,
@@ -35,8 +42,12 @@ __all__ = [
     "GRADMASK_NOTEBOOK_FRACTIONS",
     "TORCHRAY_TOLERANCE",
     "ADCCResult",
+    "InfidelityResult",
+    "MaxPointResult",
     "PerturbationCurve",
     "PointingGameResult",
+    "PresetOptions",
+    "SensitivityResult",
     "adcc",
     "adcc_score",
     "boxes_to_mask",
@@ -52,6 +63,7 @@ __all__ = [
     "pearson",
     "perturbation_curve",
     "pointing_game",
+    "rank_units",
     "resize_boxes",
     "rise_deletion",
     "rise_insertion",

@@ -23,6 +23,19 @@ from captum_gradmask._utils import (
     resolve_targets,
 )
 
+__all__ = [
+    "ChannelReduction",
+    "ProbabilityFn",
+    "attribution_map",
+    "batched_logits",
+    "check_batch_size",
+    "check_choice",
+    "class_probabilities",
+    "progress",
+    "select_args",
+    "target_probabilities",
+]
+
 ProbabilityFn = Callable[[Tensor], Tensor]
 ChannelReduction = Literal["sum", "abs_sum"]
 _REDUCTIONS = ("sum", "abs_sum")

@@ -35,6 +35,8 @@ from captum_gradmask.metrics._common import (
     target_probabilities,
 )
 
+__all__ = ["ADCCResult", "ExplanationFunc", "adcc", "adcc_score", "normalize_map", "pearson"]
+
 ExplanationFunc = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +22,71 @@ from torch import Tensor
 from captum_gradmask._utils import TargetType, check_positive_int, extract_logits, unpack_inputs
 from captum_gradmask.metrics._common import ChannelReduction, attribution_map
 
+__all__ = [
+    "InfidelityResult",
+    "PerturbFunc",
+    "SensitivityResult",
+    "patch_infidelity",
+    "patch_perturbation",
+    "sensitivity",
+]
+
 PerturbFunc = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class InfidelityResult:
+    """Infidelity of a batch of maps (lower is better).
+
+    Attributes:
+        values: ``(B,)`` infidelity per image.
+        normalize: whether the map's scale was fitted first (Captum's ``normalize``).
+        n_perturb_samples: perturbations averaged per image.
+    """
+
+    values: Tensor
+    normalize: bool
+    n_perturb_samples: int
+
+    def summary(self) -> dict[str, float]:
+        """``{"infidelity": mean over the batch}``."""
+        return {"infidelity": float(self.values.mean())}
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    """Max-sensitivity of an explanation on a batch (lower is better).
+
+    Attributes:
+        values: ``(B,)`` largest relative change of each image's explanation.
+        perturb_radius: radius of the L-inf ball the inputs were perturbed in.
+        n_perturb_samples: perturbations per image.
+    """
+
+    values: Tensor
+    perturb_radius: float
+    n_perturb_samples: int
+
+    def summary(self) -> dict[str, float]:
+        """``{"sensitivity": mean over the batch}``."""
+        return {"sensitivity": float(self.values.mean())}
+
+
+def _batch_size(batch_size: int | None, max_examples_per_batch: int | None) -> int | None:
+    """``batch_size``, or the deprecated ``max_examples_per_batch`` it replaces."""
+    if max_examples_per_batch is not None:
+        warnings.warn(
+            "`max_examples_per_batch` is deprecated; use `batch_size` (the same meaning)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if batch_size is not None and batch_size != max_examples_per_batch:
+            raise ValueError(
+                f"give `batch_size` ({batch_size}) or the deprecated `max_examples_per_batch` "
+                f"({max_examples_per_batch}), not both"
+            )
+        batch_size = max_examples_per_batch
+    return None if batch_size is None else check_positive_int(batch_size, "batch_size")
 
 
 def patch_perturbation(
@@ -88,12 +154,13 @@ def patch_infidelity(
     drop_probability: float = 0.5,
     baseline: float = 0.0,
     n_perturb_samples: int = 10,
-    max_examples_per_batch: int | None = None,
+    batch_size: int | None = None,
     normalize: bool = True,
     additional_forward_args: Any = None,
     channel_reduction: ChannelReduction = "sum",
     seed: int | None = None,
-) -> Tensor:
+    max_examples_per_batch: int | None = None,
+) -> InfidelityResult:
     r"""Infidelity (Yeh et al. 2019) under random patch removal, via Captum.
 
     The map (patch grids upsampled nearest, channels reduced) is spread over the input's
@@ -107,13 +174,16 @@ def patch_infidelity(
         attributions: maps in any shape the other metrics accept.
         target: class per image (Captum's forms); needed for multi-class outputs.
         patch_size, drop_probability, baseline: see :func:`patch_perturbation`.
-        n_perturb_samples, max_examples_per_batch, normalize: passed to Captum.
+        n_perturb_samples, normalize: passed to Captum.
+        batch_size: perturbed images per forward call (Captum's ``max_examples_per_batch``;
+            ``None``: all at once).
         additional_forward_args: extra arguments to ``forward_func``.
         channel_reduction: ``"sum"`` or ``"abs_sum"``.
         seed: seed for the perturbations (the global RNG state is restored afterwards).
+        max_examples_per_batch: deprecated name of ``batch_size``.
 
     Returns:
-        ``(B,)`` infidelity per image.
+        An :class:`InfidelityResult`; ``values`` is ``(B,)``.
 
     Examples::
 
@@ -122,25 +192,28 @@ def patch_infidelity(
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
         >>> scores = patch_infidelity(model, torch.rand(2, 3, 8, 8), torch.rand(2, 2, 2),
         ...     target=1, patch_size=4, seed=0)
-        >>> scores.shape
+        >>> scores.values.shape
         torch.Size([2])
     """
+    batch_size = _batch_size(batch_size, max_examples_per_batch)
+    n_perturb_samples = check_positive_int(n_perturb_samples, "n_perturb_samples")
     images, _ = unpack_inputs(inputs)
     channels = images.shape[1]
     saliency = attribution_map(attributions, images, channel_reduction)
     spread = (saliency[:, None] / channels).expand_as(images).contiguous()
     with _seeded(seed, images.device):
-        return infidelity(
+        values = infidelity(
             _logits_func(forward_func),
             patch_perturbation(patch_size, drop_probability, baseline),
             images,
             spread,
             additional_forward_args=additional_forward_args,
             target=target,
-            n_perturb_samples=check_positive_int(n_perturb_samples, "n_perturb_samples"),
-            max_examples_per_batch=max_examples_per_batch,
+            n_perturb_samples=n_perturb_samples,
+            max_examples_per_batch=batch_size,
             normalize=normalize,
         )
+    return InfidelityResult(values, normalize, n_perturb_samples)
 
 
 def sensitivity(
@@ -151,9 +224,10 @@ def sensitivity(
     perturb_radius: float = 0.02,
     n_perturb_samples: int = 10,
     norm_ord: str = "fro",
-    max_examples_per_batch: int | None = None,
+    batch_size: int | None = None,
     seed: int | None = None,
-) -> Tensor:
+    max_examples_per_batch: int | None = None,
+) -> SensitivityResult:
     r"""Max-sensitivity (Yeh et al. 2019) of an explanation, via Captum's ``sensitivity_max``.
 
     Captum perturbs the inputs uniformly in an L-inf ball of ``perturb_radius`` and reports
@@ -166,11 +240,14 @@ def sensitivity(
         explanation_func: ``(inputs, target) -> attributions``, accepting batches.
         inputs: ``(B, C, H, W)`` model inputs.
         target: class per image (int, list or tensor), passed to ``explanation_func``.
-        perturb_radius, n_perturb_samples, norm_ord, max_examples_per_batch: Captum's.
+        perturb_radius, n_perturb_samples, norm_ord: Captum's.
+        batch_size: perturbed images per explanation call (Captum's
+            ``max_examples_per_batch``; ``None``: all at once).
         seed: seed for the perturbations (global RNG state restored afterwards).
+        max_examples_per_batch: deprecated name of ``batch_size``.
 
     Returns:
-        ``(B,)`` sensitivity per image.
+        A :class:`SensitivityResult`; ``values`` is ``(B,)``.
 
     Examples::
 
@@ -181,9 +258,11 @@ def sensitivity(
         >>> saliency = Saliency(model)
         >>> scores = sensitivity(lambda x, t: saliency.attribute(x, target=t),
         ...     torch.rand(2, 3, 8, 8), target=[0, 1], n_perturb_samples=3, seed=0)
-        >>> scores.shape
+        >>> scores.values.shape
         torch.Size([2])
     """
+    batch_size = _batch_size(batch_size, max_examples_per_batch)
+    n_perturb_samples = check_positive_int(n_perturb_samples, "n_perturb_samples")
     images, _ = unpack_inputs(inputs)
     if isinstance(target, (list, tuple)):
         target = torch.as_tensor(target, dtype=torch.long, device=images.device)
@@ -198,12 +277,13 @@ def sensitivity(
         return (out.detach(),) if as_tuple else out.detach()
 
     with _seeded(seed, images.device):
-        return sensitivity_max(
+        values = sensitivity_max(
             explain,
             images,
             perturb_radius=perturb_radius,
-            n_perturb_samples=check_positive_int(n_perturb_samples, "n_perturb_samples"),
+            n_perturb_samples=n_perturb_samples,
             norm_ord=norm_ord,
-            max_examples_per_batch=max_examples_per_batch,
+            max_examples_per_batch=batch_size,
             target=target,
         )
+    return SensitivityResult(values, perturb_radius, n_perturb_samples)

@@ -1,7 +1,8 @@
 """Pointing game (Zhang et al., ECCV 2016), with TorchRay's tolerance.
 
-The map's maximum "points" at one pixel; it is a hit when a disc of ``tolerance`` pixels around
-that pixel touches the ground-truth object of the target class.
+The map's maximum "points" at one pixel; it is a hit when the open disc of radius ``tolerance``
+pixels around that pixel (TorchRay's ``PointingGame``: distance ``< tolerance``, strictly)
+touches the ground-truth object of the target class.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from captum_gradmask._ops import (
     resize_boxes,
 )
 from captum_gradmask.metrics._common import ChannelReduction, attribution_map, check_choice
+
+__all__ = [
+    "TORCHRAY_TOLERANCE",
+    "MaxPointResult",
+    "PointingGameResult",
+    "max_point",
+    "pointing_game",
+]
 
 #: TorchRay's tolerance radius in pixels.
 TORCHRAY_TOLERANCE = 15
@@ -61,17 +70,63 @@ class PointingGameResult:
         rates = list(self.per_class_hit_rate.values())
         return sum(rates) / len(rates)
 
+    def summary(self) -> dict[str, float]:
+        """``hit_rate`` and ``mean_class_hit_rate``."""
+        return {"hit_rate": self.hit_rate, "mean_class_hit_rate": self.mean_class_hit_rate}
 
-def max_point(saliency: Tensor) -> Tensor:
-    """``(B, 2)`` ``(row, col)`` of each ``(B, H, W)`` map's maximum, ties broken by taking the
-    first in row-major order."""
+
+@dataclass(frozen=True)
+class MaxPointResult:
+    """Where each map peaks.
+
+    Attributes:
+        points: ``(B, 2)`` long ``(row, column)`` of the first maximum in row-major order.
+        values: ``(B,)`` the maximum of each map.
+        n_maxima: ``(B,)`` how many pixels share that maximum (ties).
+    """
+
+    points: Tensor
+    values: Tensor
+    n_maxima: Tensor
+
+    def summary(self) -> dict[str, float]:
+        """Batch means of ``values`` (``max_value``) and ``n_maxima``."""
+        return {
+            "max_value": float(self.values.float().mean()),
+            "n_maxima": float(self.n_maxima.float().mean()),
+        }
+
+
+def max_point(saliency: Tensor) -> MaxPointResult:
+    """Each ``(B, H, W)`` map's maximum, ties broken by taking the first in row-major order
+    (as ``numpy.argmax`` in TorchRay).
+
+    Args:
+        saliency: ``(B, H, W)`` maps.
+
+    Returns:
+        A :class:`MaxPointResult` with ``points`` ``(B, 2)``.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_gradmask.metrics import max_point
+        >>> peak = max_point(torch.tensor([[[0.0, 2.0], [2.0, 1.0]]]))
+        >>> peak.points.tolist(), peak.n_maxima.tolist()
+        ([[0, 1]], [2])
+    """
+    if not isinstance(saliency, Tensor) or saliency.dim() != 3:
+        got = tuple(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
+        raise ValueError(f"`saliency` must be a (B, H, W) tensor, got {got}")
     flat = saliency.flatten(1)
-    is_max = flat == flat.max(dim=1, keepdim=True).values
+    maxima = flat.max(dim=1, keepdim=True).values
+    is_max = flat == maxima
     positions = torch.arange(flat.shape[1], device=flat.device).expand_as(flat)
     # The smallest flat index among the maxima, computed without relying on argmax's tie rule.
     first = torch.where(is_max, positions, flat.shape[1]).min(dim=1).values
     width = saliency.shape[-1]
-    return torch.stack([first // width, first % width], dim=1)
+    points = torch.stack([first // width, first % width], dim=1)
+    return MaxPointResult(points=points, values=maxima[:, 0], n_maxima=is_max.sum(dim=1))
 
 
 def pointing_game(
@@ -89,11 +144,13 @@ def pointing_game(
     """Pointing game: does each map's maximum fall on (or within ``tolerance`` of) the object?
 
     The maximum of each map (at the model-input resolution; patch grids are upsampled nearest)
-    is taken; a hit when some object pixel lies at Euclidean distance ``<= tolerance`` from it
-    in pixel-index units (``tolerance=0``: the maximum pixel itself must be on the object;
-    TorchRay uses 15). Several maxima (ties): ``ties="first"`` (default) uses the first in
-    row-major order, as ``numpy.argmax`` does in TorchRay; ``ties="any"`` counts a hit if any
-    maximum hits (kinder to patch maps, but a constant map then hits whenever an object exists).
+    is taken; a hit when some object pixel lies at Euclidean distance strictly below
+    ``tolerance`` from it in pixel-index units, as TorchRay's ``PointingGame.evaluate``
+    (``< tolerance**2``; TorchRay uses 15, so a pixel at distance exactly 15 is a miss);
+    ``tolerance=0`` means the maximum pixel itself must be on the object. Several maxima
+    (ties): ``ties="first"`` (default) uses the first in row-major order, as ``numpy.argmax``
+    does in TorchRay; ``ties="any"`` counts a hit if any maximum hits (kinder to patch maps,
+    but a constant map then hits whenever an object exists).
     The pointing game needs no model: it reads only the map and the ground truth.
 
     Args:
@@ -172,12 +229,13 @@ def pointing_game(
     cols = torch.arange(width, device=device, dtype=torch.float32)
     flat = saliency.flatten(1)
     is_max = flat == flat.max(dim=1, keepdim=True).values
-    points = max_point(saliency)
+    points = max_point(saliency).points
     hits = torch.zeros(batch, dtype=torch.bool, device=device)
     for i in range(batch):
         candidates = points[i : i + 1] if ties == "first" else _positions(is_max[i], width)
         for row, col in candidates.tolist():
-            disc = (rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2 <= tolerance**2
+            squared = (rows[:, None] - row) ** 2 + (cols[None, :] - col) ** 2
+            disc = squared < tolerance**2 if tolerance > 0 else squared == 0
             if bool((disc & object_masks[i]).any()):
                 hits[i] = True
                 break
