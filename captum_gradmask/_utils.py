@@ -13,6 +13,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "TargetType",
+    "check_finite",
+    "check_index",
+    "check_no_args",
+    "check_positive_int",
+    "check_recorded",
+    "check_target",
+    "check_token_count",
+    "chunks",
+    "expand_additional_args",
+    "extract_logits",
+    "format_target",
+    "forward_logits",
+    "preserved_model_state",
+    "recorded",
+    "resolve_targets",
+    "slice_args",
+    "slice_target",
+    "unique_modules",
+    "unpack_inputs",
+]
+
 TargetType = int | Sequence[int] | Tensor | None
 
 
