@@ -8,7 +8,7 @@ and prints a Markdown table.
 
 Example (from the repository root, with ``../shared`` present and quantus installed)::
 
-    python -m benchmarks.quantus_scores --images 24 --threads 1 \\
+    python -m benchmarks.quantus_scores --images 8 --threads 1 \\
         --output docs/quantus/scores-vit-tiny.json
 
 The script only composes library calls (the bridge, the data loader, the model loader) with
@@ -39,16 +39,21 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenet-val-sample"
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "vit-tiny-patch16-224-augreg-in1k"
 DEFAULT_METHODS = "gradmask-m4,saliency,integrated-gradients"
 # Quantus needs features_in_step to divide H * W; it flips (channel, row, column) values, so
-# 3136 values a step is 48 steps on a 3 x 224 x 224 image.
-PIXEL_FLIPPING_STEP = 3136
+# 6272 values a step is 24 steps on a 3 x 224 x 224 image.
+PIXEL_FLIPPING_STEP = 6272
 REGION_PATCH = 16  # one ViT patch per region
 REGIONS = 49  # a quarter of the 196 patches
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quantus_scores")
-    parser.add_argument("--images", type=int, default=24, help="first N images of the sample")
+    parser.add_argument("--images", type=int, default=8, help="first N images of the sample")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="registry names, comma-sep.")
+    parser.add_argument(
+        "--settings",
+        default='{"integrated-gradients": {"n_steps": 20, "internal_batch_size": 20}}',
+        help="JSON: method name -> method_settings for quantus_explain",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per Quantus batch")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -93,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     records = load_imagenet_sample(args.data, limit=args.images)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     metrics = _metrics(quantus)
+    settings = json.loads(args.settings)
     rows: list[dict[str, Any]] = []
     seconds: dict[str, float] = dict.fromkeys(methods, 0.0)
     starts = range(0, len(records), args.batch_size)
@@ -104,7 +110,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s = _object_masks(batch, tuple(x.shape[-2:]))
         for method in methods:
             began = time.perf_counter()
-            a = quantus_explain(wrapped, x, y, method=method, device=args.device)
+            a = quantus_explain(
+                wrapped,
+                x,
+                y,
+                method=method,
+                method_settings=settings.get(method),
+                device=args.device,
+            )
             seconds[method] += time.perf_counter() - began
             scores = {
                 name: metric(

@@ -3,7 +3,9 @@ the project's pointing game with Quantus's PointingGame."""
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,3 +259,11 @@ def test_quantus_counts_a_hit_when_any_tied_maximum_hits() -> None:
     assert bool(theirs[0]) is True
     assert pointing_game(torch.from_numpy(a), masks=mask, tolerance=0, ties="any").hit_rate == 1
     assert pointing_game(torch.from_numpy(a), masks=mask, tolerance=0, ties="first").hit_rate == 0
+
+
+def test_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    _quantus()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quantus.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    exec(compile(code, "quantus.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "4"
