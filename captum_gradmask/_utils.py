@@ -7,7 +7,7 @@ Nothing here knows about a particular architecture: model-specific knowledge liv
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +89,10 @@ def unpack_inputs(inputs: Tensor | tuple[Tensor, ...], name: str = "inputs") -> 
         )
     if not inputs.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {inputs.dtype}")
+    if inputs.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` is an empty batch (shape {tuple(inputs.shape)}); give at least one image"
+        )
     check_finite(inputs, name)
     return inputs, is_tuple
 
@@ -139,14 +143,46 @@ def format_target(
     return torch.tensor(targets, dtype=torch.long, device=device)
 
 
-def check_target_length(target: TargetType, batch_size: int) -> None:
-    """Raise early when a per-example ``target`` does not have one entry per image."""
-    per_example = (isinstance(target, Sequence) and not isinstance(target, str)) or (
-        isinstance(target, Tensor) and target.dim() > 0
-    )
-    if per_example and len(target) != batch_size:
+def check_target(target: TargetType, batch_size: int) -> None:
+    """Raise early, naming ``target``, when it is not a valid Captum-style target for the batch.
+
+    Valid: ``None``, an int, a sequence of ints or an integer tensor (0-d, or 1-d with one entry
+    per image). The class range is checked later, against the model's logits.
+    """
+    if target is None:
+        return
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f"`target` must hold integer class indices, got a tensor of dtype {target.dtype}"
+            )
+        if target.dim() > 1:
+            raise ValueError(
+                f"`target` must be an int, a list or a 1-D tensor of class indices; got a tensor "
+                f"of shape {tuple(target.shape)}"
+            )
+        entries = None if target.dim() == 0 else target.shape[0]
+    elif (
+        isinstance(target, bool)
+        or not isinstance(target, (int, Sequence))
+        or isinstance(target, str)
+    ):
+        raise TypeError(
+            "`target` must be an int, a list or a 1-D tensor of class indices (or None for the "
+            f"predicted class); got {target!r}"
+        )
+    elif isinstance(target, int):
+        entries = None
+    else:
+        bad = [t for t in target if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise TypeError(
+                f"`target` entries must be int class indices; got {bad[0]!r} in {list(target)!r}"
+            )
+        entries = len(target)
+    if entries is not None and entries != batch_size:
         raise ValueError(
-            f"`target` has {len(target)} entries but the batch has {batch_size} images; "
+            f"`target` has {entries} entries but the batch has {batch_size} images; "
             "give one class per image or a single int"
         )
 
@@ -212,3 +248,80 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     return value
+
+
+def check_index(value: Any, count: int, name: str, what: str) -> int:
+    """``value`` as an index in ``0..count-1`` (negative counts from the end), else a clear error.
+
+    ``what`` names the indexed things in the message (e.g. ``"encoder blocks"``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not -count <= value < count:
+        raise ValueError(
+            f"`{name}`={value!r} is not valid: give an index in -{count}..{count - 1} "
+            f"(the model has {count} {what})"
+        )
+    return value % count
+
+
+def check_token_count(tokens: int, prefix_tokens: int, grid: tuple[int, int]) -> None:
+    """Raise when a token sequence is not ``prefix_tokens`` + the ``grid``'s patches."""
+    patches = grid[0] * grid[1]
+    if tokens != prefix_tokens + patches:
+        raise ValueError(
+            f"the model produced {tokens} tokens but the adapter expects {prefix_tokens} prefix "
+            f"tokens + {grid[0]}x{grid[1]} patches = {prefix_tokens + patches}; check the "
+            "adapter's `prefix_tokens` and `patch_size` for this image size"
+        )
+
+
+def check_no_args(additional_forward_args: Any, what: str) -> None:
+    """Refuse ``additional_forward_args`` for methods that run the model from its tokens."""
+    if additional_forward_args is not None:
+        raise ValueError(
+            f"`additional_forward_args` must be None for {what}: it runs the model through the "
+            "adapter's token interface (embed, blocks, head), which takes no extra arguments "
+            f"(got {type(additional_forward_args).__name__})"
+        )
+
+
+def unique_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """``modules`` without repeats (a fused ``qkv`` module serves Q, K and V), in order."""
+    return list({id(m): m for m in modules}.values())
+
+
+@contextlib.contextmanager
+def recorded(modules: Sequence[nn.Module], *, inputs: bool = False) -> Iterator[dict[int, Tensor]]:
+    """Record each module's output (``inputs=True``: its first input) while the block runs.
+
+    Yields a dict keyed by ``id(module)``; the hooks are removed when the block ends, errors
+    included. Tuple outputs are recorded by their first element.
+    """
+    values: dict[int, Tensor] = {}
+
+    def record_output(module: nn.Module, _args: Any, output: Any) -> None:
+        values[id(module)] = output[0] if isinstance(output, (tuple, list)) else output
+
+    def record_input(module: nn.Module, args: Any) -> None:
+        values[id(module)] = args[0]
+
+    handles = [
+        m.register_forward_pre_hook(record_input)
+        if inputs
+        else m.register_forward_hook(record_output)
+        for m in modules
+    ]
+    try:
+        yield values
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_recorded(modules: Sequence[nn.Module], values: dict[int, Tensor]) -> None:
+    """Raise when some of the adapter's ``modules`` did not run in the forward pass."""
+    missing = [m for m in modules if id(m) not in values]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of the adapter's attention modules did not run in the forward pass; "
+            "check that the adapter names modules of this model"
+        )

@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +35,12 @@ from ._utils import extract_logits
 __all__ = [
     "AttentionLayer",
     "Projection",
+    "ResolvedModel",
+    "TokenInterface",
     "ViTAdapter",
     "get_adapter",
     "register_adapter",
+    "resolve_model",
 ]
 
 
@@ -89,26 +93,79 @@ class AttentionLayer:
     qk_normalized: bool = False
 
 
+@dataclass(frozen=True)
+class TokenInterface:
+    """How to run a ViT from its token sequence (for token-level methods).
+
+    Fast GradMask, ViT-ReciproCAM and Vision DiffMask change the token sequence between the
+    embedding and the blocks; they need the model cut into these three pieces.
+
+    Args:
+        embed: ``embed(images) -> tokens`` of shape ``(B, prefix + N, D)``, position
+            embeddings added.
+        blocks: the encoder blocks, each ``block(tokens) -> tokens`` (and
+            ``block(tokens, mask)`` when ``padding_mask`` is set).
+        head: ``head(tokens) -> logits``, final norm and classifier included; it must read only
+            what the blocks give it.
+        padding_mask: optional ``padding_mask(tokens, keep) -> mask``: the attention mask that
+            the blocks take as a second argument, so that no token attends to a token where
+            ``keep`` (``(B, T)`` bool) is False. Set it only when, in addition, ``head`` reads
+            the prefix tokens alone (CLS pooling), so padding tokens never reach the logits.
+            Lets fast GradMask batch token sets of different lengths.
+    """
+
+    embed: Callable[[Tensor], Tensor]
+    blocks: Sequence[Callable[..., Tensor]]
+    head: Callable[[Tensor], Any]
+    padding_mask: Callable[[Tensor, Tensor], Any] | None = None
+
+    def run(self, tokens: Tensor, start: int = 0, keep: Tensor | None = None) -> Tensor:
+        """Run blocks ``start..end`` and the head on ``tokens``; returns logits.
+
+        ``keep`` (``(B, T)`` bool) marks the real tokens of a padded batch; padding tokens are
+        not attended to (needs :attr:`padding_mask`).
+        """
+        if keep is None:
+            for block in self.blocks[start:]:
+                tokens = block(tokens)
+        else:
+            if self.padding_mask is None:
+                raise ValueError(
+                    "this token interface has no `padding_mask`: it cannot run padded tokens"
+                )
+            mask = self.padding_mask(tokens, keep)
+            for block in self.blocks[start:]:
+                tokens = block(tokens, mask)
+        return extract_logits(self.head(tokens))
+
+    def states(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The ``L + 1`` token states (embeddings, then each block's output) and the logits."""
+        tokens = self.embed(images)
+        states = [tokens]
+        for block in self.blocks:
+            tokens = block(tokens)
+            states.append(tokens)
+        return states, extract_logits(self.head(tokens))
+
+
 @dataclass
 class ViTAdapter:
     """What the attribution methods need to know about a Vision Transformer.
+
+    Library code never changes an adapter: :func:`resolve_model` returns a new one when it
+    needs another forward function.
 
     Args:
         forward: ``forward(images, *args) -> logits`` (any output :func:`extract_logits` reads).
         layers: the attention layers in order of depth.
         patch_size: ``(ph, pw)`` pixels per patch.
         prefix_tokens: tokens before the patch tokens (CLS, distillation, registers).
-        embed: optional ``embed(images) -> tokens`` of shape ``(B, prefix + N, D)`` with position
-            embeddings added; needed by token-level methods (fast GradMask, ViT-ReciproCAM,
+        tokens: optional :class:`TokenInterface` (``embed``, ``blocks``, ``head``,
+            ``padding_mask``); needed by token-level methods (fast GradMask, ViT-ReciproCAM,
             Vision DiffMask).
-        blocks: optional encoder blocks, each ``block(tokens) -> tokens``.
-        head: optional ``head(tokens) -> logits``, final norm and classifier included; it
-            must read only what the blocks give it.
-        padding_mask: optional ``padding_mask(tokens, keep) -> mask``: the attention mask that
-            the ``blocks`` take as a second argument, ``block(tokens, mask)``, so that no token
-            attends to a token where ``keep`` (``(B, T)`` bool) is False. Set it only when, in
-            addition, ``head`` reads the prefix tokens alone (CLS pooling), so padding tokens
-            never reach the logits. Lets fast GradMask batch token sets of different lengths.
+        cam_layer: optional module whose output is the ``(B, prefix + N, D)`` token sequence a
+            CAM method should read (pytorch-grad-cam's choice for ViTs: the first LayerNorm of
+            the last block); Grad-CAM's default layer.
         model: the wrapped module, if any (its mode is managed during attribution).
         name: a label for messages.
     """
@@ -117,10 +174,8 @@ class ViTAdapter:
     layers: Sequence[AttentionLayer]
     patch_size: tuple[int, int]
     prefix_tokens: int
-    embed: Callable[[Tensor], Tensor] | None = None
-    blocks: Sequence[Callable[..., Tensor]] | None = None
-    head: Callable[[Tensor], Tensor] | None = None
-    padding_mask: Callable[[Tensor, Tensor], Any] | None = None
+    tokens: TokenInterface | None = None
+    cam_layer: nn.Module | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
     name: str = "custom"
 
@@ -140,16 +195,23 @@ class ViTAdapter:
 
     @property
     def supports_tokens(self) -> bool:
-        """Whether ``embed``, ``blocks`` and ``head`` are all available."""
-        return self.embed is not None and self.blocks is not None and self.head is not None
+        """Whether the token interface (``embed``, ``blocks``, ``head``) is available."""
+        return self.tokens is not None
 
-    def require_tokens(self, what: str) -> None:
-        """Raise a clear error if the token-level interface is missing."""
-        if not self.supports_tokens:
+    @property
+    def supports_padding(self) -> bool:
+        """Whether :meth:`run_tokens` accepts ``keep`` (padded token sets)."""
+        return self.tokens is not None and self.tokens.padding_mask is not None
+
+    def require_tokens(self, what: str) -> TokenInterface:
+        """The token interface, or a clear error naming ``what`` needs it."""
+        if self.tokens is None:
             raise ValueError(
-                f"{what} needs the adapter's `embed`, `blocks` and `head`; adapter {self.name!r} "
-                "does not provide them (built-in adapters for Hugging Face ViT/DeiT and timm do)"
+                f"{what} needs the adapter's token interface (`embed`, `blocks` and `head`); "
+                f"adapter {self.name!r} does not provide it (built-in adapters for Hugging Face "
+                "ViT/DeiT and timm do)"
             )
+        return self.tokens
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of an image of ``image_size = (H, W)``; checks divisibility."""
@@ -166,31 +228,17 @@ class ViTAdapter:
         """Run ``forward`` and return its logits."""
         return extract_logits(self.forward(images, *args))
 
-    @property
-    def supports_padding(self) -> bool:
-        """Whether :meth:`run_tokens` accepts ``keep`` (padded token sets)."""
-        return self.supports_tokens and self.padding_mask is not None
-
     def run_tokens(self, tokens: Tensor, start: int = 0, keep: Tensor | None = None) -> Tensor:
         """Run blocks ``start..end`` and the head on ``tokens``; returns logits.
 
-        ``keep`` (``(B, T)`` bool) marks the real tokens of a padded batch; padding tokens are
-        not attended to (needs :attr:`padding_mask`).
+        See :meth:`TokenInterface.run`; ``keep`` needs a ``padding_mask``.
         """
-        self.require_tokens("running from tokens")
-        assert self.blocks is not None and self.head is not None
-        if keep is None:
-            for block in self.blocks[start:]:
-                tokens = block(tokens)
-        else:
-            if self.padding_mask is None:
-                raise ValueError(
-                    f"adapter {self.name!r} has no `padding_mask`, so it cannot run padded tokens"
-                )
-            mask = self.padding_mask(tokens, keep)
-            for block in self.blocks[start:]:
-                tokens = block(tokens, mask)
-        return extract_logits(self.head(tokens))
+        interface = self.require_tokens("running from tokens")
+        if keep is not None and interface.padding_mask is None:
+            raise ValueError(
+                f"adapter {self.name!r} has no `padding_mask`, so it cannot run padded tokens"
+            )
+        return interface.run(tokens, start, keep)
 
     @classmethod
     def from_modules(
@@ -206,13 +254,15 @@ class ViTAdapter:
         fused_qkv: Sequence[nn.Module] | None = None,
         outputs: Sequence[nn.Module] | None = None,
         model: nn.Module | None = None,
+        cam_layer: nn.Module | None = None,
         **token_interface: Any,
     ) -> ViTAdapter:
         """Build an adapter for any ViT by naming its projection modules.
 
         Give either ``queries``/``keys``/``values`` (one module per layer each) or
         ``fused_qkv`` (one module per layer whose output is ``Q | K | V`` along the last
-        dimension). ``token_interface`` may hold ``embed``, ``blocks`` and ``head``.
+        dimension). ``token_interface`` may hold ``embed``, ``blocks`` and ``head`` (all three)
+        and ``padding_mask`` (see :class:`TokenInterface`).
 
         Example::
 
@@ -251,36 +301,95 @@ class ViTAdapter:
         ]
         if isinstance(patch_size, int):
             patch_size = (patch_size, patch_size)
+        tokens = None
+        if token_interface:
+            unknown = set(token_interface) - {"embed", "blocks", "head", "padding_mask"}
+            missing = {"embed", "blocks", "head"} - set(token_interface)
+            if unknown or missing:
+                raise ValueError(
+                    "the token interface takes `embed`, `blocks` and `head` (all three) and "
+                    f"optionally `padding_mask`; got unknown {sorted(unknown)}, missing "
+                    f"{sorted(missing)}"
+                )
+            tokens = TokenInterface(**token_interface)
         return cls(
             forward=forward,
             layers=layers,
             patch_size=patch_size,
             prefix_tokens=prefix_tokens,
+            tokens=tokens,
+            cam_layer=cam_layer,
             model=model,
-            **token_interface,
         )
 
 
-def managed_module(adapter: ViTAdapter, model: Any) -> nn.Module | None:
-    """The module whose mode and flags an attribution manages: the adapter's, else ``model``."""
-    if adapter.model is not None:
-        return adapter.model
-    return model if isinstance(model, nn.Module) else None
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What an attribution method explains and what it protects.
 
-
-def resolve_adapter(
-    model: Any, adapter: ViTAdapter | None = None
-) -> tuple[ViTAdapter, nn.Module | None]:
-    """The adapter of ``model`` and the module to manage, as every attribution class needs them.
-
-    Without ``adapter`` it is :func:`get_adapter`'s; a callable given beside an explicit
-    adapter becomes that adapter's forward function (the function to explain).
+    Attributes:
+        adapter: the model's adapter (never the caller's object changed); ``None`` only for a
+            plain callable resolved with ``required=False``.
+        forward: the function explained, ``forward(images, *args) -> logits``
+            (``adapter.forward``).
+        module: the module whose train/eval mode and ``requires_grad`` flags are restored after
+            each call (``None`` for a plain function).
     """
-    if adapter is None:
+
+    adapter: ViTAdapter | None
+    forward: Callable[..., Any]
+    module: nn.Module | None
+
+
+def resolve_model(
+    model: Any, adapter: ViTAdapter | None = None, *, required: bool = True
+) -> ResolvedModel:
+    """The one way from ``(model, adapter)`` to what to run and what to protect.
+
+    - no ``adapter``: :func:`get_adapter` finds it (``model`` may itself be an adapter);
+    - an ``adapter`` beside the module it wraps (``model is adapter.model``): the adapter as
+      it is (its forward already knows how to call that module);
+    - an ``adapter`` beside any other callable: a *new* adapter whose forward is ``model``
+      (``dataclasses.replace``), so every method explains ``model`` itself.
+
+    With ``required=False`` (black-box methods such as RISE), a callable that no registered
+    adapter recognises resolves to itself with no adapter. Neither argument is changed.
+
+    Example::
+
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from captum_gradmask.adapters import get_adapter, resolve_model
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5))
+        >>> adapter = get_adapter(model)
+        >>> def explained(images):
+        ...     return model(images).logits
+        >>> resolved = resolve_model(explained, adapter)
+        >>> resolved.forward is explained, adapter.forward is explained, resolved.module is model
+        (True, False, True)
+    """
+    if isinstance(model, ViTAdapter):
+        if adapter is not None and adapter is not model:
+            raise ValueError("`model` is an adapter already: do not pass another `adapter`")
+        adapter = model
+    elif adapter is None:
+        if not required and not any(matches(model) for _, matches, _ in _REGISTRY):
+            if not callable(model):
+                raise TypeError(f"`model` must be callable, got {type(model).__name__}")
+            module = model if isinstance(model, nn.Module) else None
+            return ResolvedModel(None, model, module)
         adapter = get_adapter(model)
-    elif not isinstance(model, ViTAdapter):
-        adapter.forward = model
-    return adapter, managed_module(adapter, model)
+    elif not isinstance(adapter, ViTAdapter):
+        raise TypeError(f"`adapter` must be a ViTAdapter, got {type(adapter).__name__}")
+    elif model is not adapter.model and model is not adapter.forward:
+        if not callable(model):
+            raise TypeError(f"`model` must be callable, got {type(model).__name__}")
+        adapter = dataclasses.replace(adapter, forward=model)
+    module = adapter.model
+    if module is None and isinstance(model, nn.Module):
+        module = model
+    return ResolvedModel(adapter, adapter.forward, module)
 
 
 AdapterBuilder = Callable[[Any], ViTAdapter]
@@ -423,10 +532,8 @@ def _build_hf(model: Any) -> ViTAdapter:
         layers=[_hf_attention_layer(layer, config.num_attention_heads) for layer in layers],
         patch_size=(patch, patch) if isinstance(patch, int) else tuple(patch),
         prefix_tokens=prefix,
-        embed=embed,
-        blocks=blocks,
-        head=head,
-        padding_mask=_hf_padding_mask(config, layers),
+        tokens=TokenInterface(embed, blocks, head, _hf_padding_mask(config, layers)),
+        cam_layer=getattr(layers[-1], "layernorm_before", None),
         model=model,
         name=f"hf-{config.model_type}",
     )
@@ -484,10 +591,8 @@ def _build_timm(model: Any) -> ViTAdapter:
         layers=[_timm_attention_layer(block) for block in model.blocks],
         patch_size=(patch, patch) if isinstance(patch, int) else tuple(patch),
         prefix_tokens=int(model.num_prefix_tokens),
-        embed=embed,
-        blocks=blocks,
-        head=head,
-        padding_mask=padding_mask if maskable else None,
+        tokens=TokenInterface(embed, blocks, head, padding_mask if maskable else None),
+        cam_layer=getattr(model.blocks[-1], "norm1", None),
         model=model,
         name=f"timm-{type(model).__name__}",
     )

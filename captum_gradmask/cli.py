@@ -2,8 +2,10 @@
 
 Loads a Hugging Face image-classification checkpoint (hub id or local folder) or a timm model
 (``timm:<architecture>`` with ``--weights FILE``), preprocesses the image with the checkpoint's
-own settings, prints the top predictions and writes the image with the GradMask heatmap blended
-over it (and, with ``--save-map``, the raw patch-grid map as ``.npy``).
+own settings, prints the top predictions (with class names: the checkpoint's labels, or timm's
+ImageNet names) and explains one class with any registered method (GradMask m = 4 by default):
+it writes the heatmap over the image and, with ``--save-map``, the raw map as ``.npy`` (the
+patch grid for grid methods, the pixel map otherwise).
 """
 
 from __future__ import annotations
@@ -12,25 +14,96 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
 from ._ops import upsample_grid
-from .gradmask import GradMaskAttribution
-from .viz import save_heatmap_overlay
+from ._utils import extract_logits
+from .viz import STYLES, save_heatmap
+
+__all__ = ["build_parser", "class_names", "explain", "main", "parse_options"]
+
+DEFAULT_METHOD = "gradmask-m4"
 
 
-def _label_names(model: torch.nn.Module) -> dict[int, str]:
+def class_names(model: torch.nn.Module) -> dict[int, str]:
+    """Readable class names: a Hugging Face config's ``id2label``, else timm's ImageNet names
+    when the model has an ImageNet head, else none."""
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
-    return {int(k): str(v) for k, v in id2label.items()}
+    if id2label:
+        return {int(k): str(v) for k, v in id2label.items()}
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+    except ImportError:
+        return {}
+    subset = infer_imagenet_subset(model) if hasattr(model, "pretrained_cfg") else None
+    if not subset:
+        return {}
+    info = ImageNetInfo(subset)
+    return {i: info.index_to_description(i) for i in range(info.num_classes())}
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` to settings; values are read as int, float, bool, None or text.
+
+    Example::
+
+        >>> from captum_gradmask.cli import parse_options
+        >>> parse_options(["n_masks=100", "p=0.25", "gaussian=true", "layer=None", "mode=fast"])
+        {'n_masks': 100, 'p': 0.25, 'gaussian': True, 'layer': None, 'mode': 'fast'}
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"`--method-option` {pair!r} must look like name=value")
+        options[key.strip().replace("-", "_")] = _value(text.strip())
+    return options
+
+
+def _value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _method_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The method's settings from the command line (unknown ones are refused by the registry)."""
+    from .registry import method_settings
+
+    settings = parse_options(args.method_option)
+    known = method_settings(args.method)
+    for name, value in (("masks_per_layer", args.masks_per_layer), ("mode", args.mode)):
+        if value is not None:
+            settings[name] = value
+    if args.batch_size is not None:
+        if "perturbations_per_eval" not in known:
+            raise ValueError(
+                f"`--batch-size` sets perturbations_per_eval, which method {args.method!r} does "
+                "not have; use --method-option"
+            )
+        settings["perturbations_per_eval"] = args.batch_size
+    if args.gate is not None:
+        settings["gate"] = args.gate
+    return settings
 
 
 def explain(args: argparse.Namespace) -> int:
     """Run the ``explain`` command; returns the exit code."""
     from .models import load_model
+    from .registry import build_method
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -40,10 +113,10 @@ def explain(args: argparse.Namespace) -> int:
     model, preprocess = load_model(args.model, weights=args.weights)
     model = model.to(device)
     images = preprocess.preprocess(image_path)[None].to(device)
+    method = build_method(args.method, model, **_method_settings(args))
 
-    gradmask = GradMaskAttribution(model)
     with torch.no_grad():
-        probabilities = torch.softmax(gradmask.adapter.logits(images).float(), dim=-1)[0]
+        probabilities = torch.softmax(extract_logits(model(images)).float(), dim=-1)[0]
     classes = probabilities.shape[0]
     if args.target is not None and not 0 <= args.target < classes:
         print(
@@ -52,40 +125,41 @@ def explain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    names = _label_names(model)
+    names = class_names(model)
     top = probabilities.topk(min(args.top, classes))
     print(f"top predictions for {image_path.name}:")
     for p, c in zip(top.values.tolist(), top.indices.tolist(), strict=True):
         print(f"  {c:5d}  {p:7.2%}  {names.get(c, '')}")
     target = int(top.indices[0]) if args.target is None else args.target
 
-    grid = gradmask.attribute_grid(
-        images,
-        target=target,
-        masks_per_layer=args.masks_per_layer,
-        mode=args.mode,
-        perturbations_per_eval=args.batch_size,
-        show_progress=not args.quiet,
-    )
-    attribution = upsample_grid(grid, tuple(images.shape[-2:]), images.shape[1])
+    if getattr(method, "has_grid", False):
+        saved = method.attribute_grid(images, target=target)
+        attribution = upsample_grid(saved, tuple(images.shape[-2:]), images.shape[1])
+    else:
+        attribution = method.attribute(images, target=target)
+        saved = attribution.sum(dim=1)
     label = names.get(target, str(target))
-    out = save_heatmap_overlay(
+    out = save_heatmap(
         images[0].cpu(),
-        attribution[0].cpu(),
+        attribution[0].detach().cpu(),
         args.out,
+        style=args.style,
         mean=preprocess.mean,
         std=preprocess.std,
-        title=f"GradMask: {label} (class {target})",
+        sign="positive" if float(attribution.min()) >= 0 else "absolute_value",
+        title=f"{args.method}: {label} (class {target})",
     )
-    print(f"explained class {target} ({label}); heatmap written to {out}")
+    print(f"explained class {target} ({label}) with {args.method}; heatmap written to {out}")
     if args.save_map:
-        np.save(args.save_map, grid[0].cpu().numpy())
-        print(f"patch-grid map {tuple(grid.shape[1:])} written to {args.save_map}")
+        np.save(args.save_map, saved[0].detach().cpu().numpy())
+        print(f"map {tuple(saved.shape[1:])} written to {args.save_map}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``captum-gradmask`` argument parser."""
+    from .registry import method_names
+
     parser = argparse.ArgumentParser(
         prog="captum-gradmask", description="GradMask explanations for Vision Transformers."
     )
@@ -99,12 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face hub id or checkpoint folder, or timm:<architecture> (with --weights)",
     )
     p.add_argument("--weights", default=None, help="timm: a local .safetensors/.pth weights file")
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=method_names(),
+        metavar="METHOD",
+        help=f"a registered method (default {DEFAULT_METHOD}): {', '.join(method_names())}",
+    )
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the method (repeatable), e.g. n_masks=1000",
+    )
+    p.add_argument("--gate", default=None, help="diffmask: the trained gate's folder")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: top-1)")
     p.add_argument("--out", default="gradmask.png", help="PNG with the heatmap over the image")
-    p.add_argument("--save-map", default=None, help="also save the (h, w) patch map as .npy")
-    p.add_argument("--masks-per-layer", type=int, default=4)
-    p.add_argument("--mode", choices=("exact", "fast"), default="exact")
-    p.add_argument("--batch-size", type=int, default=32, help="masked images per forward pass")
+    p.add_argument("--style", choices=STYLES, default="blended", help="figure style")
+    p.add_argument("--save-map", default=None, help="also save the raw map as .npy")
+    p.add_argument("--masks-per-layer", type=int, default=None, help="GradMask's m")
+    p.add_argument("--mode", choices=("exact", "fast"), default=None, help="GradMask's mode")
+    p.add_argument("--batch-size", type=int, default=None, help="perturbed images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

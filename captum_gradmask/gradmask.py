@@ -10,37 +10,58 @@ confidence on every masked image weighs its mask, and the weighted masks are sum
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from captum.attr import GradientAttribution
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._ops import pixel_masks, upsample_grid
+from ._ops import pixel_masks
 from ._utils import (
     TargetType,
+    check_no_args,
     check_positive_int,
-    check_target_length,
+    check_recorded,
+    check_token_count,
     chunks,
     expand_additional_args,
     preserved_model_state,
+    recorded,
     resolve_targets,
-    slice_args,
-    slice_target,
-    unpack_inputs,
+    unique_modules,
 )
-from .adapters import AttentionLayer, ViTAdapter, resolve_adapter
+from .adapters import AttentionLayer
+from .base import PatchAttribution
 
-__all__ = ["GradMaskAttribution"]
+__all__ = ["GradMaskAttribution", "GradMaskMasks"]
 
 LayerSelection = Sequence[int] | Literal["all"] | None
 Mode = Literal["exact", "fast"]
 FastBatching = Literal["auto", "pad", "group"]
 
 
-class GradMaskAttribution(GradientAttribution):
+@dataclass(frozen=True)
+class GradMaskMasks:
+    """The binary masks of GradMask (steps 2-7 of the algorithm) for a batch of images.
+
+    Attributes:
+        masks: ``(B, M, h, w)`` bool, ``M = 3 * layers * masks_per_layer`` masks per image in
+            the order layer, then Q/K/V, then channel group.
+        scores: ``(B, M, h * w)`` float32, each mask's per-patch gradient scores (summed over
+            the group's channels, clamped at 0 when ``clamp``) before binarisation: a mask keeps
+            the patches whose score is at least its row mean.
+        targets: ``(B,)`` the class explained for each image.
+    """
+
+    masks: Tensor
+    scores: Tensor
+    targets: Tensor
+
+
+class GradMaskAttribution(PatchAttribution, GradientAttribution):
     r"""GradMask attributions for Vision Transformers.
 
     Args:
@@ -49,6 +70,9 @@ class GradMaskAttribution(GradientAttribution):
             callable returning logits when ``adapter`` is given.
         adapter: where the model keeps its Q/K/V projections, prefix tokens and patch grid; by
             default found with :func:`captum_gradmask.adapters.get_adapter`.
+
+    :meth:`attribute` (inherited from :class:`~captum_gradmask.base.PatchAttribution`) takes
+    the arguments of :meth:`attribute_grid` and returns the map upsampled to the inputs' shape.
 
     Example::
 
@@ -66,13 +90,9 @@ class GradMaskAttribution(GradientAttribution):
         torch.Size([2, 4, 4])
     """
 
-    def __init__(
-        self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
-    ) -> None:
-        self.adapter, self.model = resolve_adapter(model, adapter)
-        super().__init__(self.adapter.forward)
+    method_name = "GradMask"
 
-    def attribute(  # type: ignore[override]
+    def attribute_grid(  # type: ignore[override]
         self,
         inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
@@ -85,9 +105,10 @@ class GradMaskAttribution(GradientAttribution):
         mode: Mode = "exact",
         fast_batching: FastBatching = "auto",
         perturbations_per_eval: int = 32,
+        internal_batch_size: int | None = None,
         show_progress: bool = False,
-    ) -> Tensor | tuple[Tensor]:
-        r"""Attribute the target class to the input pixels.
+    ) -> Tensor:
+        r"""The GradMask patch-grid map ``(B, h, w)`` of each image.
 
         Args:
             inputs: normalised images ``(B, C, H, W)`` (or a one-element tuple of them); ``H``
@@ -96,6 +117,7 @@ class GradMaskAttribution(GradientAttribution):
                 ``None`` (default) uses each image's predicted class.
             additional_forward_args: extra positional arguments for the model's forward;
                 tensors whose first dimension is the batch are repeated for the masked images.
+                Exact mode only (fast mode runs the model from its tokens).
             masks_per_layer: ``m``, channel groups per projection (the authors use 4); must
                 divide the hidden size. With ``m`` = number of heads, a group is a head.
             layers: indices of the attention layers that produce masks. ``None`` (default,
@@ -103,6 +125,7 @@ class GradMaskAttribution(GradientAttribution):
             clamp: clamp the group scores at 0 before binarising (reference: ``True``).
             fill_value: value of masked-out pixels in normalised space (reference: 0, which is
                 grey for mean = std = 0.5 models, the mean colour for ImageNet-normalised ones).
+                Exact mode only.
             mode: ``"exact"`` (default) masks pixels as the reference does; ``"fast"`` drops the
                 masked patch tokens instead of filling their pixels (a documented
                 approximation: an absent patch is not a grey patch).
@@ -112,59 +135,13 @@ class GradMaskAttribution(GradientAttribution):
                 ``"group"`` runs masks with equal counts together (no attention mask, many
                 small passes); ``"auto"`` (default) pads when the adapter has a
                 ``padding_mask``, else groups.
-            perturbations_per_eval: masked images per forward pass (also images per gradient
-                pass); bounds memory. 16-64 suits CPUs, larger batches suit GPUs.
+            perturbations_per_eval: masked images per forward pass; bounds memory. 16-64 suits
+                CPUs, larger batches suit GPUs.
+            internal_batch_size: images per gradient pass (``None``: ``perturbations_per_eval``).
             show_progress: show a progress bar over the masked-image batches.
 
         Returns:
-            The map with the shape (and tensor-or-tuple form) of ``inputs``: each patch's score
-            repeated over its pixels and the channels.
-
-        Example::
-
-            >>> import torch
-            >>> from transformers import ViTConfig, ViTForImageClassification
-            >>> from captum_gradmask import GradMaskAttribution
-            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
-            ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            ...     intermediate_size=64, num_labels=5)).eval()
-            >>> attr = GradMaskAttribution(model).attribute(torch.randn(1, 3, 32, 32), target=2)
-            >>> attr.shape
-            torch.Size([1, 3, 32, 32])
-        """
-        images, is_tuple = unpack_inputs(inputs)
-        grid_map = self.attribute_grid(
-            images,
-            target,
-            additional_forward_args,
-            masks_per_layer=masks_per_layer,
-            layers=layers,
-            clamp=clamp,
-            fill_value=fill_value,
-            mode=mode,
-            fast_batching=fast_batching,
-            perturbations_per_eval=perturbations_per_eval,
-            show_progress=show_progress,
-        )
-        attributions = upsample_grid(grid_map, tuple(images.shape[-2:]), images.shape[1])
-        return (attributions,) if is_tuple else attributions
-
-    def attribute_grid(
-        self,
-        inputs: Tensor | tuple[Tensor],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        masks_per_layer: int = 4,
-        layers: LayerSelection = None,
-        clamp: bool = True,
-        fill_value: float = 0.0,
-        mode: Mode = "exact",
-        fast_batching: FastBatching = "auto",
-        perturbations_per_eval: int = 32,
-        show_progress: bool = False,
-    ) -> Tensor:
-        """The patch-grid map ``(B, h, w)``; arguments as in :meth:`attribute`.
+            ``S = sum_i c_i mask_i`` on the patch grid, ``(B, h, w)``.
 
         Example::
 
@@ -177,27 +154,63 @@ class GradMaskAttribution(GradientAttribution):
             >>> GradMaskAttribution(model).attribute_grid(torch.randn(1, 3, 32, 32)).shape
             torch.Size([1, 4, 4])
         """
-        images, _ = unpack_inputs(inputs)
-        grid = self.adapter.grid(tuple(images.shape[-2:]))
         check_positive_int(perturbations_per_eval, "perturbations_per_eval")
+        fast_batching = self._check_mode(mode, fast_batching, additional_forward_args, fill_value)
+        found = self.binary_masks(
+            inputs,
+            target,
+            additional_forward_args,
+            masks_per_layer=masks_per_layer,
+            layers=layers,
+            clamp=clamp,
+            internal_batch_size=(
+                perturbations_per_eval if internal_batch_size is None else internal_batch_size
+            ),
+        )
+        confidences = self.mask_confidences(
+            inputs,
+            found.masks,
+            found.targets,
+            additional_forward_args,
+            fill_value=fill_value,
+            mode=mode,
+            fast_batching=fast_batching,
+            perturbations_per_eval=perturbations_per_eval,
+            show_progress=show_progress,
+        )
+        # S = sum_i c_i * mask_i
+        return torch.einsum("bm,bmhw->bhw", confidences, found.masks.to(confidences.dtype))
+
+    def binary_masks(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        masks_per_layer: int = 4,
+        layers: LayerSelection = None,
+        clamp: bool = True,
+        internal_batch_size: int | None = 32,
+    ) -> GradMaskMasks:
+        """Steps 1-7 of the algorithm: one forward and one backward pass per batch of images.
+
+        Arguments as in :meth:`attribute_grid`; ``internal_batch_size`` images per gradient
+        pass (``None``: all at once).
+
+        Example::
+
+            >>> import torch
+            >>> from transformers import ViTConfig, ViTForImageClassification
+            >>> from captum_gradmask import GradMaskAttribution
+            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+            ...     hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+            ...     intermediate_size=64, num_labels=5)).eval()
+            >>> found = GradMaskAttribution(model).binary_masks(torch.randn(2, 3, 32, 32))
+            >>> found.masks.shape, found.scores.shape  # 3 (Q/K/V) x 2 layers x 4 groups
+            (torch.Size([2, 24, 4, 4]), torch.Size([2, 24, 16]))
+        """
+        images, grid = self._prepare(inputs, target)
         check_positive_int(masks_per_layer, "masks_per_layer")
-        if mode not in ("exact", "fast"):
-            raise ValueError(f"`mode` must be 'exact' or 'fast', got {mode!r}")
-        if fast_batching not in ("auto", "pad", "group"):
-            raise ValueError(
-                f"`fast_batching` must be 'auto', 'pad' or 'group', got {fast_batching!r}"
-            )
-        if mode == "fast":
-            self.adapter.require_tokens("mode='fast'")
-            if fast_batching == "pad" and not self.adapter.supports_padding:
-                raise ValueError(
-                    f"`fast_batching`='pad' needs an adapter with a `padding_mask`; adapter "
-                    f"{self.adapter.name!r} has none (its blocks take no attention mask, or its "
-                    "head pools over patch tokens): use 'group' or 'auto'"
-                )
-            if fast_batching == "auto":
-                fast_batching = "pad" if self.adapter.supports_padding else "group"
-        check_target_length(target, images.shape[0])
         selected = self._select_layers(layers)
         hidden = self.adapter.hidden_size
         if hidden is not None and hidden % masks_per_layer:
@@ -206,32 +219,118 @@ class GradMaskAttribution(GradientAttribution):
                 f"valid values are the divisors of {hidden}"
             )
 
-        with preserved_model_state(self.model):
-            masks, targets = self._masks(
-                images,
-                target,
-                additional_forward_args,
-                selected,
-                masks_per_layer,
-                clamp,
-                grid,
-                perturbations_per_eval,
+        def compute(
+            batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]
+        ) -> tuple[Tensor, Tensor]:
+            gradients, targets = self._projection_gradients(batch, batch_target, args, selected)
+            prefix = self.adapter.prefix_tokens
+            return _group_scores(gradients, masks_per_layer, clamp, prefix, grid), targets
+
+        scores, targets = self._batched(
+            images, target, additional_forward_args, internal_batch_size, compute
+        )
+        masks = scores >= scores.mean(dim=-1, keepdim=True)
+        return GradMaskMasks(masks.reshape(*scores.shape[:2], *grid), scores, targets)
+
+    def mask_confidences(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        masks: Tensor,
+        targets: Tensor,
+        additional_forward_args: Any = None,
+        *,
+        fill_value: float = 0.0,
+        mode: Mode = "exact",
+        fast_batching: FastBatching = "auto",
+        perturbations_per_eval: int = 32,
+        show_progress: bool = False,
+    ) -> Tensor:
+        """Steps 8-9: the target's softmax on each masked image, ``(B, M)`` float32.
+
+        Args:
+            inputs: the images ``(B, C, H, W)``.
+            masks: ``(B, M, h, w)`` binary patch masks (e.g. :meth:`binary_masks`'s, or any
+                others: ablations use random ones).
+            targets: ``(B,)`` class per image.
+            additional_forward_args, fill_value, mode, fast_batching, perturbations_per_eval,
+            show_progress: as in :meth:`attribute_grid`.
+        """
+        images, grid = self._prepare(inputs, None)
+        check_positive_int(perturbations_per_eval, "perturbations_per_eval")
+        fast_batching = self._check_mode(mode, fast_batching, additional_forward_args, fill_value)
+        if masks.dim() != 4 or masks.shape[0] != images.shape[0] or tuple(masks.shape[2:]) != grid:
+            raise ValueError(
+                f"`masks` must have shape (B={images.shape[0]}, M, {grid[0]}, {grid[1]}); got "
+                f"{tuple(masks.shape)}"
             )
-            confidences = self._confidences(
+        targets = targets.to(images.device).long()
+        count, per_image = masks.shape[0], masks.shape[1]
+        flat_masks = masks.to(images.device).bool().reshape(count * per_image, *grid)
+        owners = torch.arange(count, device=images.device).repeat_interleave(per_image)
+        flat_targets = targets[owners]
+        confidences = torch.empty(flat_masks.shape[0], device=images.device)
+        batches: Iterator[tuple[Any, Tensor]]
+        if mode == "fast":
+            plan = _token_plan(
+                flat_masks.flatten(1).sum(1).tolist(),
+                self.adapter.prefix_tokens,
+                self.adapter.prefix_tokens + flat_masks[0].numel(),
+                perturbations_per_eval,
+                pad=fast_batching == "pad",
+            )
+            batches = self._token_dropped_batches(images, flat_masks, owners, plan)
+            total = len(plan)
+        else:
+            batches = self._pixel_masked_batches(
                 images,
-                masks,
-                targets,
+                flat_masks,
+                owners,
                 additional_forward_args,
                 fill_value,
-                mode,
-                fast_batching,
                 perturbations_per_eval,
-                show_progress,
             )
-        # S = sum_i c_i * mask_i
-        return torch.einsum("bm,bmhw->bhw", confidences, masks.to(confidences.dtype))
+            total = -(-flat_masks.shape[0] // perturbations_per_eval)
+        with preserved_model_state(self.model), torch.inference_mode():
+            for rows, logits in tqdm(
+                batches, desc="GradMask masked passes", total=total, disable=not show_progress
+            ):
+                probs = torch.softmax(logits.float(), dim=-1)
+                confidences[rows] = probs.gather(1, flat_targets[rows][:, None]).squeeze(1)
+        return confidences.reshape(count, per_image).clone()
 
     # --- steps ----------------------------------------------------------------------------
+
+    def _check_mode(
+        self, mode: Mode, fast_batching: FastBatching, additional_forward_args: Any, fill_value: Any
+    ) -> FastBatching:
+        """Validate the masked-pass options; returns the batching fast mode will use."""
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"`mode` must be 'exact' or 'fast', got {mode!r}")
+        if fast_batching not in ("auto", "pad", "group"):
+            raise ValueError(
+                f"`fast_batching` must be 'auto', 'pad' or 'group', got {fast_batching!r}"
+            )
+        if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)):
+            raise ValueError(f"`fill_value` must be a number, got {fill_value!r}")
+        if mode == "exact":
+            return fast_batching
+        self.adapter.require_tokens("mode='fast'")
+        check_no_args(additional_forward_args, "GradMask's mode='fast' (masked passes)")
+        if fill_value != 0.0:
+            raise ValueError(
+                f"`fill_value`={fill_value!r} has no effect in mode='fast', which drops masked "
+                "patch tokens instead of filling their pixels; leave it at 0.0 or use "
+                "mode='exact'"
+            )
+        if fast_batching == "pad" and not self.adapter.supports_padding:
+            raise ValueError(
+                f"`fast_batching`='pad' needs an adapter with a `padding_mask`; adapter "
+                f"{self.adapter.name!r} has none (its blocks take no attention mask, or its "
+                "head pools over patch tokens): use 'group' or 'auto'"
+            )
+        if fast_batching == "auto":
+            return "pad" if self.adapter.supports_padding else "group"
+        return fast_batching
 
     def _select_layers(self, layers: LayerSelection) -> list[AttentionLayer]:
         available = list(self.adapter.layers)
@@ -249,76 +348,30 @@ class GradMaskAttribution(GradientAttribution):
         ):
             raise ValueError(
                 f"`layers`={layers!r} is not valid: give layer indices in -{count}..{count - 1} "
-                "(the model has {count} attention layers), None or 'all'".replace(
-                    "{count}", str(count)
-                )
+                f"(the model has {count} attention layers), None or 'all'"
             )
         return [available[i] for i in indices]
-
-    def _masks(
-        self,
-        images: Tensor,
-        target: TargetType,
-        additional_forward_args: Any,
-        layers: list[AttentionLayer],
-        masks_per_layer: int,
-        clamp: bool,
-        grid: tuple[int, int],
-        batch_size: int,
-    ) -> tuple[Tensor, Tensor]:
-        """Binary masks ``(B, M, h, w)`` and the targets ``(B,)``."""
-        all_masks, all_targets = [], []
-        for batch in chunks(images.shape[0], batch_size):
-            extra = slice_args(additional_forward_args, batch, images.shape[0])
-            gradients, targets = self._projection_gradients(
-                images[batch], target, batch, extra, layers
-            )
-            all_masks.append(
-                _binary_masks(gradients, masks_per_layer, clamp, self.adapter.prefix_tokens, grid)
-            )
-            all_targets.append(targets)
-        return torch.cat(all_masks), torch.cat(all_targets)
 
     def _projection_gradients(
         self,
         images: Tensor,
         target: TargetType,
-        batch: slice,
-        additional_forward_args: Any,
+        additional_forward_args: tuple[Any, ...],
         layers: list[AttentionLayer],
     ) -> tuple[list[Tensor], Tensor]:
         """Gradients of the target logits w.r.t. Q, K, V of each layer, in that order."""
-        modules = list(
-            {
-                id(p.module): p.module
-                for layer in layers
-                for p in (layer.query, layer.key, layer.value)
-            }.values()
+        modules = unique_modules(
+            p.module for layer in layers for p in (layer.query, layer.key, layer.value)
         )
-        captured: dict[int, Tensor] = {}
-
-        def capture(module: nn.Module, _args: Any, output: Any) -> None:
-            captured[id(module)] = output[0] if isinstance(output, (tuple, list)) else output
-
-        handles = [module.register_forward_hook(capture) for module in modules]
-        try:
-            with torch.enable_grad():
-                # A fresh leaf: the user's tensor and the parameters' .grad stay untouched.
-                leaf = images.detach().requires_grad_(True)
-                logits = self.adapter.logits(leaf, *additional_forward_args)
-                targets = resolve_targets(slice_target(target, batch), logits)
-                missing = [m for m in modules if id(m) not in captured]
-                if missing:
-                    raise RuntimeError(
-                        f"{len(missing)} of the adapter's Q/K/V modules did not run in the forward "
-                        "pass; check that the adapter names modules of this model"
-                    )
-                outputs = [captured[id(m)] for m in modules]
-                score = logits.gather(1, targets[:, None]).sum()
-                grads = torch.autograd.grad(score, outputs, allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with recorded(modules) as captured, torch.enable_grad():
+            # A fresh leaf: the user's tensor and the parameters' .grad stay untouched.
+            leaf = images.detach().requires_grad_(True)
+            logits = self.adapter.logits(leaf, *additional_forward_args)
+            targets = resolve_targets(target, logits)
+            check_recorded(modules, captured)
+            outputs = [captured[id(m)] for m in modules]
+            score = logits.gather(1, targets[:, None]).sum()
+            grads = torch.autograd.grad(score, outputs, allow_unused=True)
         by_module = {
             id(m): torch.zeros_like(o) if g is None else g
             for m, o, g in zip(modules, outputs, grads, strict=True)
@@ -329,48 +382,6 @@ class GradMaskAttribution(GradientAttribution):
             for projection in (layer.query, layer.key, layer.value)
         ]
         return gradients, targets.detach()
-
-    def _confidences(
-        self,
-        images: Tensor,
-        masks: Tensor,
-        targets: Tensor,
-        additional_forward_args: Any,
-        fill_value: float,
-        mode: Mode,
-        fast_batching: FastBatching,
-        batch_size: int,
-        show_progress: bool,
-    ) -> Tensor:
-        """Softmax confidence of each image's target on each of its masked versions, ``(B, M)``."""
-        count, per_image = masks.shape[0], masks.shape[1]
-        flat_masks = masks.reshape(count * per_image, *masks.shape[2:])
-        owners = torch.arange(count, device=images.device).repeat_interleave(per_image)
-        flat_targets = targets[owners]
-        confidences = torch.empty(flat_masks.shape[0], device=images.device)
-        batches: Iterator[tuple[Any, Tensor]]
-        if mode == "fast":
-            plan = _token_plan(
-                flat_masks.flatten(1).sum(1).tolist(),
-                self.adapter.prefix_tokens,
-                self.adapter.prefix_tokens + flat_masks[0].numel(),
-                batch_size,
-                pad=fast_batching == "pad",
-            )
-            batches = self._token_dropped_batches(images, flat_masks, owners, plan)
-            total = len(plan)
-        else:
-            batches = self._pixel_masked_batches(
-                images, flat_masks, owners, additional_forward_args, fill_value, batch_size
-            )
-            total = -(-flat_masks.shape[0] // batch_size)
-        with torch.inference_mode():
-            for rows, logits in tqdm(
-                batches, desc="GradMask masked passes", total=total, disable=not show_progress
-            ):
-                probs = torch.softmax(logits.float(), dim=-1)
-                confidences[rows] = probs.gather(1, flat_targets[rows][:, None]).squeeze(1)
-        return confidences.reshape(count, per_image).clone()
 
     def _pixel_masked_batches(
         self,
@@ -405,9 +416,10 @@ class GradMaskAttribution(GradientAttribution):
         padded with some of their dropped patch tokens, which the attention mask hides.
         """
         adapter = self.adapter
+        interface = adapter.require_tokens("mode='fast'")
         prefix = adapter.prefix_tokens
         with torch.inference_mode():
-            tokens = adapter.embed(images)  # type: ignore[misc]
+            tokens = interface.embed(images)
             flat = flat_masks.flatten(1)
             prefix_index = torch.arange(prefix, device=tokens.device)
             for members, longest, padded in plan:
@@ -457,14 +469,14 @@ def _token_plan(
     return plan
 
 
-def _binary_masks(
+def _group_scores(
     gradients: list[Tensor],
     masks_per_layer: int,
     clamp: bool,
     prefix_tokens: int,
     grid: tuple[int, int],
 ) -> Tensor:
-    """Steps 4-7 of the algorithm: channel groups, clamp, drop prefix, binarise at the row mean."""
+    """Steps 4-6 of the algorithm: channel-group sums, clamp, prefix dropped: ``(B, M, N)``."""
     stacked = torch.stack(gradients, dim=1)  # (B, S, T, D)
     batch, sources, tokens, hidden = stacked.shape
     if hidden % masks_per_layer:
@@ -472,21 +484,14 @@ def _binary_masks(
             f"`masks_per_layer`={masks_per_layer} does not divide the hidden size {hidden}; "
             f"valid values are the divisors of {hidden}"
         )
-    patches = grid[0] * grid[1]
-    if tokens != prefix_tokens + patches:
-        raise ValueError(
-            f"the model produced {tokens} tokens but the adapter expects {prefix_tokens} prefix "
-            f"tokens + {grid[0]}x{grid[1]} patches = {prefix_tokens + patches}; check the "
-            "adapter's `prefix_tokens` and `patch_size` for this image size"
-        )
+    check_token_count(tokens, prefix_tokens, grid)
     scores = stacked.reshape(
         batch, sources, tokens, masks_per_layer, hidden // masks_per_layer
     ).sum(-1)
     if clamp:
         scores = scores.clamp(min=0)
     scores = scores[:, :, prefix_tokens:, :].transpose(2, 3)  # (B, S, m, N)
-    keep = scores >= scores.mean(dim=-1, keepdim=True)
-    return keep.reshape(batch, sources * masks_per_layer, *grid)
+    return scores.reshape(batch, sources * masks_per_layer, -1)
 
 
 def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:

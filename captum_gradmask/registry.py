@@ -6,9 +6,13 @@ comparison methods of :mod:`captum_gradmask.methods` are imported when first bui
 missing one raises :class:`MethodUnavailable` (an ``ImportError``) naming its module instead
 of breaking the others.
 
-Defaults bound each method's cost (at most about 500 forward passes per image) so that the
-benchmark's default run (every method and metric, 5 images of the shared ViT-Tiny) takes about
-an hour on two CPU cores; ``docs/benchmarks.md`` lists the measured seconds per image.
+Settings have one source: the implementations' own defaults (keyword defaults of a class's
+``attribute_grid`` or of a Captum factory), read by :func:`method_settings`, plus the few
+deliberate overrides registered here, each with its reason. The table in ``docs/methods.md``
+is generated from this module (:func:`settings_table`) and a test keeps it equal. The overrides
+bound each method's cost (at most about 500 forward passes per image) so that the benchmark's
+default run fits about an hour on two CPU cores: RISE runs 500 masks instead of the paper's
+4000.
 
 Example::
 
@@ -31,7 +35,8 @@ Example::
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,7 +53,12 @@ __all__ = [
     "MethodUnavailable",
     "build_method",
     "method_names",
+    "method_settings",
+    "settings_table",
 ]
+
+#: Arguments of ``attribute_grid`` that are per call, not settings.
+_CALL_ARGUMENTS = {"self", "inputs", "target", "additional_forward_args", "show_progress"}
 
 
 class AttributionMethod(Protocol):
@@ -64,7 +74,8 @@ class MethodUnavailable(ImportError):
 class ConfiguredMethod:
     """A Captum-style attribution object with fixed keyword settings.
 
-    ``attribute(inputs, target)`` calls ``method.attribute(inputs, target=target, **settings)``.
+    ``attribute(inputs, target)`` calls ``method.attribute(inputs, target=target, **settings)``
+    and, for grid methods, ``attribute_grid(inputs, target)`` their ``(B, h, w)`` map.
 
     Args:
         name: the registry name.
@@ -81,12 +92,20 @@ class ConfiguredMethod:
         """Attributions of ``inputs`` for ``target`` with the fixed settings."""
         return self.method.attribute(inputs, target=target, **self.settings)
 
+    @property
+    def has_grid(self) -> bool:
+        """Whether the method gives one map per image on a grid (:meth:`attribute_grid`)."""
+        return hasattr(self.method, "attribute_grid")
+
+    def attribute_grid(self, inputs: Tensor, target: TargetType = None) -> Tensor:
+        """The ``(B, h, w)`` map (patch grid, or pixels for RISE) with the fixed settings."""
+        if not self.has_grid:
+            raise TypeError(f"method {self.name!r} gives pixel attributions only, no grid")
+        return self.method.attribute_grid(inputs, target=target, **self.settings)
+
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
         return f"ConfiguredMethod({self.name!r}, {type(self.method).__name__}, {settings})"
-
-
-Factory = Callable[..., AttributionMethod]
 
 
 @dataclass(frozen=True)
@@ -95,198 +114,189 @@ class MethodSpec:
 
     Attributes:
         name: registry name.
-        factory: ``factory(model, adapter, **settings) -> method``.
-        settings: default settings (overridable in :func:`build_method`).
-        description: one line for tables and ``--help``.
         module: the module that implements it (named in :class:`MethodUnavailable`).
+        attribute: the class (with the GradMask contract ``Class(model, adapter)``) or the
+            Captum factory (``factory(model, adapter, **settings)``) in ``module``.
+        overrides: settings that differ from the implementation's defaults, on purpose.
+        description: one line for tables and ``--help``.
+        is_class: ``attribute`` is a class (settings go to each call) rather than a factory
+            (settings go to the factory).
     """
 
     name: str
-    factory: Factory
-    settings: dict[str, Any] = field(default_factory=dict)
+    module: str
+    attribute: str
+    overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    module: str = ""
+    is_class: bool = True
+
+    def implementation(self) -> Any:
+        """The class or factory, imported on first use."""
+        try:
+            return getattr(importlib.import_module(self.module), self.attribute)
+        except ImportError as error:
+            raise MethodUnavailable(
+                f"{self.attribute} cannot be imported from {self.module} ({error}); the method "
+                "is not available in this installation"
+            ) from error
+        except AttributeError as error:
+            raise MethodUnavailable(f"{self.module} has no {self.attribute}") from error
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The implementation's own keyword defaults (the settings a call may change)."""
+        target = self.implementation()
+        function = target.attribute_grid if self.is_class else target
+        return {
+            name: parameter.default
+            for name, parameter in inspect.signature(function).parameters.items()
+            if name not in _CALL_ARGUMENTS
+            and parameter.kind == parameter.KEYWORD_ONLY
+            and parameter.default is not parameter.empty
+        }
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the registry uses: the defaults with the overrides applied."""
+        return {**self.defaults, **self.overrides}
 
 
-def _import(module: str, attribute: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except ImportError as error:
-        raise MethodUnavailable(
-            f"{attribute} cannot be imported from {module} ({error}); the method is not "
-            "available in this installation"
-        ) from error
-    except AttributeError as error:
-        raise MethodUnavailable(f"{module} has no {attribute}") from error
-
-
-def _class_method(module: str, class_name: str, name: str) -> Factory:
-    """Factory for a class with the GradMask contract: ``Class(model, adapter).attribute``."""
-
-    def build(model: Any, adapter: ViTAdapter | None = None, **settings: Any) -> ConfiguredMethod:
-        cls = _import(module, class_name)
-        return ConfiguredMethod(name, cls(model, adapter=adapter), settings)
-
-    return build
-
-
-def _diffmask(
-    model: Any, adapter: ViTAdapter | None = None, *, gate: Any = None, **settings: Any
-) -> ConfiguredMethod:
-    cls = _import("captum_gradmask.methods.diffmask", "VisionDiffMask")
-    if gate is None:
-        raise MethodUnavailable(
-            "diffmask needs a gate trained for this model: pass gate=<folder> (the benchmark "
-            "runner: --diffmask-gate FOLDER)"
-        )
-    return ConfiguredMethod("diffmask", cls(model, gate, adapter=adapter), settings)
-
-
-def _gradmask(name: str) -> Factory:
-    def build(model: Any, adapter: ViTAdapter | None = None, **settings: Any) -> ConfiguredMethod:
-        from captum_gradmask.gradmask import GradMaskAttribution
-
-        method = GradMaskAttribution(model, adapter=adapter)
-        if settings.get("masks_per_layer") == "heads":
-            settings["masks_per_layer"] = method.adapter.layers[0].num_heads
-        return ConfiguredMethod(name, method, settings)
-
-    return build
-
-
-def _captum(function: str) -> Factory:
-    def build(model: Any, adapter: ViTAdapter | None = None, **settings: Any) -> Any:
-        factory = _import("captum_gradmask.methods.captum_baselines", function)
-        return factory(model, adapter, **settings)
-
-    return build
-
-
-_GRADMASK = "captum_gradmask.gradmask"
+_GRADMASK = ("captum_gradmask.gradmask", "GradMaskAttribution")
 _CAPTUM = "captum_gradmask.methods.captum_baselines"
 _SPECS = [
     MethodSpec(
         "gradmask-m1",
-        _gradmask("gradmask-m1"),
-        {"masks_per_layer": 1, "perturbations_per_eval": 32},
+        *_GRADMASK,
+        {"masks_per_layer": 1},
         "GradMask, 1 mask per Q/K/V per layer (3(L-1) masks)",
-        _GRADMASK,
     ),
     MethodSpec(
         "gradmask-m4",
-        _gradmask("gradmask-m4"),
-        {"masks_per_layer": 4, "perturbations_per_eval": 32},
+        *_GRADMASK,
+        {},
         "GradMask, 4 masks per Q/K/V per layer (the authors' setting)",
-        _GRADMASK,
     ),
     MethodSpec(
         "gradmask-mheads",
-        _gradmask("gradmask-mheads"),
-        {"masks_per_layer": "heads", "perturbations_per_eval": 32},
+        *_GRADMASK,
+        {"masks_per_layer": "heads"},
         "GradMask, one mask per attention head",
-        _GRADMASK,
     ),
     MethodSpec(
         "gradmask-fast",
-        _gradmask("gradmask-fast"),
-        {"masks_per_layer": 4, "mode": "fast", "perturbations_per_eval": 32},
+        *_GRADMASK,
+        {"mode": "fast"},
         "GradMask m=4, masked patch tokens dropped instead of filled",
-        _GRADMASK,
     ),
-    MethodSpec("saliency", _captum("saliency"), {}, "|gradient| (Captum Saliency)", _CAPTUM),
     MethodSpec(
-        "inputxgradient", _captum("input_x_gradient"), {}, "input x gradient (Captum)", _CAPTUM
+        "saliency", _CAPTUM, "saliency", {}, "absolute gradient (Captum Saliency)", is_class=False
+    ),
+    MethodSpec(
+        "inputxgradient",
+        _CAPTUM,
+        "input_x_gradient",
+        {},
+        "input x gradient (Captum)",
+        is_class=False,
     ),
     MethodSpec(
         "integrated-gradients",
-        _captum("integrated_gradients"),
-        {"n_steps": 50, "internal_batch_size": 25},
-        "Integrated Gradients, baseline 0, 50 steps",
         _CAPTUM,
+        "integrated_gradients",
+        {},
+        "Integrated Gradients, baseline 0",
+        is_class=False,
     ),
     MethodSpec(
         "gradient-shap",
-        _captum("gradient_shap"),
-        {"n_samples": 20, "stdevs": 0.1},
-        "GradientSHAP, baselines zeros + blurred image, 20 samples",
         _CAPTUM,
+        "gradient_shap",
+        {},
+        "GradientSHAP, baselines zeros + blurred image",
+        is_class=False,
     ),
     MethodSpec(
         "smoothgrad",
-        _captum("smoothgrad"),
-        {"nt_samples": 25, "noise_level": 0.15},
-        "SmoothGrad over |gradient|, 25 samples, sigma 15% of range",
         _CAPTUM,
+        "smoothgrad",
+        {},
+        "SmoothGrad over the absolute gradient, noise scaled to each image's range",
+        is_class=False,
     ),
     MethodSpec(
         "occlusion",
-        _captum("occlusion"),
-        {"perturbations_per_eval": 32},
-        "Occlusion, patch-aligned windows, baseline 0",
         _CAPTUM,
+        "occlusion",
+        {},
+        "Occlusion, patch-aligned windows, baseline 0",
+        is_class=False,
     ),
     MethodSpec(
         "feature-ablation",
-        _captum("feature_ablation"),
-        {"perturbations_per_eval": 32},
-        "Feature ablation, one feature per patch, baseline 0",
         _CAPTUM,
+        "feature_ablation",
+        {},
+        "Feature ablation, one feature per patch, baseline 0",
+        is_class=False,
     ),
     MethodSpec(
         "kernel-shap",
-        _captum("kernel_shap"),
-        {"n_samples": 256, "perturbations_per_eval": 32},
-        "KernelSHAP, one feature per patch, 256 coalitions",
         _CAPTUM,
+        "kernel_shap",
+        {},
+        "KernelSHAP, one feature per patch",
+        is_class=False,
     ),
     MethodSpec(
         "layer-gradcam",
-        _captum("layer_gradcam"),
+        "captum_gradmask.methods.gradcam",
+        "layer_gradcam",
         {},
-        "Grad-CAM on the last block's first LayerNorm (tokens -> grid)",
-        _CAPTUM,
+        "Grad-CAM on the adapter's cam_layer (last block's first LayerNorm)",
+        is_class=False,
     ),
     MethodSpec(
         "rollout",
-        _class_method("captum_gradmask.methods.rollout", "AttentionRollout", "rollout"),
+        "captum_gradmask.methods.rollout",
+        "AttentionRollout",
         {},
         "Attention rollout (mean over heads)",
-        "captum_gradmask.methods.rollout",
     ),
     MethodSpec(
         "chefer-gae",
-        _class_method("captum_gradmask.methods.chefer", "CheferGAE", "chefer-gae"),
+        "captum_gradmask.methods.chefer",
+        "CheferGAE",
         {},
         "Chefer et al. gradient-weighted attention relevance",
-        "captum_gradmask.methods.chefer",
     ),
     MethodSpec(
         "vit-reciprocam",
-        _class_method("captum_gradmask.methods.reciprocam", "ViTReciproCAM", "vit-reciprocam"),
-        {"perturbations_per_eval": 32},
-        "ViT-ReciproCAM, last block, 1x1 masks",
         "captum_gradmask.methods.reciprocam",
+        "ViTReciproCAM",
+        {},
+        "ViT-ReciproCAM, last block, 1x1 masks",
     ),
     MethodSpec(
         "vit-reciprocam-3x3",
-        _class_method("captum_gradmask.methods.reciprocam", "ViTReciproCAM", "vit-reciprocam-3x3"),
-        {"gaussian": True, "perturbations_per_eval": 32},
-        "ViT-ReciproCAM, last block, 3x3 Gaussian masks",
         "captum_gradmask.methods.reciprocam",
+        "ViTReciproCAM",
+        {"gaussian": True},
+        "ViT-ReciproCAM, last block, 3x3 Gaussian masks",
     ),
     MethodSpec(
         "rise",
-        _class_method("captum_gradmask.methods.rise", "RISE", "rise"),
-        {"n_masks": 500, "perturbations_per_eval": 32},
-        "RISE, 500 random 7x7-grid masks (p = 0.5), seed 0",
         "captum_gradmask.methods.rise",
+        "RISE",
+        # The paper's 4000 masks cost 8x the benchmark's per-method budget.
+        {"n_masks": 500},
+        "RISE, random 7x7-grid masks (p = 0.5), seed 0",
     ),
     MethodSpec(
         "diffmask",
-        _diffmask,
-        {"gate": None},
-        "Vision DiffMask with the trained gate",
         "captum_gradmask.methods.diffmask",
+        "VisionDiffMask",
+        {},
+        "Vision DiffMask with a trained gate (gate=FOLDER)",
     ),
 ]
 
@@ -298,27 +308,96 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+def _spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods are: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
+    """The settings :func:`build_method` uses for ``name``, with ``overrides`` applied.
+
+    Raises:
+        ValueError: unknown ``name``, or an override that is not one of its settings.
+
+    Example::
+
+        >>> from captum_gradmask.registry import method_settings
+        >>> method_settings("rise")["n_masks"], method_settings("rise", n_masks=8)["n_masks"]
+        (500, 8)
+    """
+    spec = _spec(name)
+    settings = spec.settings
+    unknown = sorted(set(overrides) - set(settings) - ({"gate"} if name == "diffmask" else set()))
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {unknown} for method {name!r}; its settings are: "
+            f"{', '.join(sorted(settings))}"
+        )
+    return {**settings, **overrides}
+
+
 def build_method(
     name: str, model: Any, adapter: ViTAdapter | None = None, **overrides: Any
-) -> AttributionMethod:
-    """Build the method registered as ``name`` for ``model`` with its default settings.
+) -> ConfiguredMethod | Any:
+    """Build the method registered as ``name`` for ``model`` with its settings.
 
     Args:
         name: a name from :func:`method_names`.
-        model: a Hugging Face / timm ViT (or any model with ``adapter``).
+        model: a Hugging Face / timm ViT (or any callable with ``adapter``, which is then what
+            is explained: see :func:`captum_gradmask.adapters.resolve_model`).
         adapter: the model's adapter; default :func:`captum_gradmask.adapters.get_adapter`.
-        **overrides: settings replacing the registered defaults.
+        **overrides: settings replacing the registered ones (``diffmask`` also takes
+            ``gate=``, the trained gate or its folder).
 
     Returns:
         An object with ``attribute(inputs, target)`` returning attributions of the inputs'
-        shape.
+        shape (a :class:`ConfiguredMethod`, or a Captum baseline with its settings).
 
     Raises:
-        ValueError: unknown ``name``.
-        MethodUnavailable: the implementing module cannot be imported.
+        ValueError: unknown ``name`` or setting.
+        MethodUnavailable: the implementing module cannot be imported, or ``diffmask`` has no
+            gate.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods are: {', '.join(METHODS)}")
-    spec = METHODS[name]
-    # Without an explicit adapter each method builds its own (some set their forward on it).
-    return spec.factory(model, adapter, **{**spec.settings, **overrides})
+    spec = _spec(name)
+    settings = method_settings(name, **overrides)
+    implementation = spec.implementation()
+    if not spec.is_class:
+        return implementation(model, adapter, **settings)
+    if name == "diffmask":
+        gate = settings.pop("gate", None)
+        if gate is None:
+            raise MethodUnavailable(
+                "diffmask needs a gate trained for this model: pass gate=<folder> (the benchmark "
+                "runner: --diffmask-gate FOLDER)"
+            )
+        method = implementation(model, gate, adapter=adapter)
+    else:
+        method = implementation(model, adapter=adapter)
+    if settings.get("masks_per_layer") == "heads":
+        settings["masks_per_layer"] = method.adapter.layers[0].num_heads
+    return ConfiguredMethod(name, method, settings)
+
+
+def settings_table(names: Mapping[str, MethodSpec] | None = None) -> str:
+    """A Markdown table of every registered method, its description and its settings.
+
+    Generated from the implementations and the registry (docs/methods.md holds a copy that a
+    test keeps equal).
+    """
+    specs = METHODS if names is None else names
+    rows = [
+        "| method | what | settings (registry) |",
+        "|---|---|---|",
+    ]
+    for spec in specs.values():
+        try:
+            settings = spec.settings
+        except MethodUnavailable:
+            settings = {}
+        shown = ", ".join(
+            f"`{k}={v!r}`" + (" (override)" if k in spec.overrides else "")
+            for k, v in settings.items()
+        )
+        rows.append(f"| `{spec.name}` | {spec.description} | {shown} |")
+    return "\n".join(rows) + "\n"

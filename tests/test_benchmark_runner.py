@@ -62,11 +62,7 @@ def test_runner_end_to_end_and_resume(
     from captum_gradmask import registry
 
     # A registered method whose module is missing is skipped with a message, not fatal.
-    missing = registry.MethodSpec(
-        "no-such-module",
-        registry._class_method("captum_gradmask.methods.not_there", "Nothing", "no-such-module"),
-        module="captum_gradmask.methods.not_there",
-    )
+    missing = registry.MethodSpec("no-such-module", "captum_gradmask.methods.not_there", "Nothing")
     monkeypatch.setitem(registry.METHODS, "no-such-module", missing)
     data, model = setup
     output = tmp_path / "out"

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from captum_gradmask.adapters import ViTAdapter, get_adapter
 from captum_gradmask.methods import captum_baselines as cb
+from captum_gradmask.methods import gradcam
 from captum_gradmask.registry import METHODS, ConfiguredMethod, build_method, method_names
 
 from .models import tiny_hf_vit, tiny_timm_vit
@@ -23,7 +24,7 @@ FACTORIES = {
     "occlusion": (cb.occlusion, {}),
     "feature-ablation": (cb.feature_ablation, {}),
     "kernel-shap": (cb.kernel_shap, {"n_samples": 40}),
-    "layer-gradcam": (cb.layer_gradcam, {}),
+    "layer-gradcam": (gradcam.layer_gradcam, {}),
 }
 
 
@@ -138,7 +139,7 @@ def test_tokens_to_grid_places_token_k_at_row_k_div_w() -> None:
 @pytest.mark.parametrize("build_model", [tiny_hf_vit, tiny_timm_vit], ids=["hf", "timm"])
 def test_layer_gradcam_matches_a_plain_grad_cam(build_model) -> None:
     model = build_model()
-    layer = cb.default_gradcam_layer(model)
+    layer = gradcam.default_gradcam_layer(get_adapter(model))
     adapter = get_adapter(model)
     images = torch.randn(2, 3, 32, 32)
     targets = [1, 5]
@@ -157,7 +158,7 @@ def test_layer_gradcam_matches_a_plain_grad_cam(build_model) -> None:
     cam = F.relu((weights * patches).sum(-1)).reshape(2, 1, 4, 4)
     expected = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)
 
-    attributions = cb.layer_gradcam(model).attribute(images, target=targets)
+    attributions = gradcam.layer_gradcam(model).attribute(images, target=targets)
     torch.testing.assert_close(attributions, expected.expand(-1, 3, -1, -1), atol=1e-5, rtol=1e-4)
     # The hook is gone: the model's outputs are untouched afterwards.
     torch.testing.assert_close(adapter.logits(images), logits.detach())
@@ -165,11 +166,15 @@ def test_layer_gradcam_matches_a_plain_grad_cam(build_model) -> None:
 
 def test_default_gradcam_layer_choices_and_error() -> None:
     timm_model = tiny_timm_vit()
-    assert cb.default_gradcam_layer(timm_model) is timm_model.blocks[-1].norm1
+    assert gradcam.default_gradcam_layer(get_adapter(timm_model)) is timm_model.blocks[-1].norm1
     hf_model = tiny_hf_vit()
-    assert cb.default_gradcam_layer(hf_model) is hf_model.vit.layers[-1].layernorm_before
+    hf_layer = hf_model.vit.layers[-1].layernorm_before
+    assert gradcam.default_gradcam_layer(get_adapter(hf_model)) is hf_layer
+    custom = ViTAdapter.from_modules(
+        nn.Linear(2, 2), num_heads=1, patch_size=8, prefix_tokens=1, fused_qkv=[nn.Linear(4, 12)]
+    )
     with pytest.raises(ValueError, match="layer="):
-        cb.default_gradcam_layer(nn.Linear(2, 2))
+        gradcam.default_gradcam_layer(custom)
 
 
 def test_registry_names_and_overrides() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -82,3 +84,18 @@ def test_to_display_image_inverts_normalisation() -> None:
     np.testing.assert_allclose(
         to_display_image(normalized, mean, std), raw.permute(1, 2, 0).numpy(), atol=1e-6
     )
+
+
+def test_figures_leave_matplotlib_global_state_alone(tmp_path) -> None:
+    import matplotlib
+
+    from captum_gradmask.viz import save_heatmap
+
+    backend = matplotlib.get_backend()
+    image, attribution = torch.zeros(3, 16, 16), torch.rand(3, 16, 16)
+    for style in ("blended", "side-by-side"):
+        path = save_heatmap(image, attribution, tmp_path / f"{style}.png", style=style)
+        assert path.stat().st_size > 1000
+    assert matplotlib.get_backend() == backend
+    if "matplotlib.pyplot" in sys.modules:  # no pyplot figure was left open
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import ViTImageProcessor
 
-from captum_gradmask.cli import main
+from captum_gradmask import GradMaskAttribution
+from captum_gradmask.cli import class_names, main, parse_options
+from captum_gradmask.methods import RISE
+from captum_gradmask.models import load_model
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 from .models import tiny_hf_vit
@@ -50,8 +59,59 @@ def test_explain_writes_heatmap_and_map(checkpoint, tmp_path, capsys) -> None:
     assert "top predictions" in printed and "class-" in printed
     assert "explained class 3 (class-3)" in printed
     assert out.stat().st_size > 1000
-    saved = np.load(grid)
-    assert saved.shape == (4, 4) and saved.max() > 0
+    # The saved map is GradMask's grid on the very pixels the command fed the model.
+    model, preprocess = load_model(folder)
+    pixels = preprocess.preprocess(image)[None]
+    expected = GradMaskAttribution(model).attribute_grid(pixels, target=3)[0]
+    np.testing.assert_allclose(np.load(grid), expected.numpy(), atol=1e-5)
+
+
+def _console_script() -> str:
+    """The installed ``captum-gradmask`` next to this interpreter (or on PATH)."""
+    beside = Path(sys.executable).with_name("captum-gradmask")
+    found = str(beside) if beside.exists() else shutil.which("captum-gradmask")
+    if found is None:
+        pytest.skip("the captum-gradmask console script is not installed (pip install -e .)")
+    return found
+
+
+def test_console_script_any_method_side_by_side(checkpoint, tmp_path) -> None:
+    folder, image = checkpoint
+    out, saved = tmp_path / "rise.png", tmp_path / "rise.npy"
+    command = [_console_script(), "explain", str(image), "--model", str(folder)]
+    command += ["--method", "rise", "--method-option", "n_masks=40", "--method-option", "seed=3"]
+    command += ["--style", "side-by-side", "--target", "2", "--out", str(out)]
+    command += ["--save-map", str(saved), "--quiet"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "with rise" in run.stdout and out.stat().st_size > 1000
+    model, preprocess = load_model(folder)
+    pixels = preprocess.preprocess(image)[None]
+    expected = RISE(model).attribute_grid(pixels, target=2, n_masks=40, seed=3)[0]
+    np.testing.assert_allclose(np.load(saved), expected.numpy(), atol=1e-5)
+
+
+def test_method_options_are_checked(checkpoint, capsys) -> None:
+    folder, image = checkpoint
+    code = main(["explain", str(image), "--model", str(folder), "--method-option", "n_mask=3"])
+    assert code == 2 and "unknown setting(s) ['n_mask']" in capsys.readouterr().err
+    code = main(["explain", str(image), "--model", str(folder), "--method", "rollout",
+                 "--batch-size", "8"])  # fmt: skip
+    assert code == 2 and "perturbations_per_eval" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="name=value"):
+        parse_options(["n_masks"])
+
+
+def test_class_names_from_hf_labels_and_timm_imagenet() -> None:
+    import timm
+
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    names = class_names(timm_model)
+    assert len(names) == 1000 and names[65] == "sea snake"
+    assert class_names(timm.create_model("vit_tiny_patch16_224", num_classes=7)) == {}
+    labelled = torch.nn.Module()
+    labelled.config = type("Config", (), {"id2label": {0: "cat", 1: "dog"}})()
+    assert class_names(labelled) == {0: "cat", 1: "dog"}
 
 
 def test_explain_rejects_bad_target_and_missing_files(checkpoint, tmp_path, capsys) -> None:

@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from captum_gradmask.adapters import get_adapter
-from captum_gradmask.methods._hard_concrete import log_prob_open, sample_gates
 from captum_gradmask.methods.diffmask import (
     DiffMaskGate,
     GateConfig,
@@ -19,6 +18,7 @@ from captum_gradmask.methods.diffmask import (
     VisionDiffMaskTrainer,
     fit,
 )
+from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 from .models import tiny_hf_deit, tiny_hf_vit, tiny_timm_vit

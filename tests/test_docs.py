@@ -33,3 +33,17 @@ def test_real_model_examples_run(doc: str, index: int, tmp_path, monkeypatch) ->
     namespace: dict = {}
     exec(compile(code, doc, "exec"), namespace)
     assert namespace["attr"].shape == namespace.get("pixel_values", namespace.get("x")).shape
+
+
+def test_methods_doc_holds_the_registry_settings_table() -> None:
+    from captum_gradmask.registry import settings_table
+
+    text = (ROOT / "docs" / "methods.md").read_text()
+    block = re.search(
+        r"<!-- registry-settings:start -->\n(.*?)<!-- registry-settings:end -->", text, re.S
+    )
+    assert block is not None, "docs/methods.md lost its generated settings table"
+    assert block.group(1) == settings_table(), (
+        "docs/methods.md's settings table is out of date: paste "
+        "captum_gradmask.registry.settings_table() between its markers"
+    )

@@ -1,4 +1,8 @@
-"""Comparison attribution methods for Vision Transformers, with GradMask's Captum-style API."""
+"""Comparison attribution methods for Vision Transformers, with GradMask's Captum-style API.
+
+The patch-map methods subclass :class:`captum_gradmask.base.PatchAttribution`; Captum's own
+methods, configured for ViTs, are in :mod:`.captum_baselines` and :mod:`.gradcam`.
+"""
 
 from .chefer import CheferGAE
 from .diffmask import DiffMaskGate, GateConfig, VisionDiffMask, VisionDiffMaskTrainer

@@ -29,29 +29,25 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from captum.attr import Attribution
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .._ops import upsample_grid
 from .._utils import (
     TargetType,
-    check_positive_int,
-    check_target_length,
-    chunks,
-    preserved_model_state,
+    check_recorded,
+    check_token_count,
+    recorded,
     resolve_targets,
-    slice_args,
-    slice_target,
-    unpack_inputs,
+    unique_modules,
 )
-from ..adapters import ViTAdapter, resolve_adapter
+from ..adapters import ViTAdapter
+from ..base import PatchAttribution
 
 __all__ = [
     "AttentionMapAttribution",
     "AttentionPass",
     "attention_pass",
     "check_attention_layers",
+    "check_row",
     "patch_row",
 ]
 
@@ -110,68 +106,37 @@ def attention_pass(
         An :class:`AttentionPass`.
     """
     layers = list(adapter.layers)
-    projection_modules = list(
-        {
-            id(p.module): p.module
-            for layer in layers
-            for p in (layer.query, layer.key, layer.value)
-        }.values()
+    projection_modules = unique_modules(
+        p.module for layer in layers for p in (layer.query, layer.key, layer.value)
     )
-    outputs: dict[int, Tensor] = {}
-    contexts: dict[int, Tensor] = {}
-
-    def record_output(module: nn.Module, _args: Any, output: Any) -> None:
-        outputs[id(module)] = output[0] if isinstance(output, (tuple, list)) else output
-
-    def record_context(module: nn.Module, args: Any) -> None:
-        contexts[id(module)] = args[0]
-
-    handles = [m.register_forward_hook(record_output) for m in projection_modules]
-    handles += [
-        layer.output.register_forward_pre_hook(record_context)
-        for layer in layers
-        if layer.output is not None
-    ]
-    try:
-        with torch.set_grad_enabled(with_gradients):
-            # A fresh leaf keeps the graph alive even for frozen models; the user's tensor and
-            # the parameters' .grad stay untouched (gradients come from torch.autograd.grad).
-            leaf = images.detach().requires_grad_(with_gradients)
-            logits = adapter.logits(leaf, *additional_forward_args)
-            if logits.dim() != 2:
-                raise ValueError(
-                    f"the model must return logits of shape (batch, classes); got shape "
-                    f"{tuple(logits.shape)}"
-                )
-            targets = resolve_targets(target, logits)
-            missing = [m for m in projection_modules if id(m) not in outputs]
-            missing += [
-                layer.output
-                for layer in layers
-                if layer.output is not None and id(layer.output) not in contexts
-            ]
-            if missing:
-                raise RuntimeError(
-                    f"{len(missing)} of the adapter's attention modules did not run in the "
-                    "forward pass; check that the adapter names modules of this model"
-                )
-            context_list = [
-                contexts[id(layer.output)] if layer.output is not None else None for layer in layers
-            ]
-            context_grads: dict[int, Tensor] = {}
-            if with_gradients:
-                score = logits.gather(1, targets[:, None]).sum()
-                used = [i for i, c in enumerate(context_list) if c is not None]
-                grads = torch.autograd.grad(
-                    score, [context_list[i] for i in used], allow_unused=True
-                )
-                for i, g in zip(used, grads, strict=True):
-                    context = context_list[i]
-                    assert context is not None
-                    context_grads[i] = torch.zeros_like(context) if g is None else g
-    finally:
-        for handle in handles:
-            handle.remove()
+    output_modules = [layer.output for layer in layers if layer.output is not None]
+    with (
+        recorded(projection_modules) as outputs,
+        recorded(output_modules, inputs=True) as contexts,
+        torch.set_grad_enabled(with_gradients),
+    ):
+        # A fresh leaf keeps the graph alive even for frozen models; the user's tensor and
+        # the parameters' .grad stay untouched (gradients come from torch.autograd.grad).
+        leaf = images.detach().requires_grad_(with_gradients)
+        logits = adapter.logits(leaf, *additional_forward_args)
+        if logits.dim() != 2:
+            raise ValueError(
+                f"the model must return logits of shape (batch, classes); got shape "
+                f"{tuple(logits.shape)}"
+            )
+        targets = resolve_targets(target, logits)
+        check_recorded(projection_modules, outputs)
+        check_recorded(output_modules, contexts)
+        context_list = [
+            contexts[id(layer.output)] if layer.output is not None else None for layer in layers
+        ]
+        context_grads: dict[int, Tensor] = {}
+        if with_gradients:
+            score = logits.gather(1, targets[:, None]).sum()
+            used = {i: c for i, c in enumerate(context_list) if c is not None}
+            grads = torch.autograd.grad(score, list(used.values()), allow_unused=True)
+            for (i, context), g in zip(used.items(), grads, strict=True):
+                context_grads[i] = torch.zeros_like(context) if g is None else g
 
     probabilities: list[Tensor] = []
     gradients: list[Tensor] = []
@@ -246,24 +211,23 @@ def patch_row(matrix: Tensor, prefix_tokens: int, row: RowChoice, grid: tuple[in
     CLS token); ``row="prefix_mean"`` averages the rows of all prefix tokens (CLS and
     distillation for DeiT). The prefix columns are dropped.
     """
-    if row not in ("cls", "prefix_mean"):
-        raise ValueError(f"`row` must be 'cls' or 'prefix_mean', got {row!r}")
-    tokens = matrix.shape[-1]
-    patches = grid[0] * grid[1]
-    if tokens != prefix_tokens + patches:
-        raise ValueError(
-            f"the model produced {tokens} tokens but the adapter expects {prefix_tokens} prefix "
-            f"tokens + {grid[0]}x{grid[1]} patches = {prefix_tokens + patches}; check the "
-            "adapter's `prefix_tokens` and `patch_size` for this image size"
-        )
+    check_row(row)
+    check_token_count(matrix.shape[-1], prefix_tokens, grid)
     if prefix_tokens < 1:
         raise ValueError("attention maps need at least one prefix (CLS) token to read a row of")
     rows = matrix[:, :1] if row == "cls" else matrix[:, :prefix_tokens]
     return rows.mean(1)[:, prefix_tokens:].reshape(-1, *grid)
 
 
-class AttentionMapAttribution(Attribution):
-    """Shared plumbing of the attention-based methods: adapter, batching, upsampling."""
+def check_row(row: Any) -> None:
+    """Raise unless ``row`` is a :data:`RowChoice`."""
+    if row not in ("cls", "prefix_mean"):
+        raise ValueError(f"`row` must be 'cls' or 'prefix_mean', got {row!r}")
+
+
+class AttentionMapAttribution(PatchAttribution):
+    """Shared part of the attention-based methods: one recorded pass per batch of images, a
+    ``(B, T, T)`` matrix from it, and the chosen query row over the patch tokens."""
 
     method_name = "attention method"
     needs_gradients = False
@@ -271,9 +235,8 @@ class AttentionMapAttribution(Attribution):
     def __init__(
         self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
     ) -> None:
-        self.adapter, self.model = resolve_adapter(model, adapter)
+        super().__init__(model, adapter)
         check_attention_layers(self.adapter, self.method_name, need_output=self.needs_gradients)
-        super().__init__(self.adapter.forward)
 
     def _patch_maps(
         self,
@@ -286,35 +249,16 @@ class AttentionMapAttribution(Attribution):
         combine: Callable[[AttentionPass], Tensor],
     ) -> Tensor:
         """Run :func:`attention_pass` per batch; ``combine`` turns each pass into ``(B, T, T)``."""
-        images, _ = unpack_inputs(inputs)
-        grid = self.adapter.grid(tuple(images.shape[-2:]))
-        count = images.shape[0]
-        batch_size = (
-            count
-            if internal_batch_size is None
-            else check_positive_int(internal_batch_size, "internal_batch_size")
-        )
-        if row not in ("cls", "prefix_mean"):
-            raise ValueError(f"`row` must be 'cls' or 'prefix_mean', got {row!r}")
-        check_target_length(target, count)
-        maps = []
-        batches = list(chunks(count, batch_size))
-        with preserved_model_state(self.model):
-            for batch in tqdm(batches, desc=self.method_name, disable=not show_progress):
-                recorded = attention_pass(
-                    self.adapter,
-                    images[batch],
-                    slice_args(additional_forward_args, batch, count),
-                    slice_target(target, batch),
-                    with_gradients=self.needs_gradients,
-                )
-                matrix = combine(recorded)
-                maps.append(patch_row(matrix, self.adapter.prefix_tokens, row, grid))
-        return torch.cat(maps).to(images.dtype)
+        images, grid = self._prepare(inputs, target)
+        check_row(row)
 
-    def _upsampled(
-        self, inputs: Tensor | tuple[Tensor], grid_map: Tensor
-    ) -> Tensor | tuple[Tensor]:
-        images, is_tuple = unpack_inputs(inputs)
-        attributions = upsample_grid(grid_map, tuple(images.shape[-2:]), images.shape[1])
-        return (attributions,) if is_tuple else attributions
+        def compute(batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]) -> Tensor:
+            passed = attention_pass(
+                self.adapter, batch, args, batch_target, with_gradients=self.needs_gradients
+            )
+            return patch_row(combine(passed), self.adapter.prefix_tokens, row, grid)
+
+        maps = self._batched(
+            images, target, additional_forward_args, internal_batch_size, compute, show_progress
+        )
+        return maps.to(images.dtype)

@@ -66,7 +66,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from captum._utils.models.linear_model import LinearModel
 from captum.attr import (
     Attribution,
@@ -75,7 +74,6 @@ from captum.attr import (
     InputXGradient,
     IntegratedGradients,
     KernelShap,
-    LayerGradCam,
     NoiseTunnel,
     Occlusion,
     Saliency,
@@ -86,23 +84,21 @@ from captum_gradmask._ops import gaussian_blur, grid_to_tokens, patch_feature_ma
 from captum_gradmask._utils import (
     TargetType,
     check_positive_int,
+    extract_logits,
     preserved_model_state,
     resolve_targets,
     unpack_inputs,
 )
-from captum_gradmask.adapters import ViTAdapter, get_adapter
+from captum_gradmask.adapters import ViTAdapter, resolve_model
 
 __all__ = [
     "CaptumBaseline",
-    "ViTLayerGradCam",
-    "default_gradcam_layer",
     "feature_ablation",
     "gradient_shap",
     "grid_to_tokens",
     "input_x_gradient",
     "integrated_gradients",
     "kernel_shap",
-    "layer_gradcam",
     "occlusion",
     "patch_feature_mask",
     "saliency",
@@ -207,20 +203,16 @@ class CaptumBaseline:
         return result
 
 
-def _setup(model: Any, adapter: ViTAdapter | None) -> tuple[ViTAdapter, Callable[..., Tensor]]:
-    """The adapter and a forward function returning 2-D logits (Hugging Face outputs unwrapped)."""
-    adapter = get_adapter(model) if adapter is None else adapter
+def _setup(model: Any, adapter: ViTAdapter | None) -> tuple[ViTAdapter, Callable[..., Tensor], Any]:
+    """The resolved adapter, a forward function returning 2-D logits (Hugging Face outputs
+    unwrapped) and the module whose state is guarded."""
+    resolved = resolve_model(model, adapter)
+    explained = resolved.forward
 
     def forward(images: Tensor, *args: Any) -> Tensor:
-        return adapter.logits(images, *args)
+        return extract_logits(explained(images, *args))
 
-    return adapter, forward
-
-
-def _module(model: Any, adapter: ViTAdapter) -> nn.Module | None:
-    if adapter.model is not None:
-        return adapter.model
-    return model if isinstance(model, nn.Module) else None
+    return resolved.adapter, forward, resolved.module  # type: ignore[return-value]
 
 
 def saliency(model: Any, adapter: ViTAdapter | None = None, *, abs: bool = True) -> CaptumBaseline:
@@ -237,18 +229,14 @@ def saliency(model: Any, adapter: ViTAdapter | None = None, *, abs: bool = True)
         >>> saliency(model).attribute(torch.randn(1, 3, 32, 32), target=0).min() >= 0
         tensor(True)
     """
-    adapter, forward = _setup(model, adapter)
-    return CaptumBaseline(
-        "saliency", Saliency(forward), {"abs": abs}, model=_module(model, adapter)
-    )
+    adapter, forward, module = _setup(model, adapter)
+    return CaptumBaseline("saliency", Saliency(forward), {"abs": abs}, model=module)
 
 
 def input_x_gradient(model: Any, adapter: ViTAdapter | None = None) -> CaptumBaseline:
     """Captum ``InputXGradient`` in the normalised input space (signed)."""
-    adapter, forward = _setup(model, adapter)
-    return CaptumBaseline(
-        "inputxgradient", InputXGradient(forward), {}, model=_module(model, adapter)
-    )
+    adapter, forward, module = _setup(model, adapter)
+    return CaptumBaseline("inputxgradient", InputXGradient(forward), {}, model=module)
 
 
 def integrated_gradients(
@@ -266,7 +254,7 @@ def integrated_gradients(
         internal_batch_size: interpolated images per forward/backward pass.
         baseline: the baseline value in normalised space.
     """
-    adapter, forward = _setup(model, adapter)
+    adapter, forward, module = _setup(model, adapter)
     settings = {
         "baselines": float(baseline),
         "n_steps": check_positive_int(n_steps, "n_steps"),
@@ -276,7 +264,7 @@ def integrated_gradients(
         "integrated-gradients",
         IntegratedGradients(forward),
         settings,
-        model=_module(model, adapter),
+        model=module,
     )
 
 
@@ -297,7 +285,7 @@ def gradient_shap(
         blur_kernel_size, blur_sigma: the blur of the second baseline
             (:func:`captum_gradmask.metrics.gaussian_blur`).
     """
-    adapter, forward = _setup(model, adapter)
+    adapter, forward, module = _setup(model, adapter)
     check_positive_int(blur_kernel_size, "blur_kernel_size")
 
     def baselines(images: Tensor, targets: Tensor) -> dict[str, Any]:
@@ -308,7 +296,7 @@ def gradient_shap(
         "gradient-shap",
         GradientShap(forward),
         {"n_samples": check_positive_int(n_samples, "n_samples"), "stdevs": float(stdevs)},
-        model=_module(model, adapter),
+        model=module,
         prepare=baselines,
         per_image=True,
     )
@@ -329,7 +317,7 @@ def smoothgrad(
         noise_level: noise standard deviation as a fraction of the image's value range.
         nt_samples_batch_size: noisy copies per forward/backward pass.
     """
-    adapter, forward = _setup(model, adapter)
+    adapter, forward, module = _setup(model, adapter)
     if not noise_level > 0:
         raise ValueError(f"`noise_level` must be positive, got {noise_level!r}")
 
@@ -348,7 +336,7 @@ def smoothgrad(
             ),
             "abs": True,
         },
-        model=_module(model, adapter),
+        model=module,
         prepare=noise,
         # The noise level follows each image's own range.
         per_image=True,
@@ -375,7 +363,7 @@ def occlusion(
         >>> occlusion(model).settings["sliding_window_shapes"]
         (3, 8, 8)
     """
-    adapter, forward = _setup(model, adapter)
+    adapter, forward, module = _setup(model, adapter)
     ph, pw = adapter.patch_size
     window = (3, ph, pw)
 
@@ -395,7 +383,7 @@ def occlusion(
                 perturbations_per_eval, "perturbations_per_eval"
             ),
         },
-        model=_module(model, adapter),
+        model=module,
         prepare=windows,
     )
 
@@ -417,7 +405,7 @@ def feature_ablation(
     baseline: float = 0.0,
 ) -> CaptumBaseline:
     """Captum ``FeatureAblation`` with one feature per patch (:func:`patch_feature_mask`)."""
-    adapter, forward = _setup(model, adapter)
+    adapter, forward, module = _setup(model, adapter)
     return CaptumBaseline(
         "feature-ablation",
         FeatureAblation(forward),
@@ -427,7 +415,7 @@ def feature_ablation(
                 perturbations_per_eval, "perturbations_per_eval"
             ),
         },
-        model=_module(model, adapter),
+        model=module,
         prepare=_patch_mask_prepare(adapter),
     )
 
@@ -476,7 +464,7 @@ def kernel_shap(
         perturbations_per_eval: coalitions per forward pass.
         baseline: value of an absent patch in normalised space.
     """
-    adapter, forward = _setup(model, adapter)
+    adapter, forward, module = _setup(model, adapter)
     explainer = KernelShap(forward)
     # Captum's default surrogate needs scikit-learn; the same weighted least squares in torch.
     explainer.interpretable_model = LinearModel(train_fn=_weighted_least_squares)
@@ -490,129 +478,8 @@ def kernel_shap(
                 perturbations_per_eval, "perturbations_per_eval"
             ),
         },
-        model=_module(model, adapter),
+        model=module,
         prepare=_patch_mask_prepare(adapter),
         # Captum's KernelShap fits one surrogate per example; a batch is one image at a time.
         per_image=True,
-    )
-
-
-def default_gradcam_layer(model: Any) -> nn.Module:
-    """The first LayerNorm of the last encoder block (pytorch-grad-cam's choice for ViTs).
-
-    timm ``VisionTransformer``: ``blocks[-1].norm1``; Hugging Face ViT/DeiT:
-    ``layers[-1].layernorm_before`` (5.x) or ``encoder.layer[-1].layernorm_before`` (4.x).
-
-    Raises:
-        ValueError: for other models; pass ``layer=`` to :func:`layer_gradcam` then.
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None and len(blocks) and hasattr(blocks[-1], "norm1"):
-        return blocks[-1].norm1
-    prefix = getattr(model, "base_model_prefix", None)
-    base = getattr(model, prefix, None) if prefix else None
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is not None and len(layers) and hasattr(layers[-1], "layernorm_before"):
-        return layers[-1].layernorm_before
-    raise ValueError(
-        f"no default Grad-CAM layer for a model of type {type(model).__name__}: pass `layer=` "
-        "(a module whose output is the (B, tokens, D) sequence of a late encoder block)"
-    )
-
-
-class _TokenGrid(nn.Module):
-    """Identity on the ``(B, D, h, w)`` view of a token sequence: Captum hooks its output."""
-
-    def forward(self, grid_map: Tensor) -> Tensor:
-        return grid_map
-
-
-class ViTLayerGradCam(CaptumBaseline):
-    """Captum ``LayerGradCam`` on a ViT token layer seen as a ``(B, D, h, w)`` feature map.
-
-    Captum's Grad-CAM averages gradients over the dimensions after the second, so it needs a
-    channels-first spatial map. During :meth:`attribute`, a forward hook on ``layer`` rewrites
-    its output ``(B, P + h*w, D)`` as the prefix tokens followed by :func:`tokens_to_grid`
-    passed through an identity module (and flattened back), and Grad-CAM is taken on that
-    module's output. The ReLU'd ``(h, w)`` map is upsampled (``interpolate_mode``) to the input
-    size and repeated over the channels. Build it with :func:`layer_gradcam`.
-    """
-
-    def __init__(
-        self,
-        forward: Callable[..., Tensor],
-        adapter: ViTAdapter,
-        layer: nn.Module,
-        *,
-        model: nn.Module | None,
-        interpolate_mode: str,
-    ) -> None:
-        self.grid_view = _TokenGrid()
-        super().__init__(
-            "layer-gradcam",
-            LayerGradCam(forward, self.grid_view),
-            {"relu_attributions": True},
-            model=model,
-        )
-        self.adapter = adapter
-        self.layer = layer
-        self.interpolate_mode = interpolate_mode
-
-    def _attribute(self, images: Tensor, targets: Tensor) -> Tensor:
-        grid = self.adapter.grid(tuple(images.shape[-2:]))
-        prefix = self.adapter.prefix_tokens
-
-        def reshape_hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-            grid_map = self.grid_view(tokens_to_grid(output, prefix, grid))
-            return grid_to_tokens(grid_map, output[:, :prefix])
-
-        handle = self.layer.register_forward_hook(reshape_hook)
-        try:
-            cam = self.attribution.attribute(images, target=targets, **self.settings)
-        finally:
-            handle.remove()
-        extra = {"align_corners": False} if self.interpolate_mode == "bilinear" else {}
-        up = F.interpolate(cam, size=tuple(images.shape[-2:]), mode=self.interpolate_mode, **extra)
-        return up.expand(-1, images.shape[1], -1, -1).contiguous()
-
-
-def layer_gradcam(
-    model: Any,
-    adapter: ViTAdapter | None = None,
-    *,
-    layer: nn.Module | None = None,
-    interpolate_mode: str = "bilinear",
-) -> ViTLayerGradCam:
-    """Grad-CAM for ViTs (:class:`ViTLayerGradCam`) on ``layer``.
-
-    Args:
-        layer: a module whose output is the ``(B, P + h*w, D)`` token sequence of a late
-            encoder block; default :func:`default_gradcam_layer`.
-        interpolate_mode: ``"bilinear"`` (pytorch-grad-cam's upsampling) or ``"nearest"``.
-
-    Example::
-
-        >>> import torch
-        >>> from transformers import ViTConfig, ViTForImageClassification
-        >>> from captum_gradmask.methods.captum_baselines import layer_gradcam
-        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
-        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        ...     intermediate_size=64, num_labels=5)).eval()
-        >>> layer_gradcam(model).attribute(torch.randn(2, 3, 32, 32), target=3).shape
-        torch.Size([2, 3, 32, 32])
-    """
-    adapter, forward = _setup(model, adapter)
-    target_layer = default_gradcam_layer(model) if layer is None else layer
-    if interpolate_mode not in ("bilinear", "nearest"):
-        raise ValueError(
-            f"`interpolate_mode` must be 'bilinear' or 'nearest', got {interpolate_mode!r}"
-        )
-    return ViTLayerGradCam(
-        forward,
-        adapter,
-        target_layer,
-        model=_module(model, adapter),
-        interpolate_mode=interpolate_mode,
     )

@@ -58,7 +58,7 @@ class CheferGAE(AttentionMapAttribution, GradientAttribution):
     method_name = "CheferGAE"
     needs_gradients = True
 
-    def attribute(  # type: ignore[override]
+    def attribute_grid(
         self,
         inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
@@ -67,7 +67,7 @@ class CheferGAE(AttentionMapAttribution, GradientAttribution):
         row: RowChoice = "cls",
         internal_batch_size: int | None = None,
         show_progress: bool = False,
-    ) -> Tensor | tuple[Tensor]:
+    ) -> Tensor:
         r"""Attribute the target class to the input patches with Chefer et al.'s relevance.
 
         Args:
@@ -84,8 +84,7 @@ class CheferGAE(AttentionMapAttribution, GradientAttribution):
             show_progress: show a progress bar over the batches.
 
         Returns:
-            The map with the shape (and tensor-or-tuple form) of ``inputs``: each patch's
-            relevance (>= 0) repeated over its pixels and the channels.
+            The ``(B, h, w)`` map: each patch's relevance (>= 0).
 
         Example::
 
@@ -95,40 +94,7 @@ class CheferGAE(AttentionMapAttribution, GradientAttribution):
             >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
             ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             ...     intermediate_size=64, num_labels=5)).eval()
-            >>> CheferGAE(model).attribute(torch.randn(1, 3, 32, 32), target=3).shape
-            torch.Size([1, 3, 32, 32])
-        """
-        grid_map = self.attribute_grid(
-            inputs,
-            target,
-            additional_forward_args,
-            row=row,
-            internal_batch_size=internal_batch_size,
-            show_progress=show_progress,
-        )
-        return self._upsampled(inputs, grid_map)
-
-    def attribute_grid(
-        self,
-        inputs: Tensor | tuple[Tensor],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        row: RowChoice = "cls",
-        internal_batch_size: int | None = None,
-        show_progress: bool = False,
-    ) -> Tensor:
-        """The patch-grid map ``(B, h, w)``; arguments as in :meth:`attribute`.
-
-        Example::
-
-            >>> import torch
-            >>> from transformers import ViTConfig, ViTForImageClassification
-            >>> from captum_gradmask.methods import CheferGAE
-            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
-            ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            ...     intermediate_size=64, num_labels=5)).eval()
-            >>> CheferGAE(model).attribute_grid(torch.randn(1, 3, 32, 32)).shape
+            >>> CheferGAE(model).attribute_grid(torch.randn(1, 3, 32, 32), target=3).shape
             torch.Size([1, 4, 4])
         """
 

@@ -20,24 +20,24 @@ from captum.attr import PerturbationAttribution
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._ops import upsample_grid
 from .._utils import (
     TargetType,
+    check_index,
+    check_no_args,
     check_positive_int,
-    check_target_length,
+    check_token_count,
     chunks,
-    preserved_model_state,
     resolve_targets,
-    unpack_inputs,
 )
-from ..adapters import ViTAdapter, resolve_adapter
+from ..adapters import ViTAdapter
+from ..base import PatchAttribution
 
 __all__ = ["ViTReciproCAM", "spatial_weights"]
 
 _GAUSSIAN_3X3 = ((1 / 16, 1 / 8, 1 / 16), (1 / 8, 1 / 4, 1 / 8), (1 / 16, 1 / 8, 1 / 16))
 
 
-class ViTReciproCAM(PerturbationAttribution):
+class ViTReciproCAM(PatchAttribution, PerturbationAttribution):
     r"""ViT-ReciproCAM maps for Vision Transformers.
 
     Needs the adapter's token interface (``embed``, ``blocks``, ``head``), which the built-in
@@ -66,14 +66,15 @@ class ViTReciproCAM(PerturbationAttribution):
         torch.Size([2, 4, 4])
     """
 
+    method_name = "ViT-ReciproCAM"
+
     def __init__(
         self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
     ) -> None:
-        self.adapter, self.model = resolve_adapter(model, adapter)
-        self.adapter.require_tokens("ViTReciproCAM")
-        super().__init__(self.adapter.forward)
+        super().__init__(model, adapter)
+        self.adapter.require_tokens(self.method_name)
 
-    def attribute(  # type: ignore[override]
+    def attribute_grid(
         self,
         inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
@@ -83,8 +84,9 @@ class ViTReciproCAM(PerturbationAttribution):
         gaussian: bool = False,
         normalize: bool = True,
         perturbations_per_eval: int = 32,
+        internal_batch_size: int | None = None,
         show_progress: bool = False,
-    ) -> Tensor | tuple[Tensor]:
+    ) -> Tensor:
         r"""Attribute the target class to the input patches with ViT-ReciproCAM.
 
         Args:
@@ -104,11 +106,11 @@ class ViTReciproCAM(PerturbationAttribution):
             normalize: min-max normalise each map to ``[0, 1]`` as the paper does (a constant
                 map becomes all zeros). ``False`` returns the raw softmax probabilities.
             perturbations_per_eval: token sets per forward pass; bounds memory.
+            internal_batch_size: images per batch (``None``: all at once).
             show_progress: show a progress bar over the batches of token sets.
 
         Returns:
-            The map with the shape (and tensor-or-tuple form) of ``inputs``: each patch's score
-            repeated over its pixels and the channels.
+            The ``(B, h, w)`` map: each patch's score.
 
         Example::
 
@@ -118,104 +120,60 @@ class ViTReciproCAM(PerturbationAttribution):
             >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
             ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             ...     intermediate_size=64, num_labels=5)).eval()
-            >>> ViTReciproCAM(model).attribute(torch.randn(1, 3, 32, 32), target=1).shape
-            torch.Size([1, 3, 32, 32])
-        """
-        images, is_tuple = unpack_inputs(inputs)
-        grid_map = self.attribute_grid(
-            images,
-            target,
-            additional_forward_args,
-            layer=layer,
-            gaussian=gaussian,
-            normalize=normalize,
-            perturbations_per_eval=perturbations_per_eval,
-            show_progress=show_progress,
-        )
-        attributions = upsample_grid(grid_map, tuple(images.shape[-2:]), images.shape[1])
-        return (attributions,) if is_tuple else attributions
-
-    def attribute_grid(
-        self,
-        inputs: Tensor | tuple[Tensor],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        layer: int = -1,
-        gaussian: bool = False,
-        normalize: bool = True,
-        perturbations_per_eval: int = 32,
-        show_progress: bool = False,
-    ) -> Tensor:
-        """The patch-grid map ``(B, h, w)``; arguments as in :meth:`attribute`.
-
-        Example::
-
-            >>> import torch
-            >>> from transformers import ViTConfig, ViTForImageClassification
-            >>> from captum_gradmask.methods import ViTReciproCAM
-            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
-            ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            ...     intermediate_size=64, num_labels=5)).eval()
-            >>> ViTReciproCAM(model).attribute_grid(torch.randn(1, 3, 32, 32)).shape
+            >>> ViTReciproCAM(model).attribute_grid(torch.randn(1, 3, 32, 32), target=1).shape
             torch.Size([1, 4, 4])
         """
-        images, _ = unpack_inputs(inputs)
-        grid = self.adapter.grid(tuple(images.shape[-2:]))
+        images, grid = self._prepare(inputs, target)
         check_positive_int(perturbations_per_eval, "perturbations_per_eval")
-        if additional_forward_args is not None:
-            raise ValueError(
-                "`additional_forward_args` must be None for ViTReciproCAM: the masked token sets "
-                "run through the adapter's token interface (embed, blocks, head), which takes no "
-                "extra arguments"
-            )
-        start = self._block_index(layer)
-        count = images.shape[0]
-        check_target_length(target, count)
-        prefix = self.adapter.prefix_tokens
-        patches = grid[0] * grid[1]
-        assert self.adapter.embed is not None and self.adapter.blocks is not None
+        check_no_args(additional_forward_args, self.method_name)
+        interface = self.adapter.require_tokens(self.method_name)
+        start = check_index(layer, len(interface.blocks), "layer", "encoder blocks")
 
-        with preserved_model_state(self.model), torch.inference_mode():
-            tokens = self.adapter.embed(images)
-            if tokens.shape[1] != prefix + patches:
-                raise ValueError(
-                    f"the model produced {tokens.shape[1]} tokens but the adapter expects "
-                    f"{prefix} prefix tokens + {grid[0]}x{grid[1]} patches = {prefix + patches}; "
-                    "check the adapter's `prefix_tokens` and `patch_size` for this image size"
-                )
-            for block in self.adapter.blocks[:start]:
-                tokens = block(tokens)
-            targets = resolve_targets(target, self.adapter.run_tokens(tokens, start))
-            weights = spatial_weights(grid, gaussian, device=tokens.device).to(tokens.dtype)
-            scores = torch.empty(count * patches, dtype=torch.float32, device=tokens.device)
-            batches = list(chunks(count * patches, perturbations_per_eval))
-            for batch in tqdm(batches, desc="ViT-ReciproCAM", disable=not show_progress):
-                owner = torch.arange(batch.start, batch.stop, device=tokens.device) // patches
-                patch = torch.arange(batch.start, batch.stop, device=tokens.device) % patches
-                source = tokens[owner]
-                masked = torch.cat(
-                    [source[:, :prefix], source[:, prefix:] * weights[patch][:, :, None]], dim=1
-                )
-                logits = self.adapter.run_tokens(masked, start)
-                probs = torch.softmax(logits.float(), dim=-1)
-                scores[batch] = probs.gather(1, targets[owner][:, None]).squeeze(1)
-            maps = scores.reshape(count, patches)
+        def compute(batch: Tensor, batch_target: TargetType, _args: tuple[Any, ...]) -> Tensor:
+            return self._scores(
+                batch, batch_target, grid, start, gaussian, perturbations_per_eval, show_progress
+            )
+
+        with torch.inference_mode():
+            maps = self._batched(images, target, None, internal_batch_size, compute)
             if normalize:
-                low = maps.amin(dim=1, keepdim=True)
-                span = maps.amax(dim=1, keepdim=True) - low
+                low = maps.amin(dim=(1, 2), keepdim=True)
+                span = maps.amax(dim=(1, 2), keepdim=True) - low
                 maps = torch.where(span > 0, (maps - low) / span.clamp(min=1e-30), 0.0)
-        return maps.reshape(count, *grid).to(images.dtype).clone()
+        return maps.to(images.dtype).clone()
 
-    def _block_index(self, layer: int) -> int:
-        assert self.adapter.blocks is not None
-        count = len(self.adapter.blocks)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
-            raise ValueError(
-                f"`layer`={layer!r} is not valid: give a block index in -{count}..{count - 1} "
-                f"(the model has {count} encoder blocks)"
+    def _scores(
+        self,
+        images: Tensor,
+        target: TargetType,
+        grid: tuple[int, int],
+        start: int,
+        gaussian: bool,
+        batch_size: int,
+        show_progress: bool,
+    ) -> Tensor:
+        """The target's softmax on each patch's token set: ``(B, h, w)`` raw scores."""
+        interface = self.adapter.require_tokens(self.method_name)
+        prefix = self.adapter.prefix_tokens
+        count, patches = images.shape[0], grid[0] * grid[1]
+        tokens = interface.embed(images)
+        check_token_count(tokens.shape[1], prefix, grid)
+        for block in interface.blocks[:start]:
+            tokens = block(tokens)
+        targets = resolve_targets(target, interface.run(tokens, start))
+        weights = spatial_weights(grid, gaussian, device=tokens.device).to(tokens.dtype)
+        scores = torch.empty(count * patches, dtype=torch.float32, device=tokens.device)
+        batches = list(chunks(count * patches, batch_size))
+        for batch in tqdm(batches, desc=self.method_name, disable=not show_progress):
+            pair = torch.arange(batch.start, batch.stop, device=tokens.device)
+            owner, patch = pair // patches, pair % patches
+            source = tokens[owner]
+            masked = torch.cat(
+                [source[:, :prefix], source[:, prefix:] * weights[patch][:, :, None]], dim=1
             )
-        return layer % count
+            probs = torch.softmax(interface.run(masked, start).float(), dim=-1)
+            scores[batch] = probs.gather(1, targets[owner][:, None]).squeeze(1)
+        return scores.reshape(count, *grid)
 
 
 def spatial_weights(

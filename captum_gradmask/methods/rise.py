@@ -15,26 +15,23 @@ softmax probability, the saliency is the Monte-Carlo estimate of ``E[P_t(I ⊙ M
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from captum.attr import PerturbationAttribution
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._utils import (
     TargetType,
     check_positive_int,
     chunks,
-    expand_additional_args,
     forward_logits,
     preserved_model_state,
     resolve_targets,
-    unpack_inputs,
 )
-from ..adapters import ViTAdapter
+from ..base import PatchAttribution
 
 __all__ = ["RISE", "generate_masks"]
 
@@ -112,7 +109,7 @@ def generate_masks(
     return sampler.masks(slice(0, n_masks), torch.device(device) if device else None)
 
 
-class RISE(PerturbationAttribution):
+class RISE(PatchAttribution, PerturbationAttribution):
     r"""RISE saliency maps (pixel level, model-agnostic).
 
     Cost: ``n_masks`` forward passes per image (batched), plus one to find the predicted class
@@ -122,8 +119,10 @@ class RISE(PerturbationAttribution):
         model: any callable ``model(images, *additional_forward_args)`` returning logits (a
             tensor, a Hugging Face output with ``.logits``, or a tuple). ``nn.Module`` models are
             put in eval mode for the call and restored afterwards.
-        adapter: optional; when given, its ``forward`` is used (e.g. Hugging Face models at
-            non-default image sizes). No patch grid or attention layers are needed.
+        adapter: optional (no patch grid or attention layers are needed); resolved like every
+            method's (:func:`~captum_gradmask.adapters.resolve_model`): beside the module it
+            wraps, its ``forward`` is used (e.g. Hugging Face models at non-default image
+            sizes); beside another callable, that callable is explained.
 
     Example::
 
@@ -139,22 +138,11 @@ class RISE(PerturbationAttribution):
         torch.Size([2, 3, 32, 32])
     """
 
-    def __init__(
-        self, model: nn.Module | Callable[..., Any], adapter: ViTAdapter | None = None
-    ) -> None:
-        if isinstance(model, ViTAdapter):
-            adapter = model
-        self.model = (
-            adapter.model
-            if adapter is not None and adapter.model is not None
-            else (model if isinstance(model, nn.Module) else None)
-        )
-        forward = adapter.forward if adapter is not None else model
-        if not callable(forward):
-            raise TypeError(f"`model` must be callable, got {type(model).__name__}")
-        super().__init__(forward)
+    method_name = "RISE"
+    needs_adapter = False
+    pixel_level = True
 
-    def attribute(  # type: ignore[override]
+    def attribute_grid(
         self,
         inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
@@ -167,7 +155,7 @@ class RISE(PerturbationAttribution):
         fill_value: float = 0.0,
         perturbations_per_eval: int = 32,
         show_progress: bool = False,
-    ) -> Tensor | tuple[Tensor]:
+    ) -> Tensor:
         r"""Attribute the target class to the input pixels with RISE.
 
         Args:
@@ -189,65 +177,24 @@ class RISE(PerturbationAttribution):
             show_progress: show a progress bar over the batches of masked images.
 
         Returns:
-            The saliency with the shape (and tensor-or-tuple form) of ``inputs``, the same map
-            repeated over the channels.
+            The ``(B, H, W)`` saliency (pixel level).
 
         Example::
 
             >>> import torch
             >>> from captum_gradmask.methods import RISE
             >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
-            >>> RISE(model).attribute(torch.randn(1, 3, 16, 16), n_masks=20, grid_size=4).shape
-            torch.Size([1, 3, 16, 16])
+            >>> RISE(model).attribute_grid(torch.randn(1, 3, 16, 16), n_masks=20, grid_size=4).shape
+            torch.Size([1, 16, 16])
         """
-        images, is_tuple = unpack_inputs(inputs)
-        saliency = self.attribute_grid(
-            images,
-            target,
-            additional_forward_args,
-            n_masks=n_masks,
-            grid_size=grid_size,
-            p=p,
-            seed=seed,
-            fill_value=fill_value,
-            perturbations_per_eval=perturbations_per_eval,
-            show_progress=show_progress,
-        )
-        attributions = saliency[:, None].expand(-1, images.shape[1], -1, -1).contiguous()
-        return (attributions,) if is_tuple else attributions
-
-    def attribute_grid(
-        self,
-        inputs: Tensor | tuple[Tensor],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        n_masks: int = 4000,
-        grid_size: int = 7,
-        p: float = 0.5,
-        seed: int | None = 0,
-        fill_value: float = 0.0,
-        perturbations_per_eval: int = 32,
-        show_progress: bool = False,
-    ) -> Tensor:
-        """The pixel map ``(B, H, W)`` (RISE has no patch grid); arguments as in :meth:`attribute`.
-
-        Example::
-
-            >>> import torch
-            >>> from captum_gradmask.methods import RISE
-            >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
-            >>> RISE(model).attribute_grid(torch.randn(2, 3, 16, 16), n_masks=20).shape
-            torch.Size([2, 16, 16])
-        """
-        images, _ = unpack_inputs(inputs)
+        images, _ = self._prepare(inputs, target)
         check_positive_int(perturbations_per_eval, "perturbations_per_eval")
         if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)):
             raise ValueError(f"`fill_value` must be a number, got {fill_value!r}")
         count, _, height, width = images.shape
         sampler = _MaskSampler(n_masks, (height, width), grid_size, p, seed)
         device = images.device
-        extra = expand_additional_args(additional_forward_args, 1)
+        extra = _batch_args(additional_forward_args, None, count)
         fill = torch.as_tensor(fill_value, dtype=images.dtype, device=device)
         saliency = torch.zeros(count, height * width, dtype=torch.float32, device=device)
 
@@ -273,8 +220,12 @@ class RISE(PerturbationAttribution):
         return saliency.reshape(count, height, width).to(images.dtype).clone()
 
 
-def _batch_args(args: tuple[Any, ...], owner: Tensor, batch_size: int) -> tuple[Any, ...]:
-    """Batch-first tensor arguments indexed to follow their image."""
+def _batch_args(args: Any, owner: Tensor | None, batch_size: int) -> tuple[Any, ...]:
+    """Extra forward arguments as a tuple; batch-first tensors indexed by ``owner`` (if any)
+    to follow their image."""
+    args = args if isinstance(args, tuple) else () if args is None else (args,)
+    if owner is None:
+        return args
     return tuple(
         a[owner] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
         for a in args

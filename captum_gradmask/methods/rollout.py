@@ -53,7 +53,7 @@ class AttentionRollout(AttentionMapAttribution):
     method_name = "AttentionRollout"
     needs_gradients = False
 
-    def attribute(  # type: ignore[override]
+    def attribute_grid(
         self,
         inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
@@ -64,7 +64,7 @@ class AttentionRollout(AttentionMapAttribution):
         row: RowChoice = "cls",
         internal_batch_size: int | None = None,
         show_progress: bool = False,
-    ) -> Tensor | tuple[Tensor]:
+    ) -> Tensor:
         r"""Attribute the model's prediction to the input patches by attention rollout.
 
         Args:
@@ -87,46 +87,7 @@ class AttentionRollout(AttentionMapAttribution):
             show_progress: show a progress bar over the batches.
 
         Returns:
-            The map with the shape (and tensor-or-tuple form) of ``inputs``: each patch's score
-            repeated over its pixels and the channels. Each map's patch scores are rollout
-            weights in ``[0, 1]``.
-
-        Example::
-
-            >>> import torch
-            >>> from transformers import ViTConfig, ViTForImageClassification
-            >>> from captum_gradmask.methods import AttentionRollout
-            >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
-            ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            ...     intermediate_size=64, num_labels=5)).eval()
-            >>> AttentionRollout(model).attribute(torch.randn(1, 3, 32, 32)).shape
-            torch.Size([1, 3, 32, 32])
-        """
-        grid_map = self.attribute_grid(
-            inputs,
-            target,
-            additional_forward_args,
-            head_fusion=head_fusion,
-            discard_ratio=discard_ratio,
-            row=row,
-            internal_batch_size=internal_batch_size,
-            show_progress=show_progress,
-        )
-        return self._upsampled(inputs, grid_map)
-
-    def attribute_grid(
-        self,
-        inputs: Tensor | tuple[Tensor],
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        *,
-        head_fusion: HeadFusion = "mean",
-        discard_ratio: float = 0.0,
-        row: RowChoice = "cls",
-        internal_batch_size: int | None = None,
-        show_progress: bool = False,
-    ) -> Tensor:
-        """The patch-grid map ``(B, h, w)``; arguments as in :meth:`attribute`.
+            The ``(B, h, w)`` map: each patch's rollout weight, in ``[0, 1]``.
 
         Example::
 

@@ -56,7 +56,7 @@ def sample_gates(
     Example::
 
         >>> import torch
-        >>> from captum_gradmask.methods._hard_concrete import sample_gates
+        >>> from captum_gradmask.methods.diffmask.hard_concrete import sample_gates
         >>> gates = sample_gates(torch.tensor([-20.0, 0.0, 20.0]))
         >>> gates[0].item(), gates[2].item() > 0.99
         (0.0, True)
@@ -79,7 +79,7 @@ def log_prob_open(
     Example::
 
         >>> import torch
-        >>> from captum_gradmask.methods._hard_concrete import log_prob_open
+        >>> from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open
         >>> round(log_prob_open(torch.tensor(0.0)).exp().item(), 4)  # sigmoid(0.2 * log 5)
         0.5798
     """
