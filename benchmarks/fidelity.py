@@ -21,17 +21,10 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from benchmarks._common import DEFAULT_SHARED, synchronize
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask.data import load_imagenet_sample, preprocess_image
 from captum_gradmask.metrics import pointing_game, rise_deletion, rise_insertion
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = ROOT.parent / "shared"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -48,12 +41,12 @@ def measure(args: argparse.Namespace) -> None:
         targets = [r.label for r in batch]
         maps, seconds = {}, {}
         for mode in ("exact", "fast"):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             maps[mode] = gradmask.attribute_grid(
                 images, target=targets, mode=mode, perturbations_per_eval=args.per_eval
             )
-            _sync(device)
+            synchronize(device)
             seconds[mode] = (time.perf_counter() - start) / len(batch)
         scores: dict[str, Any] = {}
         for mode, grid in maps.items():

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO, synchronize
 from benchmarks.report import bootstrap_ci, load_rows
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask.data import load_imagenet_sample
@@ -49,9 +50,6 @@ from captum_gradmask.metrics import (
 )
 from captum_gradmask.models import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenet-val-sample"
-DEFAULT_MODEL = REPO.parent / "shared" / "models" / "vit-tiny-patch16-224-augreg-in1k"
 MASKS_PER_LAYER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 48)
 METRICS = ("insertion", "deletion", "pointing_game", "seconds")
 PANELS = ("seconds", "insertion", "deletion", "pointing_game")
@@ -169,10 +167,10 @@ def run(args: argparse.Namespace) -> Path:
         for config, index in tqdm(todo, desc="configuration x image"):
             record, image = records[index], images[index]
             target = torch.tensor([record.label], device=image.device)
-            _sync(image.device)
+            synchronize(image.device)
             start = time.perf_counter()
             grid = config.explain(gm, image, target, args.seed + index).detach()
-            _sync(image.device)
+            synchronize(image.device)
             seconds = time.perf_counter() - start
             row = {
                 "config": config.name,
@@ -186,11 +184,6 @@ def run(args: argparse.Namespace) -> Path:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
     return results
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _scores(model: Any, image: Tensor, grid: Tensor, record: Any) -> dict[str, float]:

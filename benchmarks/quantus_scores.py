@@ -28,15 +28,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO
 from benchmarks.report import bootstrap_ci
 from captum_gradmask.data import load_imagenet_sample
 from captum_gradmask.interop import LogitsModel, quantus_explain
 from captum_gradmask.metrics import boxes_to_mask, resize_boxes
 from captum_gradmask.models import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenet-val-sample"
-DEFAULT_MODEL = REPO.parent / "shared" / "models" / "vit-tiny-patch16-224-augreg-in1k"
 DEFAULT_METHODS = "gradmask-m4,saliency,integrated-gradients"
 # Quantus needs features_in_step to divide H * W; it flips (channel, row, column) values, so
 # 6272 values a step is 24 steps on a 3 x 224 x 224 image.

@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from benchmarks import report
+from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, REPO, synchronize
 from captum_gradmask.data import class_names, load_imagenet_sample
 from captum_gradmask.metrics import (
     PerturbationCurve,
@@ -51,11 +52,6 @@ from captum_gradmask.metrics import (
 )
 from captum_gradmask.models import load_model
 from captum_gradmask.registry import MethodUnavailable, build_method, method_names
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "imagenet-val-sample"
-DEFAULT_MODEL = REPO.parent / "shared" / "models" / "vit-tiny-patch16-224-augreg-in1k"
-DEFAULT_GATE = REPO / "benchmarks" / "checkpoints" / "diffmask-vit-tiny"
 
 # Metric groups selectable with --metrics; "rise" and "captum" run on the first
 # --rise-metrics-images / --captum-metrics-images images only (they cost the most).
@@ -161,19 +157,14 @@ def _split(value: str, valid: Sequence[str], what: str) -> list[str]:
     return names
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(
     explain: Callable[[Tensor, Any], Tensor], image: Tensor, target: int, device: torch.device
 ) -> tuple[Tensor, float]:
     """``explain(image, target)`` and its wall-clock seconds (CUDA work included)."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     result = explain(image, target)
-    _synchronize(device)
+    synchronize(device)
     return result, time.perf_counter() - start
 
 
@@ -482,7 +473,7 @@ def _warm_up_model(model: torch.nn.Module, preprocess: Any, device: torch.device
     height, width = preprocess.size
     image = torch.zeros(1, 3, height, width, device=device, requires_grad=True)
     torch.autograd.grad(model_probabilities(model, image).max(), image)
-    _synchronize(device)
+    synchronize(device)
 
 
 def model_probabilities(model: torch.nn.Module, image: Tensor) -> Tensor:
