@@ -79,10 +79,6 @@ def save_heatmap_overlay(
         alpha_overlay: heatmap opacity.
         visualize_kwargs: passed on to ``visualize_image_attr``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from captum.attr import visualization as viz
 
     figure, _ = viz.visualize_image_attr(
@@ -96,7 +92,7 @@ def save_heatmap_overlay(
         use_pyplot=False,
         **visualize_kwargs,
     )
+    # use_pyplot=False: a plain Figure, so neither pyplot's figure list nor its backend is touched.
     path = Path(path)
     figure.savefig(path, bbox_inches="tight", dpi=120)
-    plt.close(figure)
     return path
