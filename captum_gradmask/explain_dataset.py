@@ -509,11 +509,7 @@ def evaluate_store(
             lambda: open_maps(store, mode="r+"),
         )
         results = maps.group[name]
-        pending = (
-            np.asarray(maps.done[:])
-            & ~maps.skipped()
-            & ~np.asarray(results["done"][:])
-        )
+        pending = np.asarray(maps.done[:]) & ~maps.skipped() & ~np.asarray(results["done"][:])
         _, batches = _shard(~pending, maps.chunk_size, batch_size, rank, world)
         _barrier(world, device)
         loader = _loader(dataset, batches, input_shape, num_workers, pin_memory)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -248,12 +249,14 @@ def create_store(
         _check_identity(store.attrs.get("identity", {}), full_identity, path)
         return store
 
-    group = zarr.open_group(path, mode="w-")
-    count, chunk = len(files), chunk_size
+    # Built beside the target and renamed into place: a run killed while creating the store
+    # leaves no half-made store at `path` (only a `*.partial-*` folder).
+    building = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    group = zarr.open_group(building, mode="w-")
     group.create_array(
         "maps",
-        shape=(count, *map_shape),
-        chunks=(chunk, *map_shape),
+        shape=(len(files), *map_shape),
+        chunks=(chunk_size, *map_shape),
         dtype="float32",
         fill_value=np.nan,
         dimension_names=("image", "y", "x")[: 1 + len(map_shape)],
@@ -261,8 +264,8 @@ def create_store(
     for name, (dtype, fill) in {**_ROWS, "files": (str, "")}.items():
         group.create_array(
             name,
-            shape=(count,),
-            chunks=(chunk,),
+            shape=(len(files),),
+            chunks=(chunk_size,),
             dtype=dtype,
             fill_value=fill,
             dimension_names=("image",),
@@ -272,7 +275,8 @@ def create_store(
         {"format": FORMAT, "format_version": FORMAT_VERSION, "identity": full_identity}
         | _jsonable(dict(attrs or {}))
     )
-    return StoredMaps(group, path)
+    building.rename(path)
+    return open_maps(path, mode="r+")
 
 
 def open_maps(path: str | Path, *, mode: str = "r") -> StoredMaps:
