@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from captum_gradmask.metrics import gradmask_notebook_insertion, pointing_game
 from captum_gradmask.models import load_model
 from captum_gradmask.store import StoredMaps, StoreMismatch, open_maps
 
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 from .models import tiny_hf_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,3 +322,55 @@ def test_torchrun_two_processes_give_the_one_process_store(
     assert two.done[:].all() and two.failed() == one.failed()
     np.testing.assert_allclose(two.maps[:], one.maps[:], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(two.targets[:], one.targets[:])
+
+
+@needs_shared
+@pytest.mark.slow
+def test_real_images_killed_half_way_resume_under_torchrun(tmp_path: Path) -> None:
+    """The shared ViT-Tiny on 6 real images: a run killed (SIGKILL) after its first chunks,
+    resumed by torchrun with 2 processes, gives each image once, equal to attribute_grid."""
+    out = tmp_path / "real.zarr"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    options = [str(IMAGENET_SAMPLE / "annotations.csv"), "--model", str(HF_VIT_TINY)]
+    options += ["--out", str(out), "--limit", "6", "--method", "gradmask-m1", "--target"]
+    options += ["label", "--chunk-size", "2", "--batch-size", "2", "--workers", "1"]
+    options += ["--threads", "1", "--device", "cpu", "--quiet"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "captum_gradmask", "explain-dataset", *options],
+        env=environment,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, done = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and first.poll() is None and done < 2:
+        time.sleep(0.2)
+        if (out / "zarr.json").is_file():
+            done = int(open_maps(out).done[:].sum())
+    os.killpg(first.pid, signal.SIGKILL)  # the run and its DataLoader worker
+    first.wait()
+    stopped = open_maps(out).done[:]
+    assert 2 <= stopped.sum() < 6, "the first run was not stopped half way"
+
+    resume = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    resume += ["--nproc-per-node", "2", "-m", "captum_gradmask", "explain-dataset", *options]
+    result = subprocess.run(resume, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    chunks = [c for line in ranks for c in ast.literal_eval(line.split("chunks ")[1])]
+    left = [c for c in range(3) if not stopped[2 * c : 2 * c + 2].all()]
+    assert sorted(chunks) == left  # only unfinished chunks, each taken by one rank
+
+    store = open_maps(out)
+    model, preprocess = load_model(HF_VIT_TINY)
+    images = open_source(IMAGENET_SAMPLE / "annotations.csv", preprocess, limit=6)
+    assert store.files[:].tolist() == images.files and len(set(images.files)) == 6
+    assert store.done[:].all() and store.failed() == []
+    gradmask = GradMaskAttribution(model)
+    for i in range(6):
+        pixels, label = images[i]
+        expected = gradmask.attribute_grid(pixels[None], target=label, masks_per_layer=1)
+        assert int(store.targets[i]) == label
+        torch.testing.assert_close(
+            torch.from_numpy(np.asarray(store.maps[i : i + 1])), expected, atol=1e-5, rtol=0
+        )
