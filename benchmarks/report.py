@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from captum_gradmask.stats import bootstrap_ci
+
 __all__ = [
     "HEADLINE_KEYS",
     "METRICS",
@@ -96,43 +98,6 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
-
-
-def bootstrap_ci(
-    values: Sequence[float],
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap confidence interval of the mean.
-
-    Args:
-        values: per-image values (NaNs are dropped).
-        n_resamples: bootstrap resamples.
-        confidence: interval coverage.
-        seed: seed of the resampling (so tables are reproducible).
-
-    Returns:
-        ``(mean, low, high)``; ``low == high == mean`` for a single value, NaNs for none.
-
-    Examples::
-
-        >>> from benchmarks.report import bootstrap_ci
-        >>> mean, low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0)
-        >>> mean, low <= mean <= high
-        (2.5, True)
-    """
-    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if data.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(data.mean())
-    if data.size == 1:
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    resampled = rng.choice(data, size=(n_resamples, data.size), replace=True).mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(resampled, [tail, 1.0 - tail])
-    return mean, float(low), float(high)
 
 
 def summarize(

@@ -11,6 +11,8 @@ patch grid for grid methods, the pixel map otherwise).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,13 +50,16 @@ def class_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["k=v", ...]`` to settings; values are read as int, float, bool, None or text.
+    """``["k=v", ...]`` to settings; values are read as int, float, bool, None, JSON lists
+    and objects, or text.
 
     Example::
 
         >>> from captum_gradmask.cli import parse_options
         >>> parse_options(["n_masks=100", "p=0.25", "gaussian=true", "layer=None", "mode=fast"])
         {'n_masks': 100, 'p': 0.25, 'gaussian': True, 'layer': None, 'mode': 'fast'}
+        >>> parse_options(["layers=[0, 2]"])
+        {'layers': [0, 2]}
     """
     options: dict[str, Any] = {}
     for pair in pairs:
@@ -66,6 +71,11 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _value(text: str) -> Any:
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -199,7 +209,199 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=explain)
+    _add_dataset_commands(commands)
     return parser
+
+
+# --- dataset runs: explain-dataset, evaluate, show ------------------------------------------
+
+
+def _add_dataset_commands(commands: Any) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = commands.add_parser(
+        "explain-dataset",
+        help="explain every image of a folder or CSV into a zarr map store (resumable; "
+        "shards over torchrun processes)",
+    )
+    p.add_argument("source", help="an image folder (flat or class sub-folders) or a CSV")
+    p.add_argument("--model", required=True, help="as for explain")
+    p.add_argument("--weights", default=None, help="timm: a local weights file")
+    p.add_argument("--out", required=True, help="the store to create or resume (STORE.zarr)")
+    p.add_argument("--method", default="gradmask-m4", help="a registry method name")
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method setting (repeatable), e.g. perturbations_per_eval=64 or mode=fast",
+    )
+    p.add_argument(
+        "--target", default="predicted", help="'predicted' (default), 'label' or a class index"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--batch-size", type=int, default=8, help="images per method call")
+    p.add_argument("--chunk-size", type=int, default=None, help="images per store chunk (32)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
+    p.add_argument("--device", default=device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_explain_dataset_command)
+
+    p = commands.add_parser("evaluate", help="run metrics over the maps of a store")
+    p.add_argument("store", help="a store made by explain-dataset")
+    p.add_argument("--metrics", default="notebook", help="notebook, rise, pointing, adcc")
+    p.add_argument("--model", default=None, help="default: the model the store records")
+    p.add_argument("--weights", default=None, help="default: the weights the store records")
+    p.add_argument("--source", default=None, help="default: the source the store records")
+    p.add_argument("--name", default="metrics", help="the store's sub-group for the columns")
+    p.add_argument("--out", default=None, help="folder for rows.csv, summary.json/.md")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
+    p.add_argument("--device", default=device)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_evaluate_command)
+
+    p = commands.add_parser("show", help="write one stored map as a PNG")
+    p.add_argument("store", help="a store made by explain-dataset")
+    p.add_argument("index", type=int, help="the image's row in the store")
+    p.add_argument("--out", default="map.png", help="the PNG to write")
+    p.set_defaults(handler=_show_command)
+
+
+def _target_policy(text: str) -> str | int:
+    if text in ("predicted", "label"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"--target {text!r} is not valid: use 'predicted', 'label' or a class index")
+
+
+def _run_device(name: str, threads: int | None) -> torch.device:
+    """The device of this process (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _recorded_spec(spec: str | None) -> str | None:
+    """A local model or weights path made absolute (so evaluate finds it from anywhere)."""
+    if spec is None or spec.startswith("timm:") or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def _dataset_command(run: Any) -> int:
+    """Run a dataset command; a missing extra, Ctrl-C and store mismatches end it cleanly."""
+    try:
+        return run()
+    except ImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: what was done is kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _explain_dataset_command(args: argparse.Namespace) -> int:
+    from .datasets import open_source
+    from .explain_dataset import explain_dataset
+    from .models import load_model
+
+    def run() -> int:
+        device = _run_device(args.device, args.threads)
+        options, target = parse_options(args.method_option), _target_policy(args.target)
+        model, preprocess = load_model(args.model, weights=args.weights)
+        images = open_source(args.source, preprocess, limit=args.limit)
+        result = explain_dataset(
+            images,
+            model.to(device),
+            args.out,
+            method=args.method,
+            method_options=options,
+            target=target,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            num_workers=args.workers,
+            model_info={
+                "spec": _recorded_spec(args.model),
+                "weights": _recorded_spec(args.weights),
+            },
+            show_progress=not args.quiet,
+        )
+        if result.world_size > 1:
+            print(
+                f"rank {result.rank} of {result.world_size}: wrote {result.written} rows "
+                f"({result.failed} skipped), chunks {result.chunks}",
+                flush=True,
+            )
+        if result.rank == 0:
+            rate = result.written / result.seconds if result.seconds else 0.0
+            print(
+                f"{result.done} of {result.total} images done in {args.out}; this process "
+                f"wrote {result.written} ({result.failed} skipped) in {result.seconds:.1f} s "
+                f"({rate:.2f} images/s)"
+            )
+        return 0
+
+    return _dataset_command(run)
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    from .datasets import open_source
+    from .explain_dataset import evaluate_store, write_evaluation
+    from .models import load_model
+    from .store import open_maps
+
+    def run() -> int:
+        device = _run_device(args.device, args.threads)
+        stored = open_maps(args.store)
+        recorded = stored.attrs.get("model", {})
+        spec = args.model or recorded.get("spec")
+        source = args.source or stored.attrs.get("source")
+        if spec is None or source is None:
+            raise ValueError(
+                f"the store {args.store!r} does not record its model or source; pass --model "
+                "and --source"
+            )
+        weights = args.weights if args.model else args.weights or recorded.get("weights")
+        model, preprocess = load_model(spec, weights=weights)
+        images = open_source(source, preprocess, limit=len(stored))
+        summary = evaluate_store(
+            args.store,
+            images,
+            model.to(device),
+            metrics=args.metrics,
+            name=args.name,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            show_progress=not args.quiet,
+        )
+        if summary.rank == 0:
+            out = args.out or f"{str(args.store).rstrip('/')}-{args.name}"
+            write_evaluation(args.store, summary, out)
+            print(summary.markdown())
+            print(f"per-image rows and summary written to {out}")
+        return 0
+
+    return _dataset_command(run)
+
+
+def _show_command(args: argparse.Namespace) -> int:
+    from .explain_dataset import save_stored_map
+
+    def run() -> int:
+        out = save_stored_map(args.store, args.index, args.out)
+        print(f"map {args.index} of {args.store} written to {out}")
+        return 0
+
+    return _dataset_command(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

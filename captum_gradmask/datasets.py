@@ -1,0 +1,339 @@
+"""Image folders and CSV lists of images as torch Datasets, and the batches dataset runs read.
+
+:class:`ImageFiles` turns image files into model inputs with a model's preprocessing (item
+``i`` is ``(pixels, label)``, as torchvision's ``ImageFolder`` gives); :func:`open_source`
+builds one from a folder (flat or one sub-folder per class, searched recursively) or from a CSV
+with a ``file`` column and an optional ``label`` column (and, optionally, boxes
+``xmin,ymin,xmax,ymax`` in original-image pixels, one row per box, as the shared ImageNet
+sample's ``annotations.csv``).
+
+:class:`SafeItems` wraps any map-style dataset so that an image that cannot be read becomes a
+reason string instead of an exception, and :func:`collate_items` stacks the readable images of
+a batch; :func:`captum_gradmask.explain_dataset.explain_dataset` reads datasets through them,
+in DataLoader workers.
+
+Example::
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> from captum_gradmask.datasets import SafeItems, collate_items, open_source
+    >>> from captum_gradmask.models import PreprocessConfig
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in ("cat", "dog"):
+    ...     (folder / name).mkdir()
+    ...     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / name / "a.png")
+    >>> _ = (folder / "dog" / "broken.png").write_bytes(b"not an image")
+    >>> images = open_source(folder, PreprocessConfig((16, 16), (0.5,) * 3, (0.5,) * 3))
+    >>> images.files, images.labels, images.classes
+    (['cat/a.png', 'dog/a.png', 'dog/broken.png'], [0, 1, 1], ['cat', 'dog'])
+    >>> batch = collate_items([SafeItems(images)[i] for i in range(3)])
+    >>> batch.pixels.shape, batch.readable.tolist()
+    (torch.Size([2, 3, 16, 16]), [True, True, False])
+    >>> batch.errors[2].startswith("UnidentifiedImageError")
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from captum_gradmask.models import PreprocessConfig
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageFiles",
+    "Item",
+    "ItemBatch",
+    "SafeItems",
+    "collate_items",
+    "open_source",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+_BOX_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
+NO_LABEL = -1
+
+
+class ImageFiles(Dataset):
+    """Image files as model inputs.
+
+    Item ``i`` is ``(pixels, label)``: the ``(3, H, W)`` float32 input of ``files[i]`` from
+    ``preprocess.preprocess`` and its class (``-1`` when there are no labels). An unreadable
+    file raises (:class:`SafeItems` turns that into a reason string).
+
+    Args:
+        files: image paths, relative to ``root`` (or absolute).
+        preprocess: the model's preprocessing (``load_model``'s second result).
+        labels: one class index per file, or ``None``.
+        root: the folder ``files`` are relative to (default: the current folder).
+        boxes: per file, ``(K, 4)`` boxes ``(xmin, ymin, xmax, ymax)`` in original-image
+            pixels (for the pointing game), or ``None``.
+        classes: class names in label order, when known.
+        source: the folder or CSV the list came from (recorded in stores).
+
+    Example::
+
+        >>> from captum_gradmask.datasets import ImageFiles
+        >>> from captum_gradmask.models import PreprocessConfig
+        >>> images = ImageFiles(["a.jpg", "b.jpg"], PreprocessConfig((224, 224), (0.5,) * 3,
+        ...     (0.5,) * 3), labels=[3, 5], root="/data")
+        >>> len(images), str(images.path(1)), images.image_size
+        (2, '/data/b.jpg', (224, 224))
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        preprocess: PreprocessConfig,
+        labels: Sequence[int] | None = None,
+        root: str | Path | None = None,
+        *,
+        boxes: Sequence[Tensor] | None = None,
+        classes: Sequence[str] | None = None,
+        source: str | Path | None = None,
+    ) -> None:
+        self.files = [Path(f).as_posix() for f in files]
+        for name, values in (("labels", labels), ("boxes", boxes)):
+            if values is not None and len(values) != len(self.files):
+                raise ValueError(
+                    f"`{name}` has {len(values)} entries for {len(self.files)} files; give one "
+                    "per file or None"
+                )
+        self.preprocess = preprocess
+        self.labels = None if labels is None else [int(label) for label in labels]
+        self.root = Path(root) if root is not None else Path()
+        self.boxes = None if boxes is None else list(boxes)
+        self.classes = None if classes is None else list(classes)
+        self.source = str(source) if source is not None else str(self.root.resolve())
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the model inputs."""
+        return tuple(self.preprocess.size)  # type: ignore[return-value]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(3, height, width)``: the shape of every item's pixels (RGB)."""
+        return (3, *self.image_size)
+
+    def path(self, index: int) -> Path:
+        """The file of item ``index``."""
+        return self.root / self.files[index]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        label = NO_LABEL if self.labels is None else self.labels[index]
+        return self.preprocess.preprocess(self.path(index)), label
+
+
+def open_source(
+    source: str | Path, preprocess: PreprocessConfig, limit: int | None = None
+) -> ImageFiles:
+    """An :class:`ImageFiles` from an image folder or a CSV list of images.
+
+    - A folder: every image file under it (suffixes :data:`IMAGE_SUFFIXES`, any case),
+      recursively, sorted by relative path. When every image lies in a sub-folder, the first
+      sub-folder is its class and labels are indices into the sorted class names
+      (torchvision's ``ImageFolder`` convention; ImageNet's synset folders give the standard
+      class order); a flat folder has no labels.
+    - A ``.csv`` file: column ``file`` (paths relative to the CSV's folder, or absolute),
+      optional ``label`` (blank: no label, ``-1``), optional boxes ``xmin,ymin,xmax,ymax``.
+      Several rows of one file are one image (in the order of its first row) whose boxes are
+      all its rows' boxes.
+
+    Args:
+        source: the folder or the CSV file.
+        preprocess: the model's preprocessing (``load_model``'s second result).
+        limit: keep the first ``limit`` images (``None``: all).
+
+    Returns:
+        The images, with ``labels`` (or ``None``), ``boxes`` (CSV with box columns) and
+        ``source`` set.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: no images, a CSV without a ``file`` column, labels that disagree for one
+            file, or a bad ``limit``.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive int or None, got {limit!r}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        images = _from_folder(path, preprocess, limit)
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        images = _from_csv(path, preprocess, limit)
+    elif path.exists():
+        raise ValueError(
+            f"`source` {str(source)!r} is neither a folder of images nor a .csv list of images"
+        )
+    else:
+        raise FileNotFoundError(f"`source` {str(source)!r} does not exist")
+    if not images.files:
+        raise ValueError(
+            f"`source` {str(source)!r} has no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return images
+
+
+def _from_folder(root: Path, preprocess: PreprocessConfig, limit: int | None) -> ImageFiles:
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )[:limit]
+    labels = classes = None
+    if files and all("/" in f for f in files):
+        folders = [f.split("/", 1)[0] for f in files]
+        classes = sorted(set(folders))
+        index = {name: i for i, name in enumerate(classes)}
+        labels = [index[name] for name in folders]
+    return ImageFiles(files, preprocess, labels, root, classes=classes, source=root.resolve())
+
+
+def _from_csv(path: Path, preprocess: PreprocessConfig, limit: int | None) -> ImageFiles:
+    rows: dict[str, tuple[int | None, list[list[int]]]] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or ())
+        if "file" not in columns:
+            raise ValueError(
+                f"the CSV {str(path)!r} has no 'file' column (columns: {sorted(columns)}); it "
+                "needs 'file' and optionally 'label' and xmin,ymin,xmax,ymax"
+            )
+        has_label = "label" in columns
+        has_boxes = set(_BOX_COLUMNS) <= columns
+        for line, row in enumerate(reader, start=2):
+            file = (row["file"] or "").strip()
+            if not file:
+                continue
+            text = (row.get("label") or "").strip()
+            label = int(text) if text else None
+            if file not in rows:
+                if limit is not None and len(rows) == limit:
+                    break
+                rows[file] = (label, [])
+            elif rows[file][0] != label:
+                raise ValueError(
+                    f"{path}, line {line}: {file!r} has label {label}, but an earlier row gave "
+                    f"{rows[file][0]}; one image has one label"
+                )
+            if has_boxes:
+                rows[file][1].append([int(row[k]) for k in _BOX_COLUMNS])
+    files = list(rows)
+    labels = [NO_LABEL if rows[f][0] is None else rows[f][0] for f in files] if has_label else None
+    boxes = [torch.tensor(rows[f][1], dtype=torch.long) for f in files] if has_boxes else None
+    return ImageFiles(files, preprocess, labels, path.parent, boxes=boxes, source=path.resolve())
+
+
+@dataclass(frozen=True)
+class Item:
+    """One item of :class:`SafeItems`: its index, its input (``None`` when unreadable), its
+    label (``-1`` when none) and why it could not be read (``""`` when it could)."""
+
+    index: int
+    pixels: Tensor | None
+    label: int
+    error: str
+
+
+class SafeItems(Dataset):
+    """Any map-style dataset, with unreadable items turned into reasons instead of errors.
+
+    The wrapped dataset's item may be a tensor, or a tuple/list whose first element is the
+    tensor and second (optional) the label, or a mapping with ``"pixel_values"`` (and
+    ``"label"``/``"labels"``). An item that raises, or whose tensor does not have the shape
+    ``input_shape``, becomes an :class:`Item` with ``pixels=None`` and the reason.
+
+    Args:
+        dataset: the dataset.
+        input_shape: the expected ``(C, H, W)`` of every input, or ``None`` to accept any
+            3-D tensor.
+    """
+
+    def __init__(self, dataset: Dataset, input_shape: Sequence[int] | None = None) -> None:
+        self.dataset = dataset
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            pixels, label = _split_item(self.dataset[index])
+        except Exception as error:  # an unreadable image must not stop a dataset run
+            return Item(index, None, NO_LABEL, f"{type(error).__name__}: {error}")
+        expected = self.input_shape or ("C", "H", "W")
+        if pixels.dim() != 3 or (self.input_shape and tuple(pixels.shape) != self.input_shape):
+            return Item(
+                index, None, label, f"input of shape {tuple(pixels.shape)}, expected {expected}"
+            )
+        return Item(index, pixels, label, "")
+
+
+def _split_item(item: Any) -> tuple[Tensor, int]:
+    label: Any = NO_LABEL
+    if isinstance(item, dict):
+        pixels = item.get("pixel_values")
+        label = item.get("label", item.get("labels", NO_LABEL))
+    elif isinstance(item, (tuple, list)):
+        pixels = item[0] if item else None
+        label = item[1] if len(item) > 1 else NO_LABEL
+    else:
+        pixels = item
+    if not isinstance(pixels, Tensor):
+        raise TypeError(
+            f"dataset item holds {type(pixels).__name__}, not an image tensor; items must be a "
+            "tensor, (tensor, label) or {'pixel_values': tensor, 'label': int}"
+        )
+    if pixels.dim() == 4 and pixels.shape[0] == 1:
+        pixels = pixels[0]  # a processor's (1, C, H, W) output
+    label = int(label) if isinstance(label, (int, Tensor)) and not isinstance(label, bool) else -1
+    return pixels.float(), label
+
+
+@dataclass
+class ItemBatch:
+    """A batch of :class:`Item` s.
+
+    Attributes:
+        indices: ``(n,)`` dataset indices of all items.
+        pixels: ``(k, C, H, W)`` inputs of the ``k`` readable items, in order.
+        readable: ``(n,)`` bool, which items have pixels.
+        labels: ``(n,)`` long labels (``-1``: none).
+        errors: ``n`` reasons (``""`` for readable items).
+    """
+
+    indices: Tensor
+    pixels: Tensor
+    readable: Tensor
+    labels: Tensor
+    errors: list[str]
+
+    def pin_memory(self) -> ItemBatch:
+        """Page-locked copy of the pixels (DataLoader ``pin_memory=True``)."""
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate_items(items: Sequence[Item]) -> ItemBatch:
+    """Stack a list of :class:`Item` into an :class:`ItemBatch` (a DataLoader ``collate_fn``)."""
+    readable = [item.pixels for item in items if item.pixels is not None]
+    return ItemBatch(
+        indices=torch.tensor([item.index for item in items], dtype=torch.long),
+        pixels=torch.stack(readable) if readable else torch.empty(0),
+        readable=torch.tensor([item.pixels is not None for item in items], dtype=torch.bool),
+        labels=torch.tensor([item.label for item in items], dtype=torch.long),
+        errors=[item.error for item in items],
+    )
