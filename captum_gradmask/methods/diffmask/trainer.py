@@ -21,6 +21,7 @@ from ...adapters import ViTAdapter, resolve_model
 from .attribution import baseline_tokens
 from .checkpoint import has_trainer_state, read_trainer_state, write_trainer_state
 from .gate import DiffMaskGate, GateConfig
+from .lookahead import Lookahead
 
 __all__ = ["DiffMaskTrainingConfig", "VisionDiffMaskTrainer", "fit", "kl_divergence"]
 
@@ -34,7 +35,8 @@ def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class DiffMaskTrainingConfig:
-    """Hyperparameters of :class:`VisionDiffMaskTrainer`; defaults are the authors'.
+    """Hyperparameters of :class:`VisionDiffMaskTrainer`; defaults are the authors' (except
+    Lookahead, off by default so that a step is one plain Adam step).
 
     Args:
         eps: the KL bound (nats) the masked prediction must stay within (authors: 0.1).
@@ -46,6 +48,13 @@ class DiffMaskTrainingConfig:
         warmup_steps: linear warmup of the probes' and placeholder's learning rates (authors:
             1200 steps); 0 disables it.
         seed: seed of the trainer's own generator (layer draws and gate noise).
+        lookahead_k: wrap both Adam optimisers (gates and multipliers) in
+            :class:`~.lookahead.Lookahead` with this period; 0 = plain Adam (authors: 6).
+        lookahead_alpha: Lookahead's slow-weight step (authors: 0.5).
+        last_state_probability: probability of drawing the last state (the whole gate stack,
+            which the map uses) in a step; the other states share the rest uniformly. ``None``:
+            every state equally likely, as the authors do. Raising it trains the map's own mask
+            more often when only a few hundred steps can be afforded.
     """
 
     eps: float = 0.1
@@ -56,6 +65,9 @@ class DiffMaskTrainingConfig:
     alpha_max: float = 200.0
     warmup_steps: int = 1200
     seed: int = 0
+    lookahead_k: int = 0
+    lookahead_alpha: float = 0.5
+    last_state_probability: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("eps", "lr", "lr_placeholder", "lr_alpha", "alpha_max"):
@@ -68,6 +80,15 @@ class DiffMaskTrainingConfig:
             )
         if isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be an int >= 0, got {self.warmup_steps!r}")
+        if isinstance(self.lookahead_k, bool) or self.lookahead_k < 0:
+            raise ValueError(
+                f"`lookahead_k` must be an int >= 0 (0 = no Lookahead), got {self.lookahead_k!r}"
+            )
+        if not 0 < self.lookahead_alpha <= 1:
+            raise ValueError(f"`lookahead_alpha` must be in (0, 1], got {self.lookahead_alpha!r}")
+        p_last = self.last_state_probability
+        if p_last is not None and not 0 <= p_last <= 1:
+            raise ValueError(f"`last_state_probability` must be in [0, 1] or None, got {p_last!r}")
 
 
 @dataclass
@@ -181,19 +202,37 @@ class VisionDiffMaskTrainer:
             nn.Parameter(torch.tensor(float(self.config.alpha_init)))
             for _ in range(self.gate.config.num_states)
         )
-        self.gate_optimizer = torch.optim.Adam(
-            [
-                {"params": self.gate.probe_parameters, "lr": self.config.lr},
-                {"params": [self.gate.placeholder], "lr": self.config.lr_placeholder},
-            ]
+        self.gate_optimizer = self._wrap(
+            torch.optim.Adam(
+                [
+                    {"params": self.gate.probe_parameters, "lr": self.config.lr},
+                    {"params": [self.gate.placeholder], "lr": self.config.lr_placeholder},
+                ]
+            )
         )
         # Each multiplier gets a gradient only on the steps its layer is drawn (Adam skips
         # parameters whose .grad is None), as with the authors' list of scalar parameters.
-        self.alpha_optimizer = torch.optim.Adam(self.alphas.parameters(), lr=self.config.lr_alpha)
+        self.alpha_optimizer = self._wrap(
+            torch.optim.Adam(self.alphas.parameters(), lr=self.config.lr_alpha)
+        )
         if resume:
             self._load_trainer_state()
 
+    def _wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | Lookahead:
+        if not self.config.lookahead_k:
+            return optimizer
+        return Lookahead(optimizer, self.config.lookahead_k, self.config.lookahead_alpha)
+
     # --- one step ------------------------------------------------------------------------
+
+    def _draw_state(self) -> int:
+        num_states = self.gate.config.num_states
+        p_last = self.config.last_state_probability
+        if p_last is None or num_states == 1:
+            return int(torch.randint(num_states, (), generator=self.generator))
+        weights = torch.full((num_states,), (1 - p_last) / (num_states - 1), dtype=torch.float64)
+        weights[-1] = p_last
+        return int(torch.multinomial(weights, 1, generator=self.generator))
 
     def _learning_rate_factor(self) -> float:
         warmup = self.config.warmup_steps
@@ -208,8 +247,7 @@ class VisionDiffMaskTrainer:
         images, _ = unpack_inputs(images)
         self._device(images)
         prefix = self.adapter.prefix_tokens
-        num_states = self.gate.config.num_states
-        layer = int(torch.randint(num_states, (), generator=self.generator))
+        layer = self._draw_state()
         with preserved_model_state(self.model):
             if self.model is not None:
                 for p in self.model.parameters():
@@ -313,12 +351,15 @@ class VisionDiffMaskTrainer:
         val_dataloader: Iterable[Any] | None = None,
         epochs: int = 1,
         show_progress: bool = True,
+        train_eval_dataloader: Iterable[Any] | None = None,
     ) -> list[dict[str, float]]:
         """Train until ``epochs`` epochs are done in total (a resumed trainer continues).
 
-        After every epoch the history gets a row (train means; ``val_*`` from
-        :meth:`evaluate` when ``val_dataloader`` is given) and, with a ``checkpoint_dir``, a
-        checkpoint is written. Returns the history (one dict per epoch).
+        After every epoch the history gets a row (train means over the epoch's steps, under the
+        drawn state's gates; ``val_*`` from :meth:`evaluate` when ``val_dataloader`` is given;
+        ``train_eval_*`` likewise on ``train_eval_dataloader``, e.g. un-augmented training
+        images, to compare with validation; ``alpha_<l>`` every multiplier) and, with a
+        ``checkpoint_dir``, a checkpoint is written. Returns the history (one dict per epoch).
         """
         check_positive_int(epochs, "epochs")
         for epoch in range(self.epoch, epochs):
@@ -342,13 +383,16 @@ class VisionDiffMaskTrainer:
             row = {"epoch": epoch + 1, "step": self.step}
             row.update({f"train_{k}": v for k, v in running.means().items() if k != "layer"})
             row["train_seconds"] = time.perf_counter() - started
-            if val_dataloader is not None:
+            for name, loader in (("val", val_dataloader), ("train_eval", train_eval_dataloader)):
+                if loader is None:
+                    continue
                 started = time.perf_counter()
-                row.update(
-                    {f"val_{k}": v for k, v in self.evaluate(val_dataloader, show_progress).items()}
-                )
-                row["val_seconds"] = time.perf_counter() - started
-            row["alphas_mean"] = float(torch.stack([a.detach() for a in self.alphas]).mean())
+                metrics = self.evaluate(loader, show_progress)
+                row.update({f"{name}_{k}": v for k, v in metrics.items()})
+                row[f"{name}_seconds"] = time.perf_counter() - started
+            alphas = [float(a.detach()) for a in self.alphas]
+            row["alphas_mean"] = sum(alphas) / len(alphas)
+            row.update({f"alpha_{layer}": value for layer, value in enumerate(alphas)})
             self.history.append(row)
             self.epoch = epoch + 1
             if self.checkpoint_dir is not None:
@@ -380,7 +424,7 @@ class VisionDiffMaskTrainer:
         }
         write_trainer_state(folder, tensors, payload, self.history)
 
-    def _optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer], ...]:
+    def _optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer | Lookahead], ...]:
         return (("gate_optimizer", self.gate_optimizer), ("alpha_optimizer", self.alpha_optimizer))
 
     def _load_trainer_state(self) -> None:
@@ -409,6 +453,7 @@ def fit(
     dataloader: Iterable[Any],
     *,
     val_dataloader: Iterable[Any] | None = None,
+    train_eval_dataloader: Iterable[Any] | None = None,
     epochs: int = 1,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
@@ -436,5 +481,11 @@ def fit(
         torch.Size([2, 4, 4])
     """
     trainer = VisionDiffMaskTrainer(model, checkpoint_dir, **options)
-    trainer.fit(dataloader, val_dataloader, epochs=epochs, show_progress=show_progress)
+    trainer.fit(
+        dataloader,
+        val_dataloader,
+        epochs=epochs,
+        show_progress=show_progress,
+        train_eval_dataloader=train_eval_dataloader,
+    )
     return trainer.gate
