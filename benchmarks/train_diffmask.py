@@ -184,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         train_set = AugmentedImages(load_uint8(args.data, 0, args.train), seed=args.seed)
         # Checked on the model's own preprocessing, as validation is.
-        train_eval = load_split(args.data, 0, min(args.train_eval, args.train))
+        count = min(args.train_eval, args.train)
+        train_eval = load_split(args.data, 0, count) if count > 0 else torch.empty(0)
     val = load_split(args.data, args.train, args.val)
     train_loader = DataLoader(
         train_set,

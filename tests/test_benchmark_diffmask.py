@@ -1,0 +1,80 @@
+"""The Vision DiffMask benchmarks: the faithfulness table on real images, the top-k masks, the
+training curves and the label-free augmentation of the training script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import diffmask_faithfulness, plot_diffmask_history
+from benchmarks.train_diffmask import AugmentedImages, EpochShuffle
+
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
+
+CHECKPOINT = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoints" / "diffmask-vit-tiny"
+)
+
+
+def test_top_k_keep_keeps_each_rows_highest_scores() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 1.0, 3.0, 2.0]])
+    keep = diffmask_faithfulness.top_k_keep(scores, torch.tensor([2, 1]))
+    assert keep.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
+    assert diffmask_faithfulness.top_k_keep(scores, torch.tensor([0, 4])).sum().item() == 4
+
+
+def test_augmentation_depends_on_seed_epoch_and_image_only() -> None:
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    data = AugmentedImages(images, size=32, seed=1)
+    first = data[4]  # epoch 1, image 1
+    torch.manual_seed(123)  # the global state does not matter, and is left alone
+    state = torch.get_rng_state()
+    assert torch.equal(data[4], first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(data[1], first)  # image 1 in epoch 0
+    assert first.shape == (3, 32, 32) and first.dtype == torch.float32
+    assert first.min() >= -1 and first.max() <= 1
+    plain = AugmentedImages(images, size=32, augment=False)
+    assert torch.equal(plain[1], plain[4])
+    sampler = EpochShuffle(3, seed=0)
+    sampler.set_epoch(2)
+    assert sorted(sampler) == [6, 7, 8]
+
+
+def test_training_curves_figure(tmp_path: Path) -> None:
+    history = [
+        {"step": 50 * e, "train_kl": 0.3 / e, "val_kl_hard": 0.5 / e, "val_kept_hard": 0.5,
+         "val_agreement_hard": 0.8, "alpha_0": 20.0, "alpha_1": 20 + e, "alphas_mean": 20.5}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    figure = plot_diffmask_history.plot_history(plot_diffmask_history.load_history(tmp_path))
+    assert len(figure.axes) == 4
+    assert len(figure.axes[0].lines) >= 2  # train_kl and val_kl_hard (plus reference lines)
+    plot_diffmask_history.main([str(tmp_path), "--out", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@needs_shared
+@pytest.mark.skipif(not (CHECKPOINT / "gate.json").is_file(), reason="no committed checkpoint")
+def test_faithfulness_table_on_two_validation_images(tmp_path: Path) -> None:
+    out = tmp_path / "faithfulness.json"
+    table = diffmask_faithfulness.main(
+        [
+            "--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--gate",
+            str(CHECKPOINT), "--first", "450", "--count", "2", "--batch-size", "2",
+            "--out", str(out), "--no-progress",
+        ]
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["per_image"]
+    assert list(rows) == ["diffmask", "gradmask-m4", "chefer-gae", "random", "none kept"]
+    kept = rows["diffmask"]["kept"]
+    for name in ("gradmask-m4", "chefer-gae", "random"):  # the same number of patches
+        assert rows[name]["kept"] == pytest.approx(kept)
+        assert len(rows[name]["kl"]) == 2 and min(rows[name]["kl"]) >= 0
+    assert rows["none kept"]["kept"] == [0.0, 0.0]
+    assert table.count("\n") == 6  # header, rule and 5 rows
