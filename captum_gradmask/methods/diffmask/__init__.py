@@ -46,7 +46,8 @@ How this implementation follows the paper and the authors' code (AngelosNal/Visi
   of kept patches per patch, as in the authors' code (the paper writes the expected L0 norm).
 * **Optimisers.** Adam for the gates (lr ``2e-5`` with 1200 warmup steps), the placeholder
   (``1e-3``) and the multipliers (``0.3``, initial value 20), the authors' command-line
-  defaults. The authors wrap Adam in Lookahead (k = 6, alpha = 0.5); plain Adam is used here.
+  defaults. The authors wrap both in Lookahead (k = 6, alpha = 0.5): here an option
+  (``lookahead_k=6``, :mod:`.lookahead`), off by default so that a step is one Adam step.
 
 The target class does not enter: the gate is conditioned on the hidden states of the unmasked
 forward pass and trained to keep the whole output distribution, so the map is the same for every
@@ -57,12 +58,14 @@ and validated for the Captum contract.
 from .attribution import VisionDiffMask, baseline_tokens
 from .checkpoint import read_gate, write_gate
 from .gate import DiffMaskGate, GateConfig
+from .lookahead import Lookahead
 from .trainer import DiffMaskTrainingConfig, VisionDiffMaskTrainer, fit, kl_divergence
 
 __all__ = [
     "DiffMaskGate",
     "DiffMaskTrainingConfig",
     "GateConfig",
+    "Lookahead",
     "VisionDiffMask",
     "VisionDiffMaskTrainer",
     "baseline_tokens",
