@@ -110,3 +110,21 @@ def test_train_eval_columns_in_the_history() -> None:
         0
     ]
     assert {"val_kl", "val_kl_hard", "train_eval_kl", "train_eval_agreement_hard"} <= set(row)
+
+
+def test_a_plain_adam_checkpoint_resumes_under_lookahead(tmp_path: Path) -> None:
+    """Switching Lookahead on when resuming a plain-Adam run: the Adam moments are kept and the
+    slow weights start at the resumed gate."""
+    model = tiny_hf_vit()
+    loader = DataLoader(_images(4), batch_size=2)
+    VisionDiffMaskTrainer(model, tmp_path, lr=1e-2, warmup_steps=0).fit(
+        loader, epochs=1, show_progress=False
+    )
+    resumed = VisionDiffMaskTrainer(model, tmp_path, lr=1e-2, warmup_steps=0, lookahead_k=3)
+    optimizer = resumed.gate_optimizer
+    assert isinstance(optimizer, Lookahead) and optimizer.steps == 0
+    placeholder = resumed.gate.placeholder
+    assert torch.equal(optimizer.slow[placeholder], placeholder.detach())
+    assert optimizer.optimizer.state[placeholder]["step"] == 2
+    resumed.fit(loader, epochs=2, show_progress=False)
+    assert resumed.step == 4
