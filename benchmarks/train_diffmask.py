@@ -131,8 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # DiffMaskTrainingConfig (lr 2e-5 with 1200 warmup steps over 25 ImageNet epochs).
     parser.add_argument("--lr", type=float, default=2e-3, help="gate probes' Adam lr")
     parser.add_argument("--lr-placeholder", type=float, default=1e-3)
-    parser.add_argument("--lr-alpha", type=float, default=0.3)
-    parser.add_argument("--alpha-init", type=float, default=20.0)
+    parser.add_argument("--lr-alpha", type=float, default=1.0, help="multipliers' Adam lr")
+    parser.add_argument("--alpha-init", type=float, default=5.0, help="initial multipliers")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.1, help="KL bound in nats")
     parser.add_argument(
