@@ -43,6 +43,16 @@ _PANELS: dict[str, list[tuple[str, str, str]]] = {
 }
 
 
+def _colour(column: str) -> str:
+    """One colour per split and mask, the same in every panel."""
+    split = "val" if column.startswith("val_") else "eval" if "train_eval" in column else "train"
+    key = split + ("_hard" if column.endswith("_hard") else "")
+    key += "_all" if column.endswith("all_layers") else ""
+    colours = {"train": "C0", "train_all": "C5", "eval": "C1", "eval_hard": "C2", "val": "C3",
+               "val_hard": "C4"}  # fmt: skip
+    return colours.get(key, "C7")
+
+
 def load_history(path: str | Path) -> list[dict[str, Any]]:
     """The per-epoch rows of a history file or of the checkpoint folder holding one."""
     path = Path(path)
@@ -81,9 +91,8 @@ def plot_history(
     for ax, (title, columns), lines in zip(axes, _PANELS.items(), references, strict=False):
         for column, label, style in columns:
             if any(column in row for row in history):
-                ax.plot(
-                    steps, [row.get(column, float("nan")) for row in history], style, label=label
-                )
+                values = [row.get(column, float("nan")) for row in history]
+                ax.plot(steps, values, style, color=_colour(column), marker=".", label=label)
         for name, value in lines:
             ax.axhline(value, color="grey", linewidth=0.8, linestyle=(0, (4, 4)))
             ax.annotate(f"{name} {value:g}", (steps[-1], value), fontsize=7, color="grey")
