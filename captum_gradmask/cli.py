@@ -355,7 +355,7 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
 
 def _evaluate_command(args: argparse.Namespace) -> int:
     from .datasets import open_source
-    from .explain_dataset import evaluate_store, write_evaluation
+    from .evaluation import evaluate_store, write_evaluation
     from .models import load_model
     from .store import open_maps
 
@@ -394,7 +394,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
 
 def _show_command(args: argparse.Namespace) -> int:
-    from .explain_dataset import save_stored_map
+    from .evaluation import save_stored_map
 
     def run() -> int:
         out = save_stored_map(args.store, args.index, args.out)

@@ -23,7 +23,8 @@ from captum_gradmask import GradMaskAttribution
 from captum_gradmask import explain_dataset as runner
 from captum_gradmask.cli import main
 from captum_gradmask.datasets import ImageFiles, open_source
-from captum_gradmask.explain_dataset import evaluate_store, explain_dataset
+from captum_gradmask.evaluation import evaluate_store
+from captum_gradmask.explain_dataset import explain_dataset
 from captum_gradmask.metrics import gradmask_notebook_insertion, pointing_game
 from captum_gradmask.models import load_model
 from captum_gradmask.store import StoredMaps, StoreMismatch, open_maps
