@@ -22,10 +22,24 @@ from captum_gradmask._utils import check_positive_int
 from captum_gradmask.datasets import SafeItems, collate_items
 from captum_gradmask.store import StoredMaps
 
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "barrier",
+    "file_names",
+    "input_shape",
+    "loader",
+    "loader_settings",
+    "model_device",
+    "process_group",
+    "rank0_first",
+    "shard",
+    "versions",
+]
+
 DEFAULT_BATCH_SIZE = 8
 
 
-def _loader_settings(
+def loader_settings(
     data: Dataset | DataLoader, batch_size: int | None, num_workers: int | None
 ) -> tuple[Dataset, int, int, bool]:
     pin_memory = False
@@ -50,14 +64,14 @@ def _loader_settings(
     return data, batch_size, num_workers, pin_memory
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     if parameter is None:
         raise TypeError(f"`model` must be a torch nn.Module with parameters, got {model!r}")
     return parameter.device
 
 
-def _input_shape(dataset: Any) -> tuple[int, ...]:
+def input_shape(dataset: Any) -> tuple[int, ...]:
     shape = getattr(dataset, "input_shape", None)
     if shape is not None:
         return tuple(int(s) for s in shape)
@@ -72,7 +86,7 @@ def _input_shape(dataset: Any) -> tuple[int, ...]:
     )
 
 
-def _file_names(dataset: Any) -> list[str]:
+def file_names(dataset: Any) -> list[str]:
     files = getattr(dataset, "files", None)
     if files is None:
         return [str(i) for i in range(len(dataset))]
@@ -84,18 +98,18 @@ def _file_names(dataset: Any) -> list[str]:
     return files
 
 
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"captum-gradmask": __version__}
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"captum-gradmask": __version__}
     for package in ("torch", "captum", "transformers", "timm", "zarr", "numpy"):
         try:
-            versions[package] = metadata.version(package)
+            found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            versions[package] = None
-    versions["python"] = sys.version.split()[0]
-    return versions
+            found[package] = None
+    found["python"] = sys.version.split()[0]
+    return found
 
 
-def _shard(
+def shard(
     done: np.ndarray, chunk_size: int, batch_size: int, rank: int, world: int
 ) -> tuple[list[int], list[list[int]]]:
     """This rank's chunks (every ``world``-th chunk with rows not done) and its batches of
@@ -112,7 +126,7 @@ def _shard(
     return mine, batches
 
 
-def _loader(
+def loader(
     dataset: Dataset,
     batches: list[list[int]],
     input_shape: Sequence[int],
@@ -129,7 +143,7 @@ def _loader(
 
 
 @contextlib.contextmanager
-def _process_group(device: torch.device) -> Iterator[tuple[int, int]]:
+def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     """``(rank, world_size)``: of the process group in place, or of one started here from
     torchrun's environment (gloo on CPU, nccl on CUDA) and ended on the way out."""
     import torch.distributed as dist
@@ -152,7 +166,7 @@ def _process_group(device: torch.device) -> Iterator[tuple[int, int]]:
         dist.destroy_process_group()
 
 
-def _barrier(world: int, device: torch.device) -> None:
+def barrier(world: int, device: torch.device) -> None:
     if world > 1:
         import torch.distributed as dist
 
@@ -162,7 +176,7 @@ def _barrier(world: int, device: torch.device) -> None:
             dist.barrier()
 
 
-def _rank0_first(
+def rank0_first(
     rank: int, world: int, device: torch.device, create: Any, reopen: Any
 ) -> StoredMaps:
     """Rank 0 runs ``create``; then the other ranks ``reopen``. An error on rank 0 is raised on

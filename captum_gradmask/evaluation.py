@@ -35,17 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captum_gradmask._sharding import (
-    _barrier,
-    _file_names,
-    _loader,
-    _loader_settings,
-    _model_device,
-    _process_group,
-    _rank0_first,
-    _shard,
-    _versions,
-)
+from captum_gradmask import _sharding
 from captum_gradmask._utils import check_positive_int, preserved_model_state
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint
@@ -149,7 +139,7 @@ def evaluate_store(
         ValueError: unknown metric groups, or ``"pointing"`` without boxes.
     """
     require_zarr()
-    dataset, batch_size, num_workers, pin_memory = _loader_settings(
+    dataset, batch_size, num_workers, pin_memory = _sharding.loader_settings(
         dataset, batch_size, num_workers
     )
     groups = _check_metrics(metrics)
@@ -158,7 +148,7 @@ def evaluate_store(
         raise ValueError(f"`name` {name!r} is one of the store's arrays; choose another name")
     maps = open_maps(store)
     identity = maps.attrs["identity"]
-    files = _file_names(dataset)
+    files = _sharding.file_names(dataset)
     if files_digest(files) != identity["files_sha256"]:
         raise StoreMismatch(
             f"the dataset's {len(files)} files are not the {len(maps)} files the store "
@@ -179,10 +169,10 @@ def evaluate_store(
         explainer = method or build_method(maps.attrs["method"], model, **maps.attrs["settings"])
     columns = [column for group in groups for column in METRIC_COLUMNS[group]]
     input_shape = tuple(identity["input_shape"])
-    device = _model_device(model)
+    device = _sharding.model_device(model)
 
-    with _process_group(device) as (rank, world):
-        maps = _rank0_first(
+    with _sharding.process_group(device) as (rank, world):
+        maps = _sharding.rank0_first(
             rank,
             world,
             device,
@@ -191,9 +181,9 @@ def evaluate_store(
         )
         results = maps.group[name]
         pending = np.asarray(maps.done[:]) & ~maps.skipped() & ~np.asarray(results["done"][:])
-        _, batches = _shard(~pending, maps.chunk_size, batch_size, rank, world)
-        _barrier(world, device)
-        loader = _loader(dataset, batches, input_shape, num_workers, pin_memory)
+        _, batches = _sharding.shard(~pending, maps.chunk_size, batch_size, rank, world)
+        _sharding.barrier(world, device)
+        loader = _sharding.loader(dataset, batches, input_shape, num_workers, pin_memory)
         bar = tqdm(
             total=sum(len(b) for b in batches),
             unit="img",
@@ -214,7 +204,7 @@ def evaluate_store(
                 arrays["done"].oindex[where] = True
                 evaluated += len(where)
                 bar.update(len(where))
-        _barrier(world, device)
+        _sharding.barrier(world, device)
         summary = {
             column: (
                 *bootstrap_ci(
@@ -251,7 +241,7 @@ def _create_evaluation(
             fill_value=False if column == "done" else np.nan,
             dimension_names=("image",),
         )
-    results.attrs.update({"metrics": groups, "columns": columns, "versions": _versions()})
+    results.attrs.update({"metrics": groups, "columns": columns, "versions": _sharding.versions()})
     return maps
 
 

@@ -56,26 +56,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captum_gradmask._sharding import (
-    DEFAULT_BATCH_SIZE,
-    _barrier,
-    _file_names,
-    _input_shape,
-    _loader,
-    _loader_settings,
-    _model_device,
-    _process_group,
-    _rank0_first,
-    _shard,
-    _versions,
-)
+from captum_gradmask import _sharding
 from captum_gradmask._utils import check_positive_int, forward_logits, preserved_model_state
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.registry import AttributionMethod, build_method
 from captum_gradmask.store import StoredMaps, create_store, open_maps, require_zarr
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHUNK_SIZE",
     "RunSummary",
     "attribution_grid",
@@ -204,7 +191,7 @@ def explain_dataset(
         ImportError: zarr>=3 is missing (``pip install 'captum-gradmask[datasets]'``).
     """
     require_zarr()
-    dataset, batch_size, num_workers, pin_memory = _loader_settings(
+    dataset, batch_size, num_workers, pin_memory = _sharding.loader_settings(
         dataset, batch_size, num_workers
     )
     policy = _check_target(target)
@@ -215,7 +202,7 @@ def explain_dataset(
             "`target`='label' needs labels, and this dataset has none (a flat folder, or a CSV "
             "without a 'label' column); use 'predicted' or a class index"
         )
-    device = _model_device(model)
+    device = _sharding.model_device(model)
     if not isinstance(method, str) and method_options:
         raise ValueError("`method_options` apply to a registry name; configure a built method")
     built = (
@@ -227,7 +214,7 @@ def explain_dataset(
         method if isinstance(method, str) else getattr(built, "name", type(built).__name__)
     )
     settings = dict(getattr(built, "settings", {}))
-    input_shape = _input_shape(dataset)
+    input_shape = _sharding.input_shape(dataset)
     if isinstance(policy, int):
         with torch.no_grad(), preserved_model_state(model):
             classes = forward_logits(model, torch.zeros(1, *input_shape, device=device)).shape[1]
@@ -237,7 +224,7 @@ def explain_dataset(
                 f"(0..{classes - 1})"
             )
     map_shape = _map_shape(built, input_shape)
-    files = _file_names(dataset)
+    files = _sharding.file_names(dataset)
     preprocess = getattr(dataset, "preprocess", None)
     preprocess = dataclasses.asdict(preprocess) if dataclasses.is_dataclass(preprocess) else None
     fingerprint = model_fingerprint(model)
@@ -257,21 +244,21 @@ def explain_dataset(
         "source": getattr(dataset, "source", None),
         "preprocess": preprocess,
         "classes": getattr(dataset, "classes", None),
-        "versions": _versions(),
+        "versions": _sharding.versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
-    with _process_group(device) as (rank, world):
-        store = _rank0_first(
+    with _sharding.process_group(device) as (rank, world):
+        store = _sharding.rank0_first(
             rank,
             world,
             device,
             lambda: _create_or_resume(out, files, map_shape, chunk_size, identity, attrs),
             lambda: open_maps(out, mode="r+"),
         )
-        chunks, batches = _shard(store.done[:], store.chunk_size, batch_size, rank, world)
-        _barrier(world, device)  # every rank has read `done` before any writes
-        loader = _loader(dataset, batches, input_shape, num_workers, pin_memory)
+        chunks, batches = _sharding.shard(store.done[:], store.chunk_size, batch_size, rank, world)
+        _sharding.barrier(world, device)  # every rank has read `done` before any writes
+        loader = _sharding.loader(dataset, batches, input_shape, num_workers, pin_memory)
         total = sum(len(b) for b in batches)
         bar = tqdm(
             total=total,
@@ -296,7 +283,7 @@ def explain_dataset(
                 if failed:
                     bar.set_postfix(skipped=failed, refresh=False)
         seconds = time.perf_counter() - start
-        _barrier(world, device)
+        _sharding.barrier(world, device)
         done = int(np.count_nonzero(store.done[:]))
     if failed > _REPORTED_FAILURES:
         print(f"... {failed} images skipped in all; see open_maps(...).failed()", file=sys.stderr)
