@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.reference_gradmask import reference_masks
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask.gradmask import _token_plan
 
 from .models import LegacyViT, tiny_hf_deit, tiny_hf_vit, tiny_timm_distilled, tiny_timm_vit
-from .reference_gradmask import reference_masks
 
 
 def _hf_dropped_logits(model, image: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Tensor:
