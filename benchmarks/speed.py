@@ -11,7 +11,7 @@ What is timed (median of ``--repeats`` runs after one warm-up, per image):
 * ``floor``: one forward+backward of the plain model plus forwards over the masked images at the
   best batch size found among 16, 32, 64 and all (the images are built beforehand, not timed);
 * ``naive``: the authors' algorithm written plainly (one image, Python loops over masks, all masks
-  in one batch, eager attention) -- ``tests/reference_gradmask.py``;
+  in one batch, eager attention) -- ``benchmarks/reference_gradmask.py``;
 * ``gradmask exact`` / ``gradmask fast group`` (masks grouped by kept count) / ``gradmask fast pad``
   (padded passes with an attention mask) at each ``--masks`` value and batch size;
 * comparison methods from :mod:`captum_gradmask.registry` at their registry settings.
@@ -284,7 +284,7 @@ def measure_model(
                 if variant == "exact" and m == 4 and batch == args.batch_sizes[0]:
                     reference = seconds
     if args.naive:
-        from tests.reference_gradmask import reference_gradmask
+        from benchmarks.reference_gradmask import reference_gradmask
 
         with eager_attention(model):
             record(
