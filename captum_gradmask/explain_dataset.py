@@ -90,7 +90,13 @@ __all__ = [
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 32
 # Settings that change speed or memory, never the maps: recorded, but a resumed run may differ.
-PERFORMANCE_SETTINGS = frozenset({"perturbations_per_eval", "internal_batch_size", "show_progress"})
+# (GradMask's `compile` changes the maps by float rounding only, ~1e-6.)
+PERFORMANCE_SETTINGS = frozenset(
+    {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
+)
+# Settings added after stores were first written, with the default that gives the maps of
+# before: left out of the identity at that default, so older stores still resume.
+LATER_SETTINGS: dict[str, Any] = {"amp_dtype": None}
 # Metric groups of evaluate_store and the per-image columns each writes (units of the
 # benchmark's rows: AUCs as the metric returns them, pointing hits 0/1, ADCC parts in percent).
 METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -288,7 +294,7 @@ def explain_dataset(
     identity = {
         "model": {"class": type(model).__name__, "fingerprint": fingerprint},
         "method": method_name,
-        "settings": {k: v for k, v in settings.items() if k not in PERFORMANCE_SETTINGS},
+        "settings": _identity_settings(settings),
         "target": policy,
         "input_shape": list(input_shape),
         "preprocess": preprocess,
@@ -771,6 +777,16 @@ def _loader_settings(
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}")
     return data, batch_size, num_workers, pin_memory
+
+
+def _identity_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must match: neither performance knobs nor later-added
+    settings at their old behaviour."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in PERFORMANCE_SETTINGS and not (k in LATER_SETTINGS and v is LATER_SETTINGS[k])
+    }
 
 
 def _check_target(target: Any) -> str | int:
