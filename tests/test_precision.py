@@ -91,6 +91,17 @@ def test_amp_keeps_the_masks_and_moves_the_map_only_slightly(amp_dtype: torch.dt
     torch.testing.assert_close(grid, expected, atol=1e-6, rtol=0)
 
 
+def test_attribute_takes_the_options_too() -> None:
+    gradmask = GradMaskAttribution(tiny_hf_vit())
+    images = _images()
+    grid = gradmask.attribute_grid(images, amp_dtype=torch.bfloat16)
+    pixels = gradmask.attribute(images, amp_dtype=torch.bfloat16)
+    assert pixels.shape == images.shape
+    assert torch.equal(pixels[:, 0, ::8, ::8], grid)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        gradmask.attribute(images, amp_dtype="fp16")
+
+
 @pytest.mark.parametrize("amp_dtype", AMP)
 @pytest.mark.parametrize("model_fn", [tiny_hf_vit, tiny_timm_vit])
 def test_fast_mode_with_amp(model_fn, amp_dtype: torch.dtype) -> None:
