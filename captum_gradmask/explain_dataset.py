@@ -72,7 +72,10 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 32
 # Settings that change speed or memory, never the maps: recorded, but a resumed run may differ.
-PERFORMANCE_SETTINGS = frozenset({"perturbations_per_eval", "internal_batch_size", "show_progress"})
+# (GradMask's `compile` changes the maps by float rounding only, ~1e-6.)
+PERFORMANCE_SETTINGS = frozenset(
+    {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
+)
 _REPORTED_FAILURES = 10  # unreadable images named on the console per process
 
 
