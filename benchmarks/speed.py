@@ -41,12 +41,11 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import DEFAULT_SHARED, synchronize
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask._utils import extract_logits
 from captum_gradmask.gradmask import AMP_DTYPES
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = ROOT.parent / "shared"
 COMPARISONS = ("occlusion", "integrated-gradients", "rise", "vit-reciprocam", "chefer-gae")
 LABELS = {"tiny": "ViT-Ti/16 (shared)", "base": "ViT-B/16 (random)"}
 # GradMask variants timed at every setting: exact, and fast with both ways of batching.
@@ -81,11 +80,6 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
@@ -134,13 +128,13 @@ def timed(
     ``warmup``), and its peak memory (MB)."""
     if warmup:
         fn()
-        _sync(device)
+        synchronize(device)
     seconds, memory = [], PeakMemory(device)
     for _ in range(repeats):
         with memory.measure():
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds), memory.peak_mb
 
