@@ -74,6 +74,7 @@ def run_configuration(
     threads: int,
     batch_size: int,
     workers: int,
+    chunk_size: int = 8,
     interval: float = 1.0,
 ) -> dict:
     """Run explain-dataset once into a temporary store; returns timing and memory samples."""
@@ -82,7 +83,7 @@ def run_configuration(
         options = ["explain-dataset", str(source), "--model", str(model), "--out", str(store)]
         options += ["--limit", str(images), "--method", method, "--device", "cpu", "--quiet"]
         options += ["--threads", str(threads), "--batch-size", str(batch_size)]
-        options += ["--workers", str(workers)]
+        options += ["--workers", str(workers), "--chunk-size", str(chunk_size)]
         if processes == 1:
             command = [sys.executable, "-m", "captum_gradmask", *options]
         else:
@@ -117,6 +118,7 @@ def run_configuration(
         "method": method,
         "batch_size": batch_size,
         "workers": workers,
+        "chunk_size": chunk_size,
         "seconds": seconds,
         "images_per_second": images / seconds,
         "rank0_loop_seconds": loop[0] if loop else None,
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="per process")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--chunk-size", type=int, default=8, help="images per chunk, the unit ranks share"
+    )
     parser.add_argument("--memory-only", action="store_true", help="name the output memory-*")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "datasets")
     args = parser.parse_args(argv)
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=threads,
             batch_size=args.batch_size,
             workers=args.workers,
+            chunk_size=args.chunk_size,
         )
         # After start-up (the first quarter of the run), memory should not grow: compare the
         # mean of the first and the last third of the rest.

@@ -365,11 +365,12 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
             show_progress=not args.quiet,
         )
         if result.world_size > 1:
-            print(
+            # one write per line: the ranks share the terminal (or pipe)
+            sys.stdout.write(
                 f"rank {result.rank} of {result.world_size}: wrote {result.written} rows "
-                f"({result.failed} skipped), chunks {result.chunks}",
-                flush=True,
+                f"({result.failed} skipped), chunks {result.chunks}\n"
             )
+            sys.stdout.flush()
         if result.rank == 0:
             rate = result.written / result.seconds if result.seconds else 0.0
             print(
