@@ -23,7 +23,8 @@ import torch
 
 from captum_gradmask import GradMaskAttribution
 
-from .speed import DEFAULT_SHARED, LABELS, floor_passes, load_models, masked_batch, real_images
+from ._common import DEFAULT_SHARED
+from .speed import LABELS, floor_passes, load_models, masked_batch, real_images
 
 
 def seconds(fn: Callable[[], object]) -> float:

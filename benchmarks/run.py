@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from benchmarks import report
 from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, REPO, synchronize
 from captum_gradmask.data import class_names, load_imagenet_sample
+from captum_gradmask.gradmask import AMP_DTYPES
 from captum_gradmask.metrics import (
     PerturbationCurve,
     adcc,
@@ -126,6 +127,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="override the methods' perturbations_per_eval (masked images per forward pass)",
     )
+    parser.add_argument(
+        "--amp-dtype",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        help="GradMask methods: run the masked passes under torch.autocast in this dtype "
+        "(masks stay exact; default: the model's dtype)",
+    )
     parser.add_argument("--diffmask-gate", default=str(DEFAULT_GATE), help="DiffMask gate folder")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "default"))
     parser.add_argument("--seed", type=int, default=0)
@@ -198,6 +206,8 @@ def _overrides(name: str, args: argparse.Namespace) -> dict[str, Any]:
         METHODS[name].settings
     ):
         overrides["perturbations_per_eval"] = args.perturbations_per_eval
+    if args.amp_dtype is not None and "amp_dtype" in METHODS[name].settings:
+        overrides["amp_dtype"] = AMP_DTYPES[args.amp_dtype]
     return overrides
 
 
@@ -321,8 +331,12 @@ EXPERIMENT_ARGS = (
 )
 
 
-# Method settings that only split the work into batches; they may differ between resumed runs.
-BATCHING_SETTINGS = ("perturbations_per_eval", "internal_batch_size")
+# Method settings that only split the work into batches (or, `compile`, change the maps by float
+# rounding only); they may differ between resumed runs.
+BATCHING_SETTINGS = ("perturbations_per_eval", "internal_batch_size", "compile")
+# Settings added after folders were first written, with the default that gives the rows of
+# before: left out at that default, so older folders still resume.
+LATER_SETTINGS: dict[str, Any] = {"amp_dtype": None}
 
 
 def experiment_settings(args: argparse.Namespace, methods: dict[str, Any]) -> dict[str, Any]:
@@ -336,6 +350,7 @@ def experiment_settings(args: argparse.Namespace, methods: dict[str, Any]) -> di
             key: value
             for key, value in {**METHODS[name].settings, **_overrides(name, args)}.items()
             if key not in BATCHING_SETTINGS
+            and not (key in LATER_SETTINGS and value is LATER_SETTINGS[key])
         }
         for name in methods
     }

@@ -11,10 +11,17 @@ What is timed (median of ``--repeats`` runs after one warm-up, per image):
 * ``floor``: one forward+backward of the plain model plus forwards over the masked images at the
   best batch size found among 16, 32, 64 and all (the images are built beforehand, not timed);
 * ``naive``: the authors' algorithm written plainly (one image, Python loops over masks, all masks
-  in one batch, eager attention) -- ``tests/reference_gradmask.py``;
+  in one batch, eager attention) -- ``benchmarks/reference_gradmask.py``;
 * ``gradmask exact`` / ``gradmask fast group`` (masks grouped by kept count) / ``gradmask fast pad``
   (padded passes with an attention mask) at each ``--masks`` value and batch size;
-* comparison methods from :mod:`captum_gradmask.registry` at their registry settings.
+* comparison methods from :mod:`captum_gradmask.registry` at their registry settings;
+* with ``--precisions``, the floor and GradMask exact / fast pad again at each ``--masks`` value
+  and the first batch size in each other precision: ``tf32`` (TF32 matmuls, CUDA only: the global
+  ``torch.backends`` flags are set for those rows and restored), ``bf16`` and ``fp16`` (the masked
+  passes under ``torch.autocast``: GradMask's ``amp_dtype``). ``--compile`` adds GradMask exact
+  with ``compile=True`` in each precision (its warm-up call compiles; keep the warm-up on).
+
+    python -m benchmarks.speed --models base --device cuda --precisions fp32 tf32 bf16 fp16
 """
 
 from __future__ import annotations
@@ -34,11 +41,11 @@ from typing import Any
 
 import torch
 
+from benchmarks._common import DEFAULT_SHARED, synchronize
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask._utils import extract_logits
+from captum_gradmask.gradmask import AMP_DTYPES
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = ROOT.parent / "shared"
 COMPARISONS = ("occlusion", "integrated-gradients", "rise", "vit-reciprocam", "chefer-gae")
 LABELS = {"tiny": "ViT-Ti/16 (shared)", "base": "ViT-B/16 (random)"}
 # GradMask variants timed at every setting: exact, and fast with both ways of batching.
@@ -47,11 +54,32 @@ VARIANTS = {
     "fast group": dict(mode="fast", fast_batching="group"),
     "fast pad": dict(mode="fast", fast_batching="pad"),
 }
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@contextlib.contextmanager
+def precision(name: str) -> Iterator[torch.dtype | None]:
+    """Run a block in a precision of :data:`PRECISIONS`; yields GradMask's ``amp_dtype``.
+
+    ``tf32`` sets PyTorch's global TF32 flags for the block and restores them (GradMask itself
+    never changes them); ``bf16``/``fp16`` yield the autocast dtype.
+    """
+    if name != "tf32":
+        yield AMP_DTYPES.get(name)
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``amp_dtype`` (nothing for ``None``), as GradMask's masked passes."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 class PeakMemory:
@@ -100,13 +128,13 @@ def timed(
     ``warmup``), and its peak memory (MB)."""
     if warmup:
         fn()
-        _sync(device)
+        synchronize(device)
     seconds, memory = [], PeakMemory(device)
     for _ in range(repeats):
         with memory.measure():
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             seconds.append(time.perf_counter() - start)
     return statistics.median(seconds), memory.peak_mb
 
@@ -121,10 +149,13 @@ def masked_batch(images: torch.Tensor, count: int, patch: int, keep: float = 0.2
 
 
 def floor_passes(
-    model: torch.nn.Module, images: torch.Tensor, masked: torch.Tensor
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    masked: torch.Tensor,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[Callable[[], None], Callable[[int], None]]:
     """The floor's two parts: one forward+backward over ``images``, and plain forwards over
-    ``masked`` in batches of a given size."""
+    ``masked`` in batches of a given size (under autocast to ``amp_dtype``, if given)."""
     leaf = images.clone().requires_grad_(True)
 
     def gradient_pass() -> None:
@@ -132,7 +163,7 @@ def floor_passes(
         torch.autograd.grad(logits.max(-1).values.sum(), leaf)
 
     def forwards(size: int) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(masked.device, amp_dtype):
             for start in range(0, masked.shape[0], size):
                 model(masked[start : start + size])
 
@@ -147,10 +178,11 @@ def floor_time(
     repeats: int,
     sizes: list[int] | None = None,
     warmup: bool = True,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """Forward+backward plus plain forwards over the masked images at the best batch size."""
     batch = masked_batch(images, masks, 16)
-    gradient_pass, forwards = floor_passes(model, images, batch)
+    gradient_pass, forwards = floor_passes(model, images, batch, amp_dtype)
     grad_seconds, _ = timed(gradient_pass, device, repeats, warmup)
     best, best_size = float("inf"), 0
     candidates = sizes or [16, 32, 64, batch.shape[0]]
@@ -283,8 +315,15 @@ def measure_model(
                 )
                 if variant == "exact" and m == 4 and batch == args.batch_sizes[0]:
                     reference = seconds
+    for name in args.precisions:
+        if name == "fp32" and not args.compile:
+            continue  # the rows above
+        if name == "tf32" and device.type != "cuda":
+            print("skipping tf32: TF32 matmuls exist on CUDA only")
+            continue
+        precision_rows(name, model_name, model, gradmask, images, args, device, rows, record)
     if args.naive:
-        from tests.reference_gradmask import reference_gradmask
+        from benchmarks.reference_gradmask import reference_gradmask
 
         with eager_attention(model):
             record(
@@ -335,6 +374,60 @@ def measure_model(
     return rows
 
 
+def precision_rows(
+    name: str,
+    model_name: str,
+    model: torch.nn.Module,
+    gradmask: GradMaskAttribution,
+    images: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+    rows: list[dict[str, Any]],
+    record: Callable[[str, Any, Callable[[], Any], int], float],
+) -> None:
+    """The floor and GradMask exact / fast pad (and exact compiled, with ``--compile``) in
+    precision ``name``, at each ``--masks`` value and the first batch size, added to ``rows``
+    (the GradMask rows through ``record``)."""
+    batch, n = args.batch_sizes[0], images.shape[0]
+    layers = model.config.num_hidden_layers
+    variants = {} if name == "fp32" else dict(VARIANTS)
+    if "fast group" in variants:
+        del variants["fast group"]
+    if args.compile:
+        variants["exact compiled"] = dict(mode="exact", compile=True)
+    with precision(name) as amp_dtype:
+        for m in args.masks:
+            count = 3 * (layers - 1) * m
+            if name != "fp32":
+                seconds, best = floor_time(
+                    model, images, count, device, args.repeats, args.floor_batches, args.warmup,
+                    amp_dtype,
+                )  # fmt: skip
+                rows.append(
+                    dict(
+                        model=model_name,
+                        method="floor",
+                        settings=f"m={m}, {count} masked images, best batch {best}, {name}",
+                        seconds_per_image=seconds / n,
+                        peak_mb=float("nan"),
+                    )
+                )
+                print(json.dumps(rows[-1]), flush=True)
+            for variant, options in variants.items():
+                record(
+                    f"gradmask {variant}",
+                    f"m={m}, batch {batch}, {name}",
+                    lambda m=m, options=options: gradmask.attribute_grid(
+                        images,
+                        masks_per_layer=m,
+                        perturbations_per_eval=batch,
+                        amp_dtype=amp_dtype,
+                        **options,
+                    ),
+                    n,
+                )
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | method | settings | s / image | x GradMask exact (m=4) | peak MB |",
@@ -383,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="models that get the images-per-call and 384 rows (default: all)",
     )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=PRECISIONS,
+        help="precisions timed for the floor and GradMask exact / fast pad (tf32: CUDA only; "
+        "bf16/fp16: masked passes under autocast); fp32 is the main table",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time GradMask exact with compile=True in each precision",
+    )
     parser.add_argument("--compare", nargs="*", default=list(COMPARISONS))
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
     return parser

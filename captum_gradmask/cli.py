@@ -93,7 +93,7 @@ def _method_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The method's settings from the command line (unknown ones are refused by the registry)."""
     from .registry import method_settings
 
-    settings = parse_options(args.method_option)
+    settings = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
     known = method_settings(args.method)
     for name, value in (("masks_per_layer", args.masks_per_layer), ("mode", args.mode)):
         if value is not None:
@@ -108,6 +108,32 @@ def _method_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.gate is not None:
         settings["gate"] = args.gate
     return settings
+
+
+def _with_amp_dtype(settings: dict[str, Any], flag: str | None) -> dict[str, Any]:
+    """``settings`` with ``--amp-dtype`` (or an ``amp_dtype=bf16|fp16`` method option) as the
+    torch dtype GradMask takes."""
+    from .gradmask import AMP_DTYPES
+
+    value = settings.get("amp_dtype") if flag is None else flag
+    if isinstance(value, str):
+        if value not in AMP_DTYPES:
+            raise ValueError(
+                f"amp_dtype {value!r} is not valid: use {' or '.join(AMP_DTYPES)} (or leave it "
+                "out for the model's own dtype)"
+            )
+        settings["amp_dtype"] = AMP_DTYPES[value]
+    return settings
+
+
+def _add_amp_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--amp-dtype",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="GradMask: run the masked passes under torch.autocast in this dtype (the masks "
+        "stay exact; default: the model's dtype)",
+    )
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -204,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-map", default=None, help="also save the raw map as .npy")
     p.add_argument("--masks-per-layer", type=int, default=None, help="GradMask's m")
     p.add_argument("--mode", choices=("exact", "fast"), default=None, help="GradMask's mode")
+    _add_amp_dtype(p)
     p.add_argument("--batch-size", type=int, default=None, help="perturbed images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
@@ -235,6 +262,7 @@ def _add_dataset_commands(commands: Any) -> None:
         metavar="KEY=VALUE",
         help="a method setting (repeatable), e.g. perturbations_per_eval=64 or mode=fast",
     )
+    _add_amp_dtype(p)
     p.add_argument(
         "--target", default="predicted", help="'predicted' (default), 'label' or a class index"
     )
@@ -316,7 +344,8 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
 
     def run() -> int:
         device = _run_device(args.device, args.threads)
-        options, target = parse_options(args.method_option), _target_policy(args.target)
+        options = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
+        target = _target_policy(args.target)
         model, preprocess = load_model(args.model, weights=args.weights)
         images = open_source(args.source, preprocess, limit=args.limit)
         result = explain_dataset(
@@ -336,11 +365,12 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
             show_progress=not args.quiet,
         )
         if result.world_size > 1:
-            print(
+            # one write per line: the ranks share the terminal (or pipe)
+            sys.stdout.write(
                 f"rank {result.rank} of {result.world_size}: wrote {result.written} rows "
-                f"({result.failed} skipped), chunks {result.chunks}",
-                flush=True,
+                f"({result.failed} skipped), chunks {result.chunks}\n"
             )
+            sys.stdout.flush()
         if result.rank == 0:
             rate = result.written / result.seconds if result.seconds else 0.0
             print(
@@ -355,7 +385,7 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
 
 def _evaluate_command(args: argparse.Namespace) -> int:
     from .datasets import open_source
-    from .explain_dataset import evaluate_store, write_evaluation
+    from .evaluation import evaluate_store, write_evaluation
     from .models import load_model
     from .store import open_maps
 
@@ -394,7 +424,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
 
 def _show_command(args: argparse.Namespace) -> int:
-    from .explain_dataset import save_stored_map
+    from .evaluation import save_stored_map
 
     def run() -> int:
         out = save_stored_map(args.store, args.index, args.out)

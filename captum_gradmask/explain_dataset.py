@@ -14,8 +14,8 @@ the store (``chunk_size`` images) is written by one process only, so:
   the ranks share the pending chunks (rank ``r`` takes every ``N``-th), rank 0 creates the store,
   and all ranks wait for each other at the end; a restarted job resumes.
 
-:func:`evaluate_store` runs the project's metrics over the stored maps with the same sharding
-and resumption, into per-image columns of the store, and returns means with bootstrap CIs.
+:func:`captum_gradmask.evaluation.evaluate_store` runs the project's metrics over the stored
+maps with the same sharding and resumption.
 
 Example::
 
@@ -40,18 +40,13 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import datetime
 import hashlib
-import json
-import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -61,45 +56,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captum_gradmask import __version__
+from captum_gradmask import _sharding
 from captum_gradmask._utils import check_positive_int, forward_logits, preserved_model_state
-from captum_gradmask.datasets import ItemBatch, SafeItems, collate_items
+from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.registry import AttributionMethod, build_method
-from captum_gradmask.stats import bootstrap_ci
-from captum_gradmask.store import (
-    StoredMaps,
-    StoreMismatch,
-    create_store,
-    files_digest,
-    open_maps,
-    require_zarr,
-)
+from captum_gradmask.store import StoredMaps, create_store, open_maps, require_zarr
 
 __all__ = [
-    "METRIC_COLUMNS",
-    "EvaluationSummary",
+    "DEFAULT_CHUNK_SIZE",
     "RunSummary",
     "attribution_grid",
-    "evaluate_store",
     "explain_dataset",
     "model_fingerprint",
-    "save_stored_map",
-    "write_evaluation",
 ]
 
-DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 32
 # Settings that change speed or memory, never the maps: recorded, but a resumed run may differ.
-PERFORMANCE_SETTINGS = frozenset({"perturbations_per_eval", "internal_batch_size", "show_progress"})
-# Metric groups of evaluate_store and the per-image columns each writes (units of the
-# benchmark's rows: AUCs as the metric returns them, pointing hits 0/1, ADCC parts in percent).
-METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "notebook": ("insertion_notebook", "deletion_notebook"),
-    "rise": ("insertion_rise", "deletion_rise"),
-    "pointing": ("pointing_0", "pointing_15"),
-    "adcc": ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"),
-}
-_SUMMARY_SCALE = {"pointing_0": 100.0, "pointing_15": 100.0}  # hit rates in percent
+# (GradMask's `compile` changes the maps by float rounding only, ~1e-6.)
+PERFORMANCE_SETTINGS = frozenset(
+    {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
+)
 _REPORTED_FAILURES = 10  # unreadable images named on the console per process
 
 
@@ -127,36 +103,6 @@ class RunSummary:
     seconds: float
     rank: int
     world_size: int
-
-
-@dataclass(frozen=True)
-class EvaluationSummary:
-    """What :func:`evaluate_store` computed.
-
-    Attributes:
-        store: the store's path.
-        name: the evaluation's sub-group.
-        columns: the per-image columns.
-        summary: per column ``(mean, low, high, n)`` over the evaluated images (95 % percentile
-            bootstrap CI; pointing-game hit rates in percent).
-        evaluated: rows this rank evaluated in this call.
-        rank, world_size: as in :class:`RunSummary`.
-    """
-
-    store: Path
-    name: str
-    columns: list[str]
-    summary: dict[str, tuple[float, float, float, int]]
-    evaluated: int
-    rank: int
-    world_size: int
-
-    def markdown(self) -> str:
-        """The summary as a markdown table (one row per column)."""
-        lines = ["| metric | mean | 95 % CI | n |", "|---|---:|---:|---:|"]
-        for column, (mean, low, high, n) in self.summary.items():
-            lines.append(f"| {column} | {mean:.4g} | [{low:.4g}, {high:.4g}] | {n} |")
-        return "\n".join(lines)
 
 
 def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
@@ -248,7 +194,7 @@ def explain_dataset(
         ImportError: zarr>=3 is missing (``pip install 'captum-gradmask[datasets]'``).
     """
     require_zarr()
-    dataset, batch_size, num_workers, pin_memory = _loader_settings(
+    dataset, batch_size, num_workers, pin_memory = _sharding.loader_settings(
         dataset, batch_size, num_workers
     )
     policy = _check_target(target)
@@ -259,7 +205,7 @@ def explain_dataset(
             "`target`='label' needs labels, and this dataset has none (a flat folder, or a CSV "
             "without a 'label' column); use 'predicted' or a class index"
         )
-    device = _model_device(model)
+    device = _sharding.model_device(model)
     if not isinstance(method, str) and method_options:
         raise ValueError("`method_options` apply to a registry name; configure a built method")
     built = (
@@ -271,7 +217,7 @@ def explain_dataset(
         method if isinstance(method, str) else getattr(built, "name", type(built).__name__)
     )
     settings = dict(getattr(built, "settings", {}))
-    input_shape = _input_shape(dataset)
+    input_shape = _sharding.input_shape(dataset)
     if isinstance(policy, int):
         with torch.no_grad(), preserved_model_state(model):
             classes = forward_logits(model, torch.zeros(1, *input_shape, device=device)).shape[1]
@@ -281,7 +227,7 @@ def explain_dataset(
                 f"(0..{classes - 1})"
             )
     map_shape = _map_shape(built, input_shape)
-    files = _file_names(dataset)
+    files = _sharding.file_names(dataset)
     preprocess = getattr(dataset, "preprocess", None)
     preprocess = dataclasses.asdict(preprocess) if dataclasses.is_dataclass(preprocess) else None
     fingerprint = model_fingerprint(model)
@@ -301,21 +247,21 @@ def explain_dataset(
         "source": getattr(dataset, "source", None),
         "preprocess": preprocess,
         "classes": getattr(dataset, "classes", None),
-        "versions": _versions(),
+        "versions": _sharding.versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
-    with _process_group(device) as (rank, world):
-        store = _rank0_first(
+    with _sharding.process_group(device) as (rank, world):
+        store = _sharding.rank0_first(
             rank,
             world,
             device,
             lambda: _create_or_resume(out, files, map_shape, chunk_size, identity, attrs),
             lambda: open_maps(out, mode="r+"),
         )
-        chunks, batches = _shard(store.done[:], store.chunk_size, batch_size, rank, world)
-        _barrier(world, device)  # every rank has read `done` before any writes
-        loader = _loader(dataset, batches, input_shape, num_workers, pin_memory)
+        chunks, batches = _sharding.shard(store.done[:], store.chunk_size, batch_size, rank, world)
+        _sharding.barrier(world, device)  # every rank has read `done` before any writes
+        loader = _sharding.loader(dataset, batches, input_shape, num_workers, pin_memory)
         total = sum(len(b) for b in batches)
         bar = tqdm(
             total=total,
@@ -340,7 +286,7 @@ def explain_dataset(
                 if failed:
                     bar.set_postfix(skipped=failed, refresh=False)
         seconds = time.perf_counter() - start
-        _barrier(world, device)
+        _sharding.barrier(world, device)
         done = int(np.count_nonzero(store.done[:]))
     if failed > _REPORTED_FAILURES:
         print(f"... {failed} images skipped in all; see open_maps(...).failed()", file=sys.stderr)
@@ -421,358 +367,6 @@ def _explain_batch(
     }
 
 
-def evaluate_store(
-    store: str | Path,
-    dataset: Dataset | DataLoader,
-    model: nn.Module,
-    *,
-    metrics: Sequence[str] = ("notebook",),
-    method: str | AttributionMethod | None = None,
-    name: str = "metrics",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    metric_batch_size: int = 64,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    show_progress: bool = True,
-) -> EvaluationSummary:
-    """Run the project's metrics over the maps of a store, resumably and sharded like
-    :func:`explain_dataset`, into per-image columns of the store's sub-group ``name``.
-
-    Metric groups (:data:`METRIC_COLUMNS`): ``"notebook"`` (the GradMask authors' insertion
-    and deletion), ``"rise"`` (RISE's), ``"pointing"`` (pointing game at 0 and 15 px; needs
-    boxes, e.g. a CSV source with ``xmin,ymin,xmax,ymax``) and ``"adcc"`` (re-explains each
-    image's explanation with the store's method). Only rows whose map is done and that were
-    not skipped are evaluated; rows evaluated before are not evaluated again.
-
-    Args:
-        store: the store's path.
-        dataset: the dataset the store was made from (same files, same preprocessing).
-        model: the model the store was made with (checked by fingerprint).
-        metrics: metric groups.
-        method: for ``"adcc"``: the method to re-explain with (default: the store's registry
-            method and settings).
-        name: the sub-group holding the columns (another name keeps another evaluation).
-        batch_size, num_workers: images per step and decoding processes, as in
-            :func:`explain_dataset`.
-        metric_batch_size: forward passes per batch inside the metrics.
-        n_resamples, seed: the bootstrap of the summary.
-        show_progress: a progress bar on rank 0.
-
-    Returns:
-        An :class:`EvaluationSummary` (means with 95 % CIs over all evaluated rows).
-
-    Raises:
-        StoreMismatch: the dataset or model is not the store's, or the evaluation ``name``
-            exists with other metric groups.
-        ValueError: unknown metric groups, or ``"pointing"`` without boxes.
-    """
-    require_zarr()
-    dataset, batch_size, num_workers, pin_memory = _loader_settings(
-        dataset, batch_size, num_workers
-    )
-    groups = _check_metrics(metrics)
-    check_positive_int(metric_batch_size, "metric_batch_size")
-    if name in ("maps", "files", "targets", "predicted", "probability", "done", "errors"):
-        raise ValueError(f"`name` {name!r} is one of the store's arrays; choose another name")
-    maps = open_maps(store)
-    identity = maps.attrs["identity"]
-    files = _file_names(dataset)
-    if files_digest(files) != identity["files_sha256"]:
-        raise StoreMismatch(
-            f"the dataset's {len(files)} files are not the {len(maps)} files the store "
-            f"{str(store)!r} was made from; pass the same source (and --limit)"
-        )
-    if model_fingerprint(model) != identity["model"]["fingerprint"]:
-        raise StoreMismatch(
-            f"the model is not the one the store {str(store)!r} was made with (its weights "
-            f"differ); its maps must be evaluated with the model that made them"
-        )
-    if "pointing" in groups and getattr(dataset, "boxes", None) is None:
-        raise ValueError(
-            "metric 'pointing' needs object boxes: use a CSV source with xmin,ymin,xmax,ymax "
-            "columns (e.g. the ImageNet sample's annotations.csv)"
-        )
-    explainer = None
-    if "adcc" in groups:
-        explainer = method or build_method(maps.attrs["method"], model, **maps.attrs["settings"])
-    columns = [column for group in groups for column in METRIC_COLUMNS[group]]
-    input_shape = tuple(identity["input_shape"])
-    device = _model_device(model)
-
-    with _process_group(device) as (rank, world):
-        maps = _rank0_first(
-            rank,
-            world,
-            device,
-            lambda: _create_evaluation(store, name, groups, columns),
-            lambda: open_maps(store, mode="r+"),
-        )
-        results = maps.group[name]
-        pending = np.asarray(maps.done[:]) & ~maps.skipped() & ~np.asarray(results["done"][:])
-        _, batches = _shard(~pending, maps.chunk_size, batch_size, rank, world)
-        _barrier(world, device)
-        loader = _loader(dataset, batches, input_shape, num_workers, pin_memory)
-        bar = tqdm(
-            total=sum(len(b) for b in batches),
-            unit="img",
-            desc="evaluate" if world == 1 else f"evaluate (rank 0 of {world})",
-            disable=not show_progress or rank != 0,
-            dynamic_ncols=True,
-        )
-        arrays = {column: results[column] for column in [*columns, "done"]}
-        evaluated = 0
-        with bar, preserved_model_state(model):
-            for batch in loader:
-                values = _evaluate_batch(
-                    maps, dataset, model, explainer, batch, groups, device, metric_batch_size
-                )
-                where = batch.indices.numpy()
-                for column in columns:
-                    arrays[column].oindex[where] = values[column]
-                arrays["done"].oindex[where] = True
-                evaluated += len(where)
-                bar.update(len(where))
-        _barrier(world, device)
-        summary = {
-            column: (
-                *bootstrap_ci(
-                    np.asarray(arrays[column][:], dtype=float) * _SUMMARY_SCALE.get(column, 1.0),
-                    n_resamples,
-                    seed=seed,
-                ),
-                int(np.count_nonzero(~np.isnan(np.asarray(arrays[column][:], dtype=float)))),
-            )
-            for column in columns
-        }
-    return EvaluationSummary(Path(store), name, columns, summary, evaluated, rank, world)
-
-
-def _create_evaluation(
-    store: str | Path, name: str, groups: list[str], columns: list[str]
-) -> StoredMaps:
-    maps = open_maps(store, mode="r+")
-    if name in maps.group:
-        existing = maps.group[name].attrs.get("metrics")
-        if existing != groups:
-            raise StoreMismatch(
-                f"the store's evaluation {name!r} holds the metric groups {existing}, not "
-                f"{groups}; evaluate with those to resume it, or pass another name (--name)"
-            )
-        return maps
-    results = maps.group.create_group(name)
-    for column in [*columns, "done"]:
-        results.create_array(
-            column,
-            shape=(len(maps),),
-            chunks=(maps.chunk_size,),
-            dtype="bool" if column == "done" else "float32",
-            fill_value=False if column == "done" else np.nan,
-            dimension_names=("image",),
-        )
-    results.attrs.update({"metrics": groups, "columns": columns, "versions": _versions()})
-    return maps
-
-
-def _evaluate_batch(
-    store: StoredMaps,
-    dataset: Any,
-    model: nn.Module,
-    explainer: Any,
-    batch: ItemBatch,
-    groups: list[str],
-    device: torch.device,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    from captum_gradmask.metrics import (
-        adcc,
-        gradmask_notebook_deletion,
-        gradmask_notebook_insertion,
-        pointing_game,
-        rise_deletion,
-        rise_insertion,
-    )
-
-    n = len(batch.indices)
-    out = {c: np.full(n, np.nan, dtype=np.float32) for g in groups for c in METRIC_COLUMNS[g]}
-    positions = batch.readable.nonzero().flatten()
-    if not len(positions):
-        return out
-    indices = batch.indices[positions].numpy()
-    images = batch.pixels.to(device, non_blocking=True)
-    saliency = torch.from_numpy(np.asarray(store.maps.oindex[indices])).to(device)
-    targets = torch.from_numpy(np.asarray(store.targets.oindex[indices])).to(device)
-    rows = positions.numpy()
-
-    def put(column: str, values: Tensor) -> None:
-        out[column][rows] = values.detach().float().cpu().numpy()
-
-    if "notebook" in groups:
-        for column, metric in (
-            ("insertion_notebook", gradmask_notebook_insertion),
-            ("deletion_notebook", gradmask_notebook_deletion),
-        ):
-            put(column, metric(model, images, saliency, targets, batch_size=batch_size).auc)
-    if "rise" in groups:
-        for column, metric in (
-            ("insertion_rise", rise_insertion),
-            ("deletion_rise", rise_deletion),
-        ):
-            put(column, metric(model, images, saliency, targets, batch_size=batch_size).auc)
-    if "pointing" in groups:
-        from PIL import Image
-
-        paths = [dataset.path(int(i)) for i in indices]
-        sizes = []
-        for path in paths:
-            with Image.open(path) as image:
-                sizes.append((image.height, image.width))
-        for tolerance in (0, 15):
-            game = pointing_game(
-                saliency,
-                [dataset.boxes[int(i)] for i in indices],
-                targets.cpu(),
-                original_sizes=sizes,
-                input_size=tuple(images.shape[-2:]),
-                tolerance=tolerance,
-            )
-            put(f"pointing_{tolerance}", game.hits)
-    if "adcc" in groups:
-
-        def explain(inputs: Tensor, target: Tensor) -> Tensor:
-            return attribution_grid(explainer, inputs, target)
-
-        result = adcc(
-            model, images, saliency, targets, explanation_func=explain, batch_size=batch_size
-        )
-        for column in METRIC_COLUMNS["adcc"]:
-            put(column, 100.0 * getattr(result, column).float())
-    return out
-
-
-def write_evaluation(store: str | Path, summary: EvaluationSummary, out: str | Path) -> Path:
-    """Write ``rows.csv`` (one row per image: file, target, predicted, probability and the
-    metric columns; empty where not evaluated) and ``summary.json`` / ``summary.md`` into the
-    folder ``out``; returns it."""
-    maps = open_maps(store)
-    columns = maps.evaluation(summary.name)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = maps.files[:].tolist()
-    targets, predicted = maps.targets[:], maps.predicted[:]
-    probability = maps.probability[:]
-    with (out / "rows.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "file", "target", "predicted", "probability", *summary.columns])
-        for i in range(len(maps)):
-            if not columns["done"][i]:
-                continue
-            values = [columns[c][i] for c in summary.columns]
-            writer.writerow(
-                [i, files[i], int(targets[i]), int(predicted[i]), f"{probability[i]:.6g}"]
-                + ["" if np.isnan(v) else f"{v:.6g}" for v in values]
-            )
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                "store": str(store),
-                "evaluation": summary.name,
-                "confidence": 0.95,
-                "metrics": {
-                    c: dict(zip(("mean", "low", "high", "n"), v, strict=True))
-                    for c, v in summary.summary.items()
-                },
-            },
-            indent=2,
-        )
-    )
-    (out / "summary.md").write_text(summary.markdown() + "\n")
-    return out
-
-
-def save_stored_map(store: str | Path, index: int, out: str | Path) -> Path:
-    """Save the map of row ``index`` of a store as a PNG: blended over its image when the
-    store's source and preprocessing are known and the file is there, else the map alone.
-
-    Raises:
-        ValueError: the row has no map (not done yet, or skipped: the message says why).
-    """
-    from captum_gradmask._ops import upsample_grid
-    from captum_gradmask.models import PreprocessConfig
-    from captum_gradmask.viz import save_heatmap_overlay
-
-    maps = open_maps(store)
-    row = maps[index]
-    if row["error"]:
-        raise ValueError(f"image {index} ({row['file']}) was skipped: {row['error']}")
-    if not row["done"]:
-        raise ValueError(f"image {index} ({row['file']}) has no map yet; resume the run")
-    title = f"{maps.attrs.get('method')}: {row['file']} (class {row['target']})"
-    saliency = torch.from_numpy(row["map"])
-    image_path = _source_file(maps.attrs.get("source"), row["file"])
-    preprocess = maps.attrs.get("preprocess")
-    if image_path is None or preprocess is None:
-        return _save_map_only(row["map"], out, title)
-    config = PreprocessConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()}
-    )
-    pixels = config.preprocess(image_path)
-    attribution = upsample_grid(saliency[None], tuple(pixels.shape[-2:]), 1)[0, 0]
-    return save_heatmap_overlay(
-        pixels, attribution, out, mean=config.mean, std=config.std, title=title
-    )
-
-
-def _source_file(source: str | None, file: str) -> Path | None:
-    if not source:
-        return None
-    root = Path(source)
-    path = (root.parent if root.is_file() else root) / file
-    return path if path.is_file() else None
-
-
-def _save_map_only(saliency: np.ndarray, out: str | Path, title: str) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4, 4))
-    axes = figure.subplots()
-    shown = axes.imshow(saliency, cmap="viridis")
-    figure.colorbar(shown, ax=axes)
-    axes.set_title(title, fontsize=8)
-    axes.set_axis_off()
-    out = Path(out)
-    figure.savefig(out, bbox_inches="tight", dpi=120)
-    return out
-
-
-# --- plumbing shared by explain_dataset and evaluate_store ---------------------------------
-
-
-def _loader_settings(
-    data: Dataset | DataLoader, batch_size: int | None, num_workers: int | None
-) -> tuple[Dataset, int, int, bool]:
-    pin_memory = False
-    if isinstance(data, DataLoader):
-        batch_size = data.batch_size if batch_size is None else batch_size
-        num_workers = data.num_workers if num_workers is None else num_workers
-        pin_memory = data.pin_memory
-        data = data.dataset
-    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
-        raise TypeError(
-            f"`dataset` must be a map-style torch Dataset (with __len__ and __getitem__) or a "
-            f"DataLoader over one, got {type(data).__name__}"
-        )
-    if len(data) == 0:  # type: ignore[arg-type]
-        raise ValueError("`dataset` is empty")
-    batch_size = check_positive_int(
-        DEFAULT_BATCH_SIZE if batch_size is None else batch_size, "batch_size"
-    )
-    num_workers = 0 if num_workers is None else num_workers
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}")
-    return data, batch_size, num_workers, pin_memory
-
-
 def _check_target(target: Any) -> str | int:
     if target in ("predicted", "label"):
         return target
@@ -783,156 +377,9 @@ def _check_target(target: Any) -> str | int:
     return target
 
 
-def _check_metrics(metrics: Sequence[str]) -> list[str]:
-    if isinstance(metrics, str):
-        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-    groups = list(dict.fromkeys(metrics))
-    unknown = [m for m in groups if m not in METRIC_COLUMNS]
-    if unknown or not groups:
-        raise ValueError(
-            f"`metrics` {list(metrics)!r} is not valid: give one or more of "
-            f"{', '.join(METRIC_COLUMNS)}"
-        )
-    return groups
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    if parameter is None:
-        raise TypeError(f"`model` must be a torch nn.Module with parameters, got {model!r}")
-    return parameter.device
-
-
-def _input_shape(dataset: Any) -> tuple[int, ...]:
-    shape = getattr(dataset, "input_shape", None)
-    if shape is not None:
-        return tuple(int(s) for s in shape)
-    safe = SafeItems(dataset)
-    for index in range(min(len(safe), 64)):
-        item = safe[index]
-        if item.pixels is not None:
-            return tuple(item.pixels.shape)
-    raise ValueError(
-        "none of the dataset's first items could be read, so its input shape is unknown: "
-        f"{safe[0].error}"
-    )
-
-
 def _map_shape(method: Any, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     inner = getattr(method, "method", method)
     adapter = getattr(inner, "adapter", None)
     if hasattr(inner, "attribute_grid") and adapter is not None:
         return tuple(adapter.grid(tuple(input_shape[1:])))
     return tuple(input_shape[1:])
-
-
-def _file_names(dataset: Any) -> list[str]:
-    files = getattr(dataset, "files", None)
-    if files is None:
-        return [str(i) for i in range(len(dataset))]
-    files = [str(f) for f in files]
-    if len(files) != len(dataset):
-        raise ValueError(
-            f"`dataset.files` has {len(files)} names for {len(dataset)} items; give one per item"
-        )
-    return files
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"captum-gradmask": __version__}
-    for package in ("torch", "captum", "transformers", "timm", "zarr", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    versions["python"] = sys.version.split()[0]
-    return versions
-
-
-def _shard(
-    done: np.ndarray, chunk_size: int, batch_size: int, rank: int, world: int
-) -> tuple[list[int], list[list[int]]]:
-    """This rank's chunks (every ``world``-th chunk with rows not done) and its batches of
-    pending rows; a batch never spans two chunks, so one process writes each chunk."""
-    done = np.asarray(done, dtype=bool)
-    starts = range(0, len(done), chunk_size)
-    pending = [c for c, s in enumerate(starts) if not done[s : s + chunk_size].all()]
-    mine = pending[rank::world]
-    batches = []
-    for chunk in mine:
-        start = chunk * chunk_size
-        rows = (np.flatnonzero(~done[start : start + chunk_size]) + start).tolist()
-        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    return mine, batches
-
-
-def _loader(
-    dataset: Dataset,
-    batches: list[list[int]],
-    input_shape: Sequence[int],
-    num_workers: int,
-    pin_memory: bool,
-) -> DataLoader:
-    return DataLoader(
-        SafeItems(dataset, input_shape),
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=collate_items,
-        pin_memory=pin_memory,
-    )
-
-
-@contextlib.contextmanager
-def _process_group(device: torch.device) -> Iterator[tuple[int, int]]:
-    """``(rank, world_size)``: of the process group in place, or of one started here from
-    torchrun's environment (gloo on CPU, nccl on CUDA) and ended on the way out."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        yield 0, 1
-        return
-    if dist.is_initialized():
-        yield dist.get_rank(), dist.get_world_size()
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield 0, 1
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # Ranks wait for the slowest at the end; a long dataset can leave them minutes apart.
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
-def _barrier(world: int, device: torch.device) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[device.index or 0])
-        else:
-            dist.barrier()
-
-
-def _rank0_first(
-    rank: int, world: int, device: torch.device, create: Any, reopen: Any
-) -> StoredMaps:
-    """Rank 0 runs ``create``; then the other ranks ``reopen``. An error on rank 0 is raised on
-    every rank (instead of leaving the others waiting)."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = create()
-        except Exception as caught:
-            error = caught
-    if world > 1:
-        import torch.distributed as dist
-
-        message = [error]
-        dist.broadcast_object_list(message, src=0, device=device if device.type == "cuda" else None)
-        error = message[0]
-    if error is not None:
-        raise error
-    return result if rank == 0 else reopen()

@@ -10,7 +10,8 @@ confidence on every masked image weighs its mask, and the weighted masks are sum
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,15 +33,22 @@ from ._utils import (
     recorded,
     resolve_targets,
     unique_modules,
+    unpack_inputs,
 )
 from .adapters import AttentionLayer
 from .base import PatchAttribution
 
-__all__ = ["GradMaskAttribution", "GradMaskMasks"]
+__all__ = ["AMP_DTYPES", "GradMaskAttribution", "GradMaskMasks"]
 
 LayerSelection = Sequence[int] | Literal["all"] | None
 Mode = Literal["exact", "fast"]
 FastBatching = Literal["auto", "pad", "group"]
+
+#: The dtypes ``amp_dtype`` accepts, by the short names the command line and benchmarks use.
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Keyword arguments of ``torch.compile`` for ``compile=True``: static shapes, so each batch
+#: shape compiles once.
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,8 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         fill_value: float = 0.0,
         mode: Mode = "exact",
         fast_batching: FastBatching = "auto",
+        amp_dtype: torch.dtype | None = None,
+        compile: bool = False,
         perturbations_per_eval: int = 32,
         internal_batch_size: int | None = None,
         show_progress: bool = False,
@@ -135,6 +145,17 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
                 ``"group"`` runs masks with equal counts together (no attention mask, many
                 small passes); ``"auto"`` (default) pads when the adapter has a
                 ``padding_mask``, else groups.
+            amp_dtype: ``None`` (default) runs the masked passes in the model's dtype;
+                ``torch.bfloat16`` or ``torch.float16`` runs them (both modes) under
+                ``torch.autocast`` on the inputs' device. The gradient pass, and so the binary
+                masks, stay in the model's dtype; the confidences are computed and summed in
+                float32. Faster on GPUs (bf16/fp16 tensor cores), slower on most CPUs; the map
+                changes slightly (see docs/performance.md, "Precision").
+            compile: run the masked forward through ``torch.compile`` (exact mode only). The
+                last batch is padded to ``perturbations_per_eval`` masked images so every pass
+                has one shape, and the compiled function is kept on this object: later calls
+                with the same image size and batch size do not compile again. The first call
+                pays the compilation (tens of seconds).
             perturbations_per_eval: masked images per forward pass; bounds memory. 16-64 suits
                 CPUs, larger batches suit GPUs.
             internal_batch_size: images per gradient pass (``None``: ``perturbations_per_eval``).
@@ -156,6 +177,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         """
         check_positive_int(perturbations_per_eval, "perturbations_per_eval")
         fast_batching = self._check_mode(mode, fast_batching, additional_forward_args, fill_value)
+        _check_precision(amp_dtype, compile, mode, unpack_inputs(inputs)[0].device)
         found = self.binary_masks(
             inputs,
             target,
@@ -175,6 +197,8 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             fill_value=fill_value,
             mode=mode,
             fast_batching=fast_batching,
+            amp_dtype=amp_dtype,
+            compile=compile,
             perturbations_per_eval=perturbations_per_eval,
             show_progress=show_progress,
         )
@@ -242,6 +266,8 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         fill_value: float = 0.0,
         mode: Mode = "exact",
         fast_batching: FastBatching = "auto",
+        amp_dtype: torch.dtype | None = None,
+        compile: bool = False,
         perturbations_per_eval: int = 32,
         show_progress: bool = False,
     ) -> Tensor:
@@ -252,12 +278,13 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             masks: ``(B, M, h, w)`` binary patch masks (e.g. :meth:`binary_masks`'s, or any
                 others: ablations use random ones).
             targets: ``(B,)`` class per image.
-            additional_forward_args, fill_value, mode, fast_batching, perturbations_per_eval,
-            show_progress: as in :meth:`attribute_grid`.
+            additional_forward_args, fill_value, mode, fast_batching, amp_dtype, compile,
+            perturbations_per_eval, show_progress: as in :meth:`attribute_grid`.
         """
         images, grid = self._prepare(inputs, None)
         check_positive_int(perturbations_per_eval, "perturbations_per_eval")
         fast_batching = self._check_mode(mode, fast_batching, additional_forward_args, fill_value)
+        _check_precision(amp_dtype, compile, mode, images.device)
         if masks.dim() != 4 or masks.shape[0] != images.shape[0] or tuple(masks.shape[2:]) != grid:
             raise ValueError(
                 f"`masks` must have shape (B={images.shape[0]}, M, {grid[0]}, {grid[1]}); got "
@@ -278,7 +305,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
                 perturbations_per_eval,
                 pad=fast_batching == "pad",
             )
-            batches = self._token_dropped_batches(images, flat_masks, owners, plan)
+            batches = self._token_dropped_batches(images, flat_masks, owners, plan, amp_dtype)
             total = len(plan)
         else:
             batches = self._pixel_masked_batches(
@@ -288,6 +315,8 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
                 additional_forward_args,
                 fill_value,
                 perturbations_per_eval,
+                amp_dtype,
+                compile,
             )
             total = -(-flat_masks.shape[0] // perturbations_per_eval)
         with preserved_model_state(self.model), torch.inference_mode():
@@ -391,16 +420,38 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         additional_forward_args: Any,
         fill_value: float,
         batch_size: int,
+        amp_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> Iterator[tuple[slice, Tensor]]:
-        """Exact mode: masked-out pixels set to ``fill_value``, ``batch_size`` images a pass."""
+        """Exact mode: masked-out pixels set to ``fill_value``, ``batch_size`` images a pass
+        (with ``compile``, a shorter last pass is padded to ``batch_size`` and the padding's
+        logits dropped, so the compiled forward sees one shape)."""
         per_image = flat_masks.shape[0] // images.shape[0]
         extra_all = expand_additional_args(additional_forward_args, per_image)
         fill = torch.as_tensor(fill_value, dtype=images.dtype, device=images.device)
+        forward = self._masked_forward(compile)
         for rows in chunks(flat_masks.shape[0], batch_size):
             with torch.inference_mode():
                 keep = pixel_masks(flat_masks[rows], self.adapter.patch_size)
                 masked = torch.where(keep, images[owners[rows]], fill)
-                yield rows, self.adapter.logits(masked, *_index_args(extra_all, rows))
+                extra = _index_args(extra_all, rows)
+                count = masked.shape[0]
+                if compile and count < batch_size:
+                    masked, extra = _pad_batch(masked, extra, batch_size)
+                with _autocast(images.device, amp_dtype):
+                    logits = forward(masked, *extra)
+            yield rows, logits[:count]
+
+    def _masked_forward(self, compile: bool) -> Callable[..., Tensor]:
+        """The masked passes' forward: the adapter's, or its compiled version, made once per
+        object so that later calls reuse its compiled graphs."""
+        if not compile:
+            return self.adapter.logits
+        compiled = self.__dict__.get("_compiled_logits")
+        if compiled is None:
+            compiled = torch.compile(self.adapter.logits, **COMPILE_OPTIONS)
+            self._compiled_logits = compiled
+        return compiled
 
     def _token_dropped_batches(
         self,
@@ -408,6 +459,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         flat_masks: Tensor,
         owners: Tensor,
         plan: list[tuple[list[int], int, bool]],
+        amp_dtype: torch.dtype | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Fast mode: each masked image is its prefix tokens plus its kept patch tokens.
 
@@ -419,7 +471,8 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         interface = adapter.require_tokens("mode='fast'")
         prefix = adapter.prefix_tokens
         with torch.inference_mode():
-            tokens = interface.embed(images)
+            with _autocast(images.device, amp_dtype):
+                tokens = interface.embed(images)
             flat = flat_masks.flatten(1)
             prefix_index = torch.arange(prefix, device=tokens.device)
             for members, longest, padded in plan:
@@ -434,7 +487,9 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
                 if padded:
                     kept = order.values[:, :longest].bool()
                     keep = torch.cat([kept.new_ones(len(members), prefix), kept], dim=1)
-                yield rows, adapter.run_tokens(selected, keep=keep)
+                with _autocast(images.device, amp_dtype):
+                    logits = adapter.run_tokens(selected, keep=keep)
+                yield rows, logits
 
 
 PAD_SLACK = 1.1  # a padded pass holds at most 10 % more tokens than its masks keep
@@ -496,3 +551,46 @@ def _group_scores(
 
 def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:
     return tuple(a[batch] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+
+
+def _pad_batch(masked: Tensor, extra: tuple[Any, ...], size: int) -> tuple[Tensor, tuple[Any, ...]]:
+    """``masked`` and the batch-first tensors of ``extra`` padded to ``size`` rows with copies
+    of their last row (rows of a ViT never mix, so the padding changes no other row)."""
+
+    def pad(tensor: Tensor) -> Tensor:
+        missing = size - tensor.shape[0]
+        return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+
+    return pad(masked), tuple(pad(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in extra)
+
+
+def _check_precision(amp_dtype: Any, compile: Any, mode: Mode, device: torch.device) -> None:
+    """Validate ``amp_dtype`` and ``compile`` (before the gradient pass)."""
+    if amp_dtype is not None and not (
+        isinstance(amp_dtype, torch.dtype) and amp_dtype in AMP_DTYPES.values()
+    ):
+        raise ValueError(
+            f"`amp_dtype` must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}"
+        )
+    if amp_dtype is not None and not torch.amp.is_autocast_available(device.type):
+        raise ValueError(
+            f"`amp_dtype`={amp_dtype} needs torch.autocast, which is not available for device "
+            f"type {device.type!r}; use amp_dtype=None"
+        )
+    if not isinstance(compile, bool):
+        raise ValueError(f"`compile` must be True or False, got {compile!r}")
+    if compile and mode != "exact":
+        raise ValueError(
+            "`compile`=True supports mode='exact' only: fast mode's passes each keep a "
+            "different number of tokens, so a compiled forward would recompile for most of "
+            "them; use compile=False with mode='fast'"
+        )
+
+
+def _autocast(
+    device: torch.device, amp_dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``amp_dtype`` on ``device``'s type; nothing for ``None``."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)

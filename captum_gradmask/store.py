@@ -17,8 +17,9 @@ Every array is cut into chunks of ``chunk_size`` images (one file per chunk, wri
 atomic rename), so writers that own different chunks never touch the same file, and a killed
 writer leaves each chunk either as it was or as it became. The group's attributes record the
 model, method, settings, target policy, input shape, source and package versions; ``identity``
-among them is what a resumed run must match. Evaluations (:func:`captum_gradmask.explain_dataset
-.evaluate_store`) add a sub-group of per-image metric columns, ``metrics`` by default.
+among them is what a resumed run must match. Evaluations
+(:func:`captum_gradmask.evaluation.evaluate_store`) add a sub-group of per-image metric
+columns, ``metrics`` by default.
 
 Readable without this package: ``zarr.open_group(path)["maps"][:10]``, ``numpy.asarray``,
 ``xarray.open_zarr(path, consolidated=False)`` (dimensions ``image, y, x``) or

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import (
     DeiTConfig,
@@ -13,6 +15,22 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+#: the reference implementation's name for the layout the installed transformers builds
+HF_KIND = "hf5" if TRANSFORMERS_MAJOR >= 5 else "hf4"
+#: ``LegacyViT`` rebuilds the 4.x layout from a 5.x model; under transformers 4.x the models
+#: have that layout natively (CI runs the GradMask tests under both)
+needs_transformers_5 = pytest.mark.skipif(
+    TRANSFORMERS_MAJOR < 5, reason="LegacyViT wraps a transformers 5.x model"
+)
+
+
+def hf_layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a Hugging Face ViT/DeiT in either layout."""
+    base = model.vit if hasattr(model, "vit") else model.deit
+    return base.layers if hasattr(base, "layers") else base.encoder.layer
+
 
 TINY = dict(
     image_size=32,

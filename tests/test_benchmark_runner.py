@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks import report
@@ -173,6 +174,30 @@ def test_resume_refuses_a_folder_made_with_other_settings(
     (output / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="no recorded settings"):
         main(argv)
+
+
+def test_amp_dtype_reaches_gradmask_and_is_recorded(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from benchmarks.run import _overrides, experiment_settings
+
+    data, model = setup
+    argv = _argv(data, model, tmp_path / "out", methods="gradmask-m1")
+    plain = parse_args(argv)
+    amp = parse_args([*argv, "--amp-dtype", "bf16"])
+    assert _overrides("gradmask-m1", amp)["amp_dtype"] is torch.bfloat16
+    assert "amp_dtype" not in _overrides("saliency", amp)  # not a GradMask setting
+    recorded = experiment_settings(amp, {"gradmask-m1": None})["methods"]["gradmask-m1"]
+    assert recorded["amp_dtype"] == "torch.bfloat16" and "compile" not in recorded
+    # the default is left out, so folders written before the option existed still resume
+    assert (
+        "amp_dtype"
+        not in experiment_settings(plain, {"gradmask-m1": None})["methods"]["gradmask-m1"]
+    )
+    argv[argv.index("--metrics") + 1] = "pointing"
+    main(argv)
+    with pytest.raises(SystemExit, match="settings of gradmask-m1"):
+        main([*argv, "--amp-dtype", "fp16"])
 
 
 def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_path: Path) -> None:

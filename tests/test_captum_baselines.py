@@ -203,3 +203,58 @@ def test_registry_gradmask_matches_the_class() -> None:
     built = build_method("gradmask-m1", model).attribute(images, target=2)
     direct = GradMaskAttribution(model).attribute(images, target=2, masks_per_layer=1)
     torch.testing.assert_close(built, direct)
+
+
+def _spy_on_captum(method: cb.CaptumBaseline) -> list[dict]:
+    """Record what each call hands to the Captum object (and skip Captum's own work)."""
+    calls: list[dict] = []
+
+    def attribute(inputs: Tensor, **kwargs) -> Tensor:
+        calls.append({"inputs": inputs.clone(), **kwargs})
+        return torch.zeros_like(inputs)
+
+    method.attribution.attribute = attribute  # type: ignore[method-assign]
+    return calls
+
+
+def _two_images_of_different_ranges() -> Tensor:
+    first = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return torch.cat([first, 3 * first + 1])  # the second spans three times the range
+
+
+def test_gradient_shap_baselines_are_zeros_and_each_images_own_blur() -> None:
+    from captum_gradmask._ops import gaussian_blur
+
+    images = _two_images_of_different_ranges()
+    method = cb.gradient_shap(tiny_hf_vit())  # documented defaults: kernel 11, sigma 5
+    calls = _spy_on_captum(method)
+    method.attribute(images, target=[1, 2])
+    assert len(calls) == 2  # image by image: each image's blur is its own baseline
+    for i, call in enumerate(calls):
+        torch.testing.assert_close(call["inputs"], images[i : i + 1], atol=0, rtol=0)
+        assert call["target"].tolist() == [[1, 2][i]]
+        assert call["n_samples"] == 20 and call["stdevs"] == 0.1
+        zeros, blurred = call["baselines"].split(1)
+        assert torch.equal(zeros, torch.zeros_like(zeros))
+        expected = gaussian_blur(images[i : i + 1], kernel_size=11, sigma=5.0)
+        torch.testing.assert_close(blurred, expected, atol=0, rtol=0)
+        # a blur: smoother than the image, same mean inside the zero-padded border
+        inner = (slice(None), slice(None), slice(5, -5), slice(5, -5))
+        assert blurred[inner].std() < 0.5 * images[i : i + 1][inner].std()
+    assert not torch.allclose(calls[0]["baselines"][1], calls[1]["baselines"][1])
+
+
+def test_smoothgrad_noise_is_a_fraction_of_each_images_own_range() -> None:
+    images = _two_images_of_different_ranges()
+    method = cb.smoothgrad(tiny_hf_vit())  # documented default: 0.15 of the range
+    calls = _spy_on_captum(method)
+    method.attribute(images, target=3)
+    assert len(calls) == 2
+    for i, call in enumerate(calls):
+        torch.testing.assert_close(call["inputs"], images[i : i + 1], atol=0, rtol=0)
+        value_range = float(images[i].max() - images[i].min())
+        assert call["stdevs"] == pytest.approx(0.15 * value_range, rel=1e-6)
+        assert call["nt_type"] == "smoothgrad" and call["abs"] is True
+        assert call["nt_samples"] == 25
+    # the second image spans three times the range, so gets three times the noise
+    assert calls[1]["stdevs"] == pytest.approx(3 * calls[0]["stdevs"], rel=1e-5)

@@ -145,3 +145,25 @@ def test_explain_real_image_with_shared_vit_tiny(tmp_path, capsys) -> None:
     assert code == 0
     assert "sea snake" in capsys.readouterr().out  # label 65 of this image, the model's top-1
     assert out.stat().st_size > 10_000
+
+
+def test_amp_dtype_from_the_command_line(checkpoint, tmp_path, capsys) -> None:
+    folder, image = checkpoint
+    base = ["explain", str(image), "--model", str(folder), "--quiet", "--device", "cpu"]
+    maps = {}
+    for name, extra in {
+        "fp32": [],
+        "bf16": ["--amp-dtype", "bf16"],
+        "option": ["--method-option", "amp_dtype=fp16"],
+    }.items():
+        out = tmp_path / f"{name}.npy"
+        code = main([*base, "--out", str(tmp_path / f"{name}.png"), "--save-map", str(out), *extra])
+        assert code == 0
+        maps[name] = np.load(out)
+    assert np.abs(maps["bf16"] - maps["fp32"]).max() <= 0.05 * maps["fp32"].max()
+    assert np.abs(maps["option"] - maps["fp32"]).max() <= 0.01 * maps["fp32"].max()
+    capsys.readouterr()
+    assert main([*base, "--method-option", "amp_dtype=fp32"]) == 2
+    assert "amp_dtype 'fp32' is not valid: use bf16 or fp16" in capsys.readouterr().err
+    assert main([*base, "--method", "rollout", "--amp-dtype", "bf16"]) == 2
+    assert "unknown setting(s) ['amp_dtype']" in capsys.readouterr().err

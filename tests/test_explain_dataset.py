@@ -23,7 +23,8 @@ from captum_gradmask import GradMaskAttribution
 from captum_gradmask import explain_dataset as runner
 from captum_gradmask.cli import main
 from captum_gradmask.datasets import ImageFiles, open_source
-from captum_gradmask.explain_dataset import evaluate_store, explain_dataset
+from captum_gradmask.evaluation import evaluate_store
+from captum_gradmask.explain_dataset import explain_dataset
 from captum_gradmask.metrics import gradmask_notebook_insertion, pointing_game
 from captum_gradmask.models import load_model
 from captum_gradmask.store import StoredMaps, StoreMismatch, open_maps
@@ -205,6 +206,35 @@ def test_a_store_with_other_settings_is_refused(model_and_images, tmp_path: Path
         images, model, out, method="gradmask-m1", method_options={"perturbations_per_eval": 5}
     )
     assert resumed.written == 0
+
+
+def test_amp_dtype_is_part_of_a_stores_identity(
+    model_and_images, assets: Path, tmp_path: Path
+) -> None:
+    model, images = model_and_images
+    plain, amp = tmp_path / "plain.zarr", tmp_path / "bf16.zarr"
+    _run(images, model, plain, method="gradmask-m1")
+    assert open_maps(plain).attrs["identity"]["settings"]["amp_dtype"] is None
+    options = ["--method", "gradmask-m1", "--amp-dtype", "bf16", "--chunk-size", "3"]
+    command = ["explain-dataset", str(assets / "images"), "--model", str(assets / "model")]
+    assert main([*command, "--out", str(amp), *options, "--workers", "0", "--quiet"]) == 0
+    stored = open_maps(amp)
+    assert stored.attrs["settings"]["amp_dtype"] == "torch.bfloat16"
+    assert stored.attrs["identity"]["settings"]["amp_dtype"] == "torch.bfloat16"
+    with pytest.raises(StoreMismatch, match="amp_dtype"):
+        _run(images, model, amp, method="gradmask-m1")
+    resumed = _run(
+        images,
+        model,
+        amp,
+        method="gradmask-m1",
+        method_options={"amp_dtype": torch.bfloat16, "perturbations_per_eval": 7},
+    )
+    assert resumed.written == 0
+    bf16_maps, fp32_maps = stored.maps[:], open_maps(plain).maps[:]
+    explained = ~np.isnan(fp32_maps).any(axis=(1, 2))  # the corrupt file has no map
+    difference = np.abs(bf16_maps - fp32_maps)[explained]
+    assert explained.sum() == 6 and difference.max() <= 0.05 * fp32_maps[explained].max()
 
 
 def test_bad_arguments_are_named(model_and_images, tmp_path: Path, monkeypatch) -> None:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from benchmarks.reference_gradmask import reference_masks
 from captum_gradmask import GradMaskAttribution
+from captum_gradmask.data import load_imagenet_sample, preprocess_image
 from captum_gradmask.gradmask import _token_plan
 
-from .models import LegacyViT, tiny_hf_deit, tiny_hf_vit, tiny_timm_distilled, tiny_timm_vit
-from .reference_gradmask import reference_masks
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
+from .models import (
+    HF_KIND,
+    LegacyViT,
+    hf_layers,
+    needs_transformers_5,
+    tiny_hf_deit,
+    tiny_hf_vit,
+    tiny_timm_distilled,
+    tiny_timm_vit,
+)
 
 
 def _hf_dropped_logits(model, image: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -17,8 +31,9 @@ def _hf_dropped_logits(model, image: torch.Tensor, keep: torch.Tensor, prefix: i
     tokens = base.embeddings(image[None])
     kept = [*range(prefix), *(prefix + i for i in range(keep.numel()) if keep.flatten()[i])]
     x = tokens[:, kept]
-    for layer in base.layers:
+    for layer in hf_layers(model):
         x = layer(x)
+        x = x[0] if isinstance(x, tuple) else x
     x = base.layernorm(x)
     if hasattr(model, "distillation_classifier"):
         return ((model.cls_classifier(x[:, 0]) + model.distillation_classifier(x[:, 1])) / 2)[0]
@@ -50,8 +65,8 @@ def _independent_fast_map(model, image, kind, dropped_logits, prefix, m=4) -> to
 @pytest.mark.parametrize(
     ("build", "kind", "prefix", "dropped"),
     [
-        (tiny_hf_vit, "hf5", 1, _hf_dropped_logits),
-        (lambda: tiny_hf_deit(teacher=True), "hf5", 2, _hf_dropped_logits),
+        (tiny_hf_vit, HF_KIND, 1, _hf_dropped_logits),
+        (lambda: tiny_hf_deit(teacher=True), HF_KIND, 2, _hf_dropped_logits),
         (tiny_timm_vit, "timm", 1, _timm_dropped_logits),
         (tiny_timm_distilled, "timm", 2, _timm_dropped_logits),
     ],
@@ -63,6 +78,9 @@ def test_fast_mode_equals_independent_token_dropping(
     model = build()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     gm = GradMaskAttribution(model)
+    if batching == "pad" and kind == "hf4":
+        assert not gm.adapter.supports_padding  # see test_adapters_hf_layout.py
+        pytest.skip("transformers 4.x layers take no attention mask")
     run_tokens, padded_passes = gm.adapter.run_tokens, []
 
     def spy(tokens, start=0, keep=None):
@@ -110,6 +128,7 @@ def test_pad_plan_covers_every_mask_once_within_the_token_budget() -> None:
     assert len(plans[True]) < len(plans[False])
 
 
+@needs_transformers_5
 def test_pad_needs_a_padding_mask_and_auto_falls_back_to_grouping() -> None:
     legacy = LegacyViT(tiny_hf_vit())  # transformers 4.x layers take no attention mask
     avg_pool = tiny_timm_vit(global_pool="avg", class_token=False)  # the head reads padding
@@ -141,3 +160,43 @@ def test_padding_on_cuda_matches_grouping() -> None:
     assert any(padded_passes)
     group = gm.attribute_grid(images, mode="fast", fast_batching="group", perturbations_per_eval=3)
     torch.testing.assert_close(auto, group, atol=1e-5, rtol=0)
+
+
+# --- real model --------------------------------------------------------------------------------
+
+FIDELITY_ROWS = (
+    Path(__file__).resolve().parents[1] / "docs" / "performance" / "fidelity-1-250.jsonl"
+)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_fast_maps_rank_patches_like_exact_ones_on_real_vit_tiny() -> None:
+    """docs/performance.md: Spearman 0.875 on average between fast and exact maps (500 images).
+
+    On two shared images (ground-truth targets, m = 4, as benchmarks/fidelity.py runs it) each
+    image's correlation equals the one recorded in docs/performance/fidelity-1-250.jsonl (maps
+    computed on a GPU, hence the tolerance), and their mean stays above a floor under the
+    measured 0.92.
+    """
+    from scipy.stats import spearmanr
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(HF_VIT_TINY).eval()
+    records = load_imagenet_sample(IMAGENET_SAMPLE, limit=2)
+    images = torch.stack([preprocess_image(r.path) for r in records])
+    targets = [r.label for r in records]
+    gradmask = GradMaskAttribution(model)
+    exact = gradmask.attribute_grid(images, target=targets)
+    fast = gradmask.attribute_grid(images, target=targets, mode="fast")
+    rho = [
+        float(spearmanr(exact[i].flatten().numpy(), fast[i].flatten().numpy()).statistic)
+        for i in range(len(records))
+    ]
+    recorded = {
+        row["file"]: row["spearman"]
+        for row in map(json.loads, FIDELITY_ROWS.read_text().splitlines())
+    }
+    for record, value in zip(records, rho, strict=True):
+        assert value == pytest.approx(recorded[record.path.name], abs=0.02), record.path.name
+    assert sum(rho) / len(rho) >= 0.85

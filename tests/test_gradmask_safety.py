@@ -50,6 +50,26 @@ def test_model_left_as_it_was_after_success() -> None:
     torch.testing.assert_close(out, gm.attribute_grid(images))
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_runs_in_eval_mode_with_dropout_and_leaves_train_mode(mode: str) -> None:
+    model = tiny_hf_vit(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5).train()
+    model.vit.embeddings.patch_embeddings.projection.weight.requires_grad_(False)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # dropout is live in train mode: two forwards differ
+        assert not torch.allclose(model(images).logits, model(images).logits)
+    before = _snapshot(model)
+    gm = GradMaskAttribution(model)
+    first = gm.attribute_grid(images, mode=mode)
+    second = gm.attribute_grid(images, mode=mode)
+    _assert_same(model, before)
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    # masks and confidences both come from eval mode: equal to the eval-mode model's map
+    model.eval()
+    torch.testing.assert_close(first, gm.attribute_grid(images, mode=mode), atol=1e-6, rtol=0)
+
+
 def test_model_left_as_it_was_after_an_error_midway() -> None:
     model = tiny_timm_vit()
     model.train()
@@ -101,6 +121,15 @@ def test_works_under_no_grad_as_captum_sensitivity_calls_it() -> None:
         (dict(layers=[5]), r"`layers`=\[5\] is not valid"),
         (dict(layers="last"), r"`layers` must be None, 'all' or a list of ints"),
         (dict(mode="quick"), r"`mode` must be 'exact' or 'fast', got 'quick'"),
+        (
+            dict(mode="fast", fill_value=-1.0),
+            r"`fill_value`=-1.0 has no effect in mode='fast', which drops masked patch tokens",
+        ),
+        (
+            dict(mode="fast", additional_forward_args=(torch.zeros(2),)),
+            r"`additional_forward_args` must be None for GradMask's mode='fast' \(masked passes\)",
+        ),
+        (dict(fill_value="grey"), r"`fill_value` must be a number, got 'grey'"),
         (
             dict(mode="fast", fast_batching="bucket"),
             r"`fast_batching` must be 'auto', 'pad' or 'group', got 'bucket'",

@@ -127,3 +127,18 @@ def test_batch_size_replaces_max_examples_per_batch() -> None:
     torch.testing.assert_close(batched.values, old.values)
     with pytest.raises(ValueError, match="batch_size"):
         patch_infidelity(model, images, saliency, batch_size=0, **kwargs)
+
+
+def test_infidelity_evaluates_a_model_in_eval_mode_and_leaves_its_mode() -> None:
+    """A model in train mode with dropout: infidelity equals the eval-mode model's score (as
+    insertion, deletion and ADCC), and the model is back in train mode afterwards."""
+    from .models import tiny_hf_vit
+
+    model = tiny_hf_vit(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(1))
+    options = {"target": [1, 3], "patch_size": 8, "seed": 0, "n_perturb_samples": 4}
+    evaluated = patch_infidelity(model.eval(), images, maps, **options).values
+    trained = patch_infidelity(model.train(), images, maps, **options).values
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(trained, evaluated)

@@ -19,7 +19,13 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor
 
-from captum_gradmask._utils import TargetType, check_positive_int, extract_logits, unpack_inputs
+from captum_gradmask._utils import (
+    TargetType,
+    check_positive_int,
+    extract_logits,
+    preserved_model_state,
+    unpack_inputs,
+)
 from captum_gradmask.metrics._common import ChannelReduction, attribution_map
 
 __all__ = [
@@ -166,7 +172,8 @@ def patch_infidelity(
     The map (patch grids upsampled nearest, channels reduced) is spread over the input's
     channels divided by their number, so ``sum(attr * perturbation)`` weighs each pixel once
     whatever the channel count. ``normalize=True`` fits the best scale of the map first, so
-    the score compares shapes, not magnitudes. Lower is better.
+    the score compares shapes, not magnitudes. Lower is better. A model (``nn.Module``) is
+    evaluated in eval mode, as by the other metrics, and left in its own mode afterwards.
 
     Args:
         forward_func: model or function returning logits (Hugging Face outputs accepted).
@@ -201,7 +208,8 @@ def patch_infidelity(
     channels = images.shape[1]
     saliency = attribution_map(attributions, images, channel_reduction)
     spread = (saliency[:, None] / channels).expand_as(images).contiguous()
-    with _seeded(seed, images.device):
+    module = forward_func if isinstance(forward_func, torch.nn.Module) else None
+    with _seeded(seed, images.device), preserved_model_state(module):
         values = infidelity(
             _logits_func(forward_func),
             patch_perturbation(patch_size, drop_probability, baseline),
