@@ -37,8 +37,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
+from captum_gradmask.adapters import get_adapter
 from captum_gradmask.data import load_image, load_imagenet_sample, preprocess_image
-from captum_gradmask.methods.diffmask import VisionDiffMaskTrainer
+from captum_gradmask.methods.diffmask import GateConfig, VisionDiffMaskTrainer
 
 
 class EpochShuffle(Sampler[int]):
@@ -145,6 +146,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="probability of training the whole gate stack in a step; -1 = uniform (authors)",
     )
+    parser.add_argument(
+        "--sparsity",
+        choices=("log", "l0"),
+        default="log",
+        help="sparsity term: mean log P(kept) (authors' code) or mean P(kept) (paper)",
+    )
+    parser.add_argument(
+        "--gate-offset",
+        type=float,
+        default=None,
+        help="initial offset of every probe's gate location (authors: 8, every gate open)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -169,6 +182,14 @@ def load_uint8(data: str, first: int, count: int, size: int = 256) -> torch.Tens
         resized = load_image(record.path).resize((size, size), Image.Resampling.BICUBIC)
         images.append(torch.from_numpy(np.asarray(resized).transpose(2, 0, 1).copy()))
     return torch.stack(images)
+
+
+def gate_config(model: torch.nn.Module, offset: float | None) -> GateConfig | None:
+    """The gate's configuration for ``--gate-offset`` (``None``: the trainer's default, the
+    authors' offset 8)."""
+    if offset is None:
+        return None
+    return GateConfig.for_adapter(get_adapter(model), add_activation=offset)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -216,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         lookahead_k=args.lookahead_k,
         lookahead_alpha=args.lookahead_alpha,
         last_state_probability=p_last,
+        sparsity=args.sparsity,
         seed=args.seed,
+        gate_config=gate_config(model, args.gate_offset),
         metadata={"model": Path(args.model).name, **split},
     )
     if trainer.epoch:

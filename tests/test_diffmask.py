@@ -291,6 +291,25 @@ def test_resume_continues_from_the_saved_step_exactly(tmp_path: Path) -> None:
     assert again.step == 6
 
 
+@pytest.mark.parametrize("sparsity", ["log", "l0"])
+def test_sparsity_term_is_the_mean_log_or_the_mean_keep_probability(sparsity) -> None:
+    """With the multiplier at 0 the loss is the sparsity term alone: the mean over patches of
+    ``log P(kept)`` (authors' code) or of ``P(kept)`` (the paper's expected L0), for the drawn
+    stack; the step's ``kept`` metric is the mean of ``P(kept)`` of the same stack."""
+    model = _sharp_vit()
+    trainer = VisionDiffMaskTrainer(
+        model, alpha_init=0.0, lr_alpha=1e-12, warmup_steps=0, sparsity=sparsity,
+        gate_config=GateConfig.for_adapter(get_adapter(model), add_activation=0.5),
+    )  # fmt: skip
+    metrics = trainer.train_step(_images(4))
+    if sparsity == "l0":
+        assert metrics["loss"] == pytest.approx(metrics["kept"], rel=1e-5)
+    else:  # Jensen: mean log P < log mean P, strictly for gates that differ
+        assert metrics["loss"] < math.log(metrics["kept"]) - 1e-4
+    with pytest.raises(ValueError, match="`sparsity`"):
+        VisionDiffMaskTrainer(model, sparsity="l1")
+
+
 def test_trainer_option_errors(tmp_path: Path) -> None:
     model = tiny_hf_vit()
     with pytest.raises(TypeError, match="unknown training option"):

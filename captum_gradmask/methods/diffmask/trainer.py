@@ -55,6 +55,12 @@ class DiffMaskTrainingConfig:
             which the map uses) in a step; the other states share the rest uniformly. ``None``:
             every state equally likely, as the authors do. Raising it trains the map's own mask
             more often when only a few hundred steps can be afforded.
+        sparsity: ``"log"``: the mean over patches of ``log P(kept)``, as in the authors' code;
+            ``"l0"``: the mean of ``P(kept)``, the expected L0 norm as the paper writes it. Their
+            gradients differ for closed gates: ``log`` keeps pushing a closed gate further
+            closed (gradient ~1 per patch), ``l0`` stops (gradient ``P(1 - P)``), so with the
+            probes' shared weights ``l0`` lets the KL term, not the gates already closed, decide
+            what the probes learn.
     """
 
     eps: float = 0.1
@@ -68,6 +74,7 @@ class DiffMaskTrainingConfig:
     lookahead_k: int = 0
     lookahead_alpha: float = 0.5
     last_state_probability: float | None = None
+    sparsity: str = "log"
 
     def __post_init__(self) -> None:
         for name in ("eps", "lr", "lr_placeholder", "lr_alpha", "alpha_max"):
@@ -86,6 +93,8 @@ class DiffMaskTrainingConfig:
             )
         if not 0 < self.lookahead_alpha <= 1:
             raise ValueError(f"`lookahead_alpha` must be in (0, 1], got {self.lookahead_alpha!r}")
+        if self.sparsity not in ("log", "l0"):
+            raise ValueError(f"`sparsity` must be 'log' or 'l0', got {self.sparsity!r}")
         p_last = self.last_state_probability
         if p_last is not None and not 0 <= p_last <= 1:
             raise ValueError(f"`last_state_probability` must be in [0, 1] or None, got {p_last!r}")
@@ -264,7 +273,8 @@ class VisionDiffMaskTrainer:
                 logits_masked = self.tokens.run(masked)
                 kl = kl_divergence(logits_orig, logits_masked)
                 constraint = (kl - self.config.eps).mean()
-                sparsity = log_keep.mean(-1).mean()
+                kept_term = log_keep if self.config.sparsity == "log" else log_keep.exp()
+                sparsity = kept_term.mean(-1).mean()
                 alpha = self.alphas[layer]
                 loss = alpha * constraint + sparsity
                 params = [*self.gate.probe_parameters, self.gate.placeholder]

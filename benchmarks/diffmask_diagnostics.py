@@ -1,0 +1,235 @@
+"""Is a Vision DiffMask gate's failure the objective's or the gate's? Two checks on held-out images.
+
+1. **Keep-fraction sweep.** For each fraction ``f`` of the patches, keep the top ``f`` of a score
+   and replace the rest by the gate's filler (zero-image embedding plus the learned placeholder,
+   as in training); report top-1 kept and ``KL(p || p_masked)``. Scores: registry maps
+   (``gradmask-m4``, ``chefer-gae`` by default, for the predicted class), random scores, the
+   gate's own ``log P(kept)`` (``gate``) and its reverse (``gate reversed``). A gate that has
+   learned which patches matter beats ``random`` at every fraction and ``gate reversed`` loses
+   to it; the map rows show which (kept, KL) pairs the filler allows at all.
+2. **Per-image optimisation.** The DiffMask objective with the probes replaced by one free
+   location per patch and image: the same hard-concrete gates, filler, ``eps`` and sparsity
+   term (mean ``log P(kept)``), a fixed multiplier, Adam on the locations. No amortisation, so
+   it shows what the objective reaches on these images when nothing has to generalise.
+
+Example (the numbers in docs/diffmask.md)::
+
+    python -m benchmarks.diffmask_diagnostics --gate runs/gate-v2 --count 40 \\
+        --out runs/gate-v2/diagnostics.json
+
+prints two markdown tables and writes them with the per-image values to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
+from benchmarks.diffmask_faithfulness import top_k_keep
+from captum_gradmask._utils import preserved_model_state
+from captum_gradmask.adapters import get_adapter
+from captum_gradmask.data import load_imagenet_sample, preprocess_image
+from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens, kl_divergence
+from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
+from captum_gradmask.registry import build_method
+
+__all__ = ["format_optimised", "format_sweep", "keep_fraction_sweep", "optimise_masks"]
+
+FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)
+COMPARED = ("gradmask-m4", "chefer-gae")
+Rows = dict[str, dict[float, dict[str, list[float]]]]
+
+
+def _masked(
+    tokens: Any, gate: DiffMaskGate, states0: Tensor, baseline: Tensor, prefix: int,
+    keep: Tensor, logits: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """KL and top-1 agreement per image of the model on ``states0`` masked by ``keep``."""
+    masked = tokens.run(gate.mask_tokens(states0, keep, baseline, prefix))
+    return kl_divergence(logits, masked), (masked.argmax(-1) == logits.argmax(-1)).float()
+
+
+def keep_fraction_sweep(
+    model: torch.nn.Module,
+    gate: DiffMaskGate,
+    images: Tensor,
+    methods: Sequence[str] = COMPARED,
+    fractions: Sequence[float] = FRACTIONS,
+    batch_size: int = 4,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> Rows:
+    """Per-image ``top1`` and ``kl`` for every score row and fraction (see the module doc)."""
+    adapter = get_adapter(model)
+    tokens = adapter.require_tokens("the keep-fraction sweep")
+    prefix = adapter.prefix_tokens
+    explainers = {name: build_method(name, model) for name in methods}
+    generator = torch.Generator().manual_seed(seed)
+    rows = [*methods, "random", "gate", "gate reversed"]
+    results: Rows = {row: {f: {"top1": [], "kl": []} for f in fractions} for row in rows}
+    for start in tqdm(range(0, len(images), batch_size), disable=not show_progress):
+        batch = images[start : start + batch_size]
+        with torch.no_grad():
+            states, logits = tokens.states(batch)
+            baseline = baseline_tokens(tokens, batch, prefix)
+            patch_states = [s[:, prefix:] for s in states]
+            gate_score = gate.log_keep(gate(patch_states))[..., -1]
+        predicted = logits.argmax(-1).tolist()
+        scores = {name: e.attribute_grid(batch, target=predicted) for name, e in explainers.items()}
+        scores["random"] = torch.rand(gate_score.shape, generator=generator)
+        scores["gate"], scores["gate reversed"] = gate_score, -gate_score
+        patches = gate_score.shape[1]
+        for row, score in scores.items():
+            for fraction in fractions:
+                counts = torch.full((len(batch),), round(fraction * patches))
+                keep = top_k_keep(score.reshape(len(batch), -1), counts)
+                with torch.no_grad():
+                    kl, top1 = _masked(tokens, gate, states[0], baseline, prefix, keep, logits)
+                results[row][fraction]["kl"] += kl.tolist()
+                results[row][fraction]["top1"] += top1.tolist()
+    return results
+
+
+def optimise_masks(
+    model: torch.nn.Module,
+    gate: DiffMaskGate,
+    images: Tensor,
+    steps: int = 150,
+    multiplier: float = 5.0,
+    eps: float = 0.1,
+    lr: float = 0.1,
+    init: float = 3.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict[str, list[float]]:
+    """Optimise one gate location per patch and image for ``multiplier * (KL - eps) + mean
+    log P(kept)`` (the gate's hard-concrete settings and filler) and score the hard mask
+    ``P(kept) >= 0.5``: per-image ``kept`` fraction, ``kl`` and ``top1``."""
+    adapter = get_adapter(model)
+    tokens = adapter.require_tokens("the per-image optimisation")
+    prefix = adapter.prefix_tokens
+    c = gate.config
+    hard_concrete = dict(temperature=c.temperature, left=c.stretch_left, right=c.stretch_right)
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
+    with preserved_model_state(model), preserved_model_state(gate):
+        for p in (*model.parameters(), *gate.parameters()):
+            p.requires_grad_(False)
+        for start in tqdm(range(0, len(images), batch_size), disable=not show_progress):
+            batch = images[start : start + batch_size]
+            with torch.no_grad():
+                states, logits = tokens.states(batch)
+                baseline = baseline_tokens(tokens, batch, prefix)
+            shape = (len(batch), states[0].shape[1] - prefix)
+            locations = torch.full(shape, float(init), requires_grad=True)
+            optimizer = torch.optim.Adam([locations], lr=lr)
+            for _ in range(steps):
+                keep = sample_gates(locations, generator=generator, **hard_concrete)
+                kl, _ = _masked(tokens, gate, states[0], baseline, prefix, keep, logits)
+                sparsity = log_prob_open(locations, **hard_concrete).mean(-1)
+                loss = (multiplier * (kl - eps) + sparsity).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                hard = (log_prob_open(locations, **hard_concrete).exp() >= 0.5).float()
+                kl, top1 = _masked(tokens, gate, states[0], baseline, prefix, hard, logits)
+            out["kept"] += hard.mean(-1).tolist()
+            out["kl"] += kl.tolist()
+            out["top1"] += top1.tolist()
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def format_sweep(results: Rows) -> str:
+    """A markdown table: rows = scores, columns = fractions kept, cells = "KL / top-1 %"."""
+    fractions = list(next(iter(results.values())))
+    lines = [
+        "| patches kept by | " + " | ".join(f"{f:.0%} kept" for f in fractions) + " |",
+        "|---|" + "---|" * len(fractions),
+    ]
+    for row, by_fraction in results.items():
+        cells = [
+            f"{_mean(v['kl']):.3f} / {100 * _mean(v['top1']):.0f}" for v in by_fraction.values()
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_optimised(values: dict[str, list[float]]) -> str:
+    """One-row markdown table of the per-image optimisation."""
+    return (
+        "| per-image optimisation | patches kept | KL, nats | top-1 kept, % |\n|---|---|---|---|\n"
+        f"| {len(values['kl'])} images | {_mean(values['kept']):.1%} | {_mean(values['kl']):.3f} "
+        f"| {100 * _mean(values['top1']):.0f} |"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face ViT folder")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet sample folder")
+    parser.add_argument("--gate", default=str(DEFAULT_GATE), help="trained gate folder")
+    parser.add_argument("--first", type=int, default=400, help="first file index (0-based)")
+    parser.add_argument("--count", type=int, default=40, help="images")
+    parser.add_argument("--methods", nargs="*", default=list(COMPARED), help="registry names")
+    parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
+    parser.add_argument("--steps", type=int, default=150, help="per-image optimisation steps")
+    parser.add_argument("--multiplier", type=float, default=5.0, help="its fixed multiplier")
+    parser.add_argument("--no-optimise", action="store_true", help="skip the optimisation")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="JSON file for per-image values and tables")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(args.model).eval()
+    gate = DiffMaskGate.load(args.gate)
+    records = load_imagenet_sample(args.data, limit=args.first + args.count)[args.first :]
+    images = torch.stack([preprocess_image(r.path) for r in records])
+    progress = not args.no_progress
+    sweep = keep_fraction_sweep(
+        model, gate, images, args.methods, args.fractions, args.batch_size, args.seed, progress
+    )
+    text = format_sweep(sweep)
+    document: dict[str, Any] = {
+        "gate": args.gate,
+        "files": [Path(r.path).name for r in records],
+        "sweep_table": text,
+        "sweep": {row: {str(f): v for f, v in by.items()} for row, by in sweep.items()},
+    }
+    if not args.no_optimise:
+        optimised = optimise_masks(
+            model, gate, images, args.steps, args.multiplier, seed=args.seed,
+            batch_size=2 * args.batch_size, show_progress=progress,
+        )  # fmt: skip
+        document["optimised_table"] = format_optimised(optimised)
+        document["optimised"] = optimised
+        text += "\n\n" + document["optimised_table"]
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps(document, indent=2))
+    return text
+
+
+if __name__ == "__main__":
+    main()
