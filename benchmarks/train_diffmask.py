@@ -158,6 +158,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="initial offset of every probe's gate location (authors: 8, every gate open)",
     )
+    parser.add_argument(
+        "--uniform-init",
+        action="store_true",
+        help="start every gate at the offset exactly (no random initial ranking of patches)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -184,12 +189,17 @@ def load_uint8(data: str, first: int, count: int, size: int = 256) -> torch.Tens
     return torch.stack(images)
 
 
-def gate_config(model: torch.nn.Module, offset: float | None) -> GateConfig | None:
-    """The gate's configuration for ``--gate-offset`` (``None``: the trainer's default, the
-    authors' offset 8)."""
-    if offset is None:
+def gate_config(
+    model: torch.nn.Module, offset: float | None, uniform: bool = False
+) -> GateConfig | None:
+    """The gate's configuration for ``--gate-offset`` and ``--uniform-init`` (``None``: the
+    trainer's default, the authors' initialisation with offset 8)."""
+    if offset is None and not uniform:
         return None
-    return GateConfig.for_adapter(get_adapter(model), add_activation=offset)
+    overrides: dict[str, object] = {"uniform_init": uniform}
+    if offset is not None:
+        overrides["add_activation"] = offset
+    return GateConfig.for_adapter(get_adapter(model), **overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -239,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         last_state_probability=p_last,
         sparsity=args.sparsity,
         seed=args.seed,
-        gate_config=gate_config(model, args.gate_offset),
+        gate_config=gate_config(model, args.gate_offset, args.uniform_init),
         metadata={"model": Path(args.model).name, **split},
     )
     if trainer.epoch:

@@ -70,10 +70,16 @@ def test_per_image_optimisation_keeps_the_prediction_on_real_images() -> None:
     assert closed["kept"] == [0.0, 0.0] and min(closed["kl"]) > 10 * max(result["kl"])
 
 
-def test_gate_offset_option_sets_every_probes_initial_offset() -> None:
+def test_gate_offset_and_uniform_init_options() -> None:
     model = tiny_hf_vit()
     assert gate_config(model, None) is None  # the trainer's default (authors: 8)
     config = gate_config(model, 5.0)
     assert config is not None and config.add_activation == 5.0
     gate = DiffMaskGate(config)
     assert {float(probe.offset) for probe in gate.probes} == {5.0}
+    states = [torch.randn(2, 16, 24) for _ in range(config.num_states)]
+    assert gate(states).std() > 0.5  # the authors' init: a random MLP output on top
+    uniform = gate_config(model, None, uniform=True)
+    assert uniform is not None and uniform.uniform_init and uniform.add_activation == 8.0
+    locations = DiffMaskGate(uniform)(states)
+    assert torch.equal(locations, torch.full_like(locations, 8.0))  # every gate at the offset

@@ -35,6 +35,10 @@ class GateConfig:
         mul_activation: scale of the probe's final ``tanh`` (authors: 15).
         add_activation: initial value of the probe's learnable offset (authors: 8), so that at
             initialisation every gate is open.
+        uniform_init: start the probes' last layer at zero (weight-norm gain and bias), so that
+            every gate starts at exactly ``add_activation`` instead of ``add_activation`` plus
+            the random initial MLP's output (a spread of several units per token: a random
+            initial ranking of the patches). ``False``: the authors' initialisation.
     """
 
     hidden_size: int
@@ -45,6 +49,7 @@ class GateConfig:
     stretch_right: float = 1.0
     mul_activation: float = 15.0
     add_activation: float = 8.0
+    uniform_init: bool = False
 
     @classmethod
     def for_adapter(cls, adapter: ViTAdapter, **overrides: Any) -> GateConfig:
@@ -67,7 +72,9 @@ class GateConfig:
 class _Probe(nn.Module):
     """One state's gate: ``tanh(MLP([h_0; h_l])) * scale + offset`` per token."""
 
-    def __init__(self, hidden_size: int, gate_hidden: int, scale: float, offset: float) -> None:
+    def __init__(
+        self, hidden_size: int, gate_hidden: int, scale: float, offset: float, uniform: bool
+    ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
             weight_norm(nn.Linear(2 * hidden_size, gate_hidden)),
@@ -77,6 +84,11 @@ class _Probe(nn.Module):
         )
         self.scale = scale
         self.offset = nn.Parameter(torch.tensor(float(offset)))
+        if uniform:
+            last = self.mlp[2]
+            with torch.no_grad():
+                last.parametrizations.weight.original0.zero_()
+                last.bias.zero_()
 
     def forward(self, embedded: Tensor, state: Tensor) -> Tensor:
         return self.mlp(torch.cat((embedded, state), dim=-1)).squeeze(-1) * self.scale + self.offset
@@ -111,6 +123,7 @@ class DiffMaskGate(nn.Module):
                 config.gate_hidden,
                 config.mul_activation,
                 config.add_activation,
+                config.uniform_init,
             )
             for _ in range(config.num_states)
         )
