@@ -76,7 +76,7 @@ def test_gate_offset_and_uniform_init_options() -> None:
     config = gate_config(model, 5.0)
     assert config is not None and config.add_activation == 5.0
     gate = DiffMaskGate(config)
-    assert {float(probe.offset) for probe in gate.probes} == {5.0}
+    assert {probe.offset.item() for probe in gate.probes} == {5.0}
     states = [torch.randn(2, 16, 24) for _ in range(config.num_states)]
     assert gate(states).std() > 0.5  # the authors' init: a random MLP output on top
     uniform = gate_config(model, None, uniform=True)

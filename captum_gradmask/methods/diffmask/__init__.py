@@ -43,7 +43,8 @@ How this implementation follows the paper and the authors' code (AngelosNal/Visi
   whole distribution. The gates (and ``p``) minimise it, each multiplier ``lambda_l`` maximises
   it (gradient ascent, clipped to ``[0, 200]``), so ``lambda_l`` grows while the constraint is
   violated and shrinks to 0 when it holds. The sparsity term is the log of the expected number
-  of kept patches per patch, as in the authors' code (the paper writes the expected L0 norm).
+  of kept patches per patch, as in the authors' code (the paper writes the expected L0 norm:
+  ``sparsity="l0"``).
 * **Optimisers.** Adam for the gates (lr ``2e-5`` with 1200 warmup steps), the placeholder
   (``1e-3``) and the multipliers (``0.3``, initial value 20), the authors' command-line
   defaults. The authors wrap both in Lookahead (k = 6, alpha = 0.5): here an option
