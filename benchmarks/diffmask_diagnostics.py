@@ -32,11 +32,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
-from benchmarks.diffmask_faithfulness import top_k_keep
+from benchmarks.diffmask_faithfulness import COMPARED, add_arguments, load_inputs, top_k_keep
 from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
-from captum_gradmask.data import load_imagenet_sample, preprocess_image
 from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens, kl_divergence
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
 from captum_gradmask.registry import build_method
@@ -44,7 +42,6 @@ from captum_gradmask.registry import build_method
 __all__ = ["format_optimised", "format_sweep", "keep_fraction_sweep", "optimise_masks"]
 
 FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)
-COMPARED = ("gradmask-m4", "chefer-gae")
 Rows = dict[str, dict[float, dict[str, list[float]]]]
 
 
@@ -179,33 +176,17 @@ def format_optimised(values: dict[str, list[float]]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face ViT folder")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet sample folder")
-    parser.add_argument("--gate", default=str(DEFAULT_GATE), help="trained gate folder")
-    parser.add_argument("--first", type=int, default=400, help="first file index (0-based)")
-    parser.add_argument("--count", type=int, default=40, help="images")
-    parser.add_argument("--methods", nargs="*", default=list(COMPARED), help="registry names")
+    add_arguments(parser, count=40)
     parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     parser.add_argument("--steps", type=int, default=150, help="per-image optimisation steps")
     parser.add_argument("--multiplier", type=float, default=5.0, help="its fixed multiplier")
     parser.add_argument("--no-optimise", action="store_true", help="skip the optimisation")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", default=None, help="JSON file for per-image values and tables")
-    parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from transformers import ViTForImageClassification
-
-    model = ViTForImageClassification.from_pretrained(args.model).eval()
-    gate = DiffMaskGate.load(args.gate)
-    records = load_imagenet_sample(args.data, limit=args.first + args.count)[args.first :]
-    images = torch.stack([preprocess_image(r.path) for r in records])
+    model, gate, records, images = load_inputs(args)
     progress = not args.no_progress
     sweep = keep_fraction_sweep(
         model, gate, images, args.methods, args.fractions, args.batch_size, args.seed, progress

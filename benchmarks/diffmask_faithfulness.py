@@ -34,7 +34,7 @@ from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens, kl_d
 from captum_gradmask.registry import build_method
 from captum_gradmask.stats import bootstrap_ci
 
-__all__ = ["faithfulness", "format_table", "top_k_keep"]
+__all__ = ["add_arguments", "faithfulness", "format_table", "load_inputs", "top_k_keep"]
 
 COMPARED = ("gradmask-m4", "chefer-gae")
 
@@ -121,24 +121,25 @@ def format_table(results: dict[str, dict[str, list[float]]], seed: int = 0) -> s
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser, count: int) -> None:
+    """The arguments shared with ``benchmarks.diffmask_diagnostics``: model, data, gate, the
+    image range (``--first``, ``--count``), compared methods, batching, seed, threads, output."""
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face ViT folder")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet sample folder")
     parser.add_argument("--gate", default=str(DEFAULT_GATE), help="trained gate folder")
     parser.add_argument("--first", type=int, default=400, help="first file index (0-based)")
-    parser.add_argument("--count", type=int, default=100, help="images")
+    parser.add_argument("--count", type=int, default=count, help="images")
     parser.add_argument("--methods", nargs="*", default=list(COMPARED), help="registry names")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", default=None, help="JSON file for per-image values and table")
+    parser.add_argument("--out", default=None, help="JSON file for per-image values and tables")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    args = parse_args(argv)
+def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, DiffMaskGate, list, Tensor]:
+    """The model, the gate, the image records and the preprocessed images the arguments name
+    (sets torch's thread count)."""
     torch.set_num_threads(args.threads)
     from transformers import ViTForImageClassification
 
@@ -146,6 +147,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     gate = DiffMaskGate.load(args.gate)
     records = load_imagenet_sample(args.data, limit=args.first + args.count)[args.first :]
     images = torch.stack([preprocess_image(r.path) for r in records])
+    return model, gate, records, images
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser, count=100)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    model, gate, records, images = load_inputs(args)
     results = faithfulness(
         model, gate, images, args.methods, args.batch_size, args.seed, not args.no_progress
     )
