@@ -115,6 +115,20 @@ class AugmentedImages(Dataset):
         return (image.float() / 255 - self.mean) / self.std
 
 
+class PlainImages(Dataset):
+    """Preprocessed images under :class:`EpochShuffle`'s indices: ``epoch * N + i`` gives image
+    ``i`` unchanged (``--no-augment``)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[int(index) % len(self.images)]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face ViT/DeiT folder")
@@ -210,8 +224,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     model = ViTForImageClassification.from_pretrained(args.model).eval()
     if args.no_augment:
-        train_set: Dataset = TensorDataset(load_split(args.data, 0, args.train))
-        train_eval = train_set.tensors[0][: args.train_eval]  # type: ignore[attr-defined]
+        plain = load_split(args.data, 0, args.train)
+        train_set: Dataset = PlainImages(plain)
+        train_eval = plain[: args.train_eval]
     else:
         train_set = AugmentedImages(load_uint8(args.data, 0, args.train), seed=args.seed)
         # Checked on the model's own preprocessing, as validation is.

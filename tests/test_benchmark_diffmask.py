@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from benchmarks import diffmask_faithfulness, plot_diffmask_history
-from benchmarks.train_diffmask import AugmentedImages, EpochShuffle
+from benchmarks.train_diffmask import AugmentedImages, EpochShuffle, PlainImages
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 
@@ -42,6 +43,11 @@ def test_augmentation_depends_on_seed_epoch_and_image_only() -> None:
     sampler = EpochShuffle(3, seed=0)
     sampler.set_epoch(2)
     assert sorted(sampler) == [6, 7, 8]
+    # --no-augment: the same sampler's indices give the plain images (every epoch).
+    tensors = torch.randn(3, 3, 8, 8)
+    loader = DataLoader(PlainImages(tensors), batch_size=3, sampler=sampler)
+    (batch,) = list(loader)
+    assert sorted(batch.sum((1, 2, 3)).tolist()) == sorted(tensors.sum((1, 2, 3)).tolist())
 
 
 def test_training_curves_figure(tmp_path: Path) -> None:
