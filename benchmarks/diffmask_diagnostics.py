@@ -32,10 +32,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks.diffmask_faithfulness import COMPARED, add_arguments, load_inputs, top_k_keep
+from benchmarks.diffmask_faithfulness import (
+    COMPARED,
+    add_arguments,
+    load_inputs,
+    masked_kl_top1,
+    top_k_keep,
+)
 from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
-from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens, kl_divergence
+from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
 from captum_gradmask.registry import build_method
 
@@ -43,15 +49,6 @@ __all__ = ["format_optimised", "format_sweep", "keep_fraction_sweep", "optimise_
 
 FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)
 Rows = dict[str, dict[float, dict[str, list[float]]]]
-
-
-def _masked(
-    tokens: Any, gate: DiffMaskGate, states0: Tensor, baseline: Tensor, prefix: int,
-    keep: Tensor, logits: Tensor,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """KL and top-1 agreement per image of the model on ``states0`` masked by ``keep``."""
-    masked = tokens.run(gate.mask_tokens(states0, keep, baseline, prefix))
-    return kl_divergence(logits, masked), (masked.argmax(-1) == logits.argmax(-1)).float()
 
 
 def keep_fraction_sweep(
@@ -89,7 +86,9 @@ def keep_fraction_sweep(
                 counts = torch.full((len(batch),), round(fraction * patches))
                 keep = top_k_keep(score.reshape(len(batch), -1), counts)
                 with torch.no_grad():
-                    kl, top1 = _masked(tokens, gate, states[0], baseline, prefix, keep, logits)
+                    kl, top1 = masked_kl_top1(
+                        tokens, gate, states[0], baseline, prefix, keep, logits
+                    )
                 results[row][fraction]["kl"] += kl.tolist()
                 results[row][fraction]["top1"] += top1.tolist()
     return results
@@ -131,7 +130,7 @@ def optimise_masks(
             optimizer = torch.optim.Adam([locations], lr=lr)
             for _ in range(steps):
                 keep = sample_gates(locations, generator=generator, **hard_concrete)
-                kl, _ = _masked(tokens, gate, states[0], baseline, prefix, keep, logits)
+                kl, _ = masked_kl_top1(tokens, gate, states[0], baseline, prefix, keep, logits)
                 sparsity = log_prob_open(locations, **hard_concrete).mean(-1)
                 loss = (multiplier * (kl - eps) + sparsity).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -139,7 +138,7 @@ def optimise_masks(
                 optimizer.step()
             with torch.no_grad():
                 hard = (log_prob_open(locations, **hard_concrete).exp() >= 0.5).float()
-                kl, top1 = _masked(tokens, gate, states[0], baseline, prefix, hard, logits)
+                kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, hard, logits)
             out["kept"] += hard.mean(-1).tolist()
             out["kl"] += kl.tolist()
             out["top1"] += top1.tolist()

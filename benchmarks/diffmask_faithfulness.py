@@ -34,7 +34,14 @@ from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens, kl_d
 from captum_gradmask.registry import build_method
 from captum_gradmask.stats import bootstrap_ci
 
-__all__ = ["add_arguments", "faithfulness", "format_table", "load_inputs", "top_k_keep"]
+__all__ = [
+    "add_arguments",
+    "faithfulness",
+    "format_table",
+    "load_inputs",
+    "masked_kl_top1",
+    "top_k_keep",
+]
 
 COMPARED = ("gradmask-m4", "chefer-gae")
 
@@ -48,15 +55,15 @@ def top_k_keep(scores: Tensor, counts: Tensor) -> Tensor:
     return (ranks < counts.reshape(-1, 1)).float()
 
 
-@torch.no_grad()
-def _masked_metrics(
+def masked_kl_top1(
     tokens: Any, gate: DiffMaskGate, states0: Tensor, baseline: Tensor, prefix: int,
     keep: Tensor, logits: Tensor,
-) -> tuple[list[float], list[float]]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per image, ``KL(p || p_masked)`` and top-1 agreement (0/1) of the model run on the
+    embedded tokens ``states0`` with the patches where ``keep`` is 0 replaced by the gate's
+    filler; differentiable in ``keep``."""
     masked = tokens.run(gate.mask_tokens(states0, keep, baseline, prefix))
-    kl = kl_divergence(logits, masked)
-    kept = (masked.argmax(-1) == logits.argmax(-1)).float()
-    return kept.tolist(), kl.tolist()
+    return kl_divergence(logits, masked), (masked.argmax(-1) == logits.argmax(-1)).float()
 
 
 def faithfulness(
@@ -97,9 +104,10 @@ def faithfulness(
         keeps["random"] = top_k_keep(random_scores, counts)
         keeps["none kept"] = torch.zeros_like(hard)
         for row, keep in keeps.items():
-            top1, kl = _masked_metrics(tokens, gate, states[0], baseline, prefix, keep, logits)
-            results[row]["top1"] += top1
-            results[row]["kl"] += kl
+            with torch.no_grad():
+                kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, keep, logits)
+            results[row]["top1"] += top1.tolist()
+            results[row]["kl"] += kl.tolist()
             results[row]["kept"] += keep.mean(-1).tolist()
     return results
 
