@@ -45,7 +45,13 @@ from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
 from captum_gradmask.registry import build_method
 
-__all__ = ["format_optimised", "format_sweep", "keep_fraction_sweep", "optimise_masks"]
+__all__ = [
+    "format_optimised",
+    "format_sweep",
+    "keep_fraction_sweep",
+    "optimise_locations",
+    "optimise_masks",
+]
 
 FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)
 Rows = dict[str, dict[float, dict[str, list[float]]]]
@@ -94,7 +100,7 @@ def keep_fraction_sweep(
     return results
 
 
-def optimise_masks(
+def optimise_locations(
     model: torch.nn.Module,
     gate: DiffMaskGate,
     images: Tensor,
@@ -106,17 +112,21 @@ def optimise_masks(
     batch_size: int = 8,
     seed: int = 0,
     show_progress: bool = False,
-) -> dict[str, list[float]]:
+) -> tuple[Tensor, dict[str, list[float]]]:
     """Optimise one gate location per patch and image for ``multiplier * (KL - eps) + mean
-    log P(kept)`` (the gate's hard-concrete settings and filler) and score the hard mask
-    ``P(kept) >= 0.5``: per-image ``kept`` fraction, ``kl`` and ``top1``."""
+    log P(kept)`` (the gate's hard-concrete settings and filler; Adam, a fresh optimiser per
+    batch, one noise generator seeded with ``seed`` for the whole run).
+
+    Returns the locations ``(N, patches)`` and the scores of the hard mask ``P(kept) >= 0.5``:
+    per-image ``kept`` fraction, ``kl`` and ``top1``."""
     adapter = get_adapter(model)
     tokens = adapter.require_tokens("the per-image optimisation")
     prefix = adapter.prefix_tokens
     c = gate.config
     hard_concrete = dict(temperature=c.temperature, left=c.stretch_left, right=c.stretch_right)
     generator = torch.Generator().manual_seed(seed)
-    out: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
+    scores: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
+    found = []
     with preserved_model_state(model), preserved_model_state(gate):
         for p in (*model.parameters(), *gate.parameters()):
             p.requires_grad_(False)
@@ -139,10 +149,31 @@ def optimise_masks(
             with torch.no_grad():
                 hard = (log_prob_open(locations, **hard_concrete).exp() >= 0.5).float()
                 kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, hard, logits)
-            out["kept"] += hard.mean(-1).tolist()
-            out["kl"] += kl.tolist()
-            out["top1"] += top1.tolist()
-    return out
+            found.append(locations.detach())
+            scores["kept"] += hard.mean(-1).tolist()
+            scores["kl"] += kl.tolist()
+            scores["top1"] += top1.tolist()
+    return torch.cat(found), scores
+
+
+def optimise_masks(
+    model: torch.nn.Module,
+    gate: DiffMaskGate,
+    images: Tensor,
+    steps: int = 150,
+    multiplier: float = 5.0,
+    eps: float = 0.1,
+    lr: float = 0.1,
+    init: float = 3.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict[str, list[float]]:
+    """The scores of :func:`optimise_locations` (per-image ``kept``, ``kl``, ``top1`` of the
+    hard mask ``P(kept) >= 0.5``)."""
+    return optimise_locations(
+        model, gate, images, steps, multiplier, eps, lr, init, batch_size, seed, show_progress
+    )[1]
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -1,0 +1,294 @@
+"""Warm-start a Vision DiffMask gate from per-image solutions of its own objective.
+
+Trained from scratch on 400 images for a few hundred steps, the amortised gate does not learn
+which patches matter (docs/diffmask.md, "Training the ViT-Tiny gate"), while the same
+objective, optimised per image with one free gate location per patch, finds masks that keep
+the prediction with about half of the patches. This script amortises those solutions: a
+departure from the paper's training, which fits the probes to the objective directly.
+
+1. ``teacher``: per-image optimisation (``diffmask_diagnostics.optimise_locations``: the
+   gate's hard-concrete settings and filler, ``multiplier * (KL - eps) + mean log P(kept)``,
+   Adam on the locations) of the training images, saved as a shard of locations.
+2. ``fit``: a fresh gate (the authors' initialisation) whose probes are fitted to the
+   teacher's keep probabilities ``P(kept)`` of the whole stack by binary cross-entropy on the
+   model's hidden states of the un-augmented training images; the filler (placeholder) is the
+   teacher's. The last ``--holdout`` of the teacher images pick the epoch (lowest
+   cross-entropy). The result is written as a :class:`VisionDiffMaskTrainer` checkpoint at step
+   0, with the validation scores of :meth:`~VisionDiffMaskTrainer.evaluate` in its history,
+   so ``benchmarks.train_diffmask --out`` on it continues with the DiffMask objective.
+
+Example (the shipped gate; docs/diffmask.md)::
+
+    python -m benchmarks.distill_diffmask teacher --first 0 --count 200 \\
+        --out runs/distill/teacher-0-200.pt
+    python -m benchmarks.distill_diffmask teacher --first 200 --count 200 \\
+        --out runs/distill/teacher-200-200.pt
+    python -m benchmarks.distill_diffmask fit --teachers runs/distill/teacher-0-200.pt \\
+        runs/distill/teacher-200-200.pt --out runs/gate-distilled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
+from benchmarks.diffmask_diagnostics import optimise_locations
+from benchmarks.train_diffmask import load_split
+from captum_gradmask._utils import preserved_model_state
+from captum_gradmask.adapters import get_adapter
+from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer
+from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
+from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open
+
+__all__ = ["fit_probes", "keep_targets", "patch_states"]
+
+# The per-image optimisation's settings: a shard records them, `fit` refuses mixed shards.
+TEACHER_SETTINGS = ("model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "seed")
+
+
+def keep_targets(gate: DiffMaskGate, locations: Tensor) -> Tensor:
+    """``P(kept)`` of free gate locations ``(N, patches)`` under ``gate``'s hard concrete."""
+    c = gate.config
+    return log_prob_open(locations, c.temperature, c.stretch_left, c.stretch_right).exp()
+
+
+def patch_states(model: torch.nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
+    """The patch tokens of every hidden state the gate reads: ``(L + 1, N, patches, D)``."""
+    adapter = get_adapter(model)
+    tokens = adapter.require_tokens("the distillation")
+    prefix = adapter.prefix_tokens
+    chunks = []
+    with preserved_model_state(model), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            states, _ = tokens.states(images[start : start + batch_size])
+            chunks.append(torch.stack([s[:, prefix:] for s in states]))
+    return torch.cat(chunks, dim=1)
+
+
+def _cross_entropy(gate: DiffMaskGate, states: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Binary cross-entropy of the whole stack's ``P(kept)`` against ``targets``, and ``P``."""
+    log_keep = gate.log_keep(gate(list(states)))[..., -1]
+    log_drop = torch.log(-torch.expm1(log_keep.clamp(max=-1e-6)))
+    loss = -(targets * log_keep + (1 - targets) * log_drop).mean()
+    return loss, log_keep.exp()
+
+
+def fit_probes(
+    gate: DiffMaskGate,
+    states: Tensor,
+    targets: Tensor,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    holdout: float = 0.1,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> list[dict[str, float]]:
+    """Fit ``gate``'s probes (not its placeholder) to keep probabilities ``targets`` ``(N, P)``.
+
+    ``states`` are :func:`patch_states` of the same ``N`` images. Adam, minibatches of
+    ``batch_size`` images in a seeded random order; after every epoch the cross-entropy and the
+    agreement of the hard masks (``>= 0.5``) on the last ``holdout`` fraction of the images,
+    which are not trained on. The gate ends with the weights of the epoch of lowest held-out
+    cross-entropy. Returns one row per epoch.
+
+    Example::
+
+        >>> import torch
+        >>> from benchmarks.distill_diffmask import fit_probes
+        >>> from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig
+        >>> gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=2, gate_hidden=4))
+        >>> states, targets = torch.randn(2, 10, 5, 8), torch.rand(10, 5)
+        >>> len(fit_probes(gate, states, targets, epochs=2))
+        2
+    """
+    count = states.shape[1]
+    held = max(1, round(holdout * count)) if holdout > 0 else 0
+    train, check = torch.arange(count - held), torch.arange(count - held, count)
+    if held == 0:
+        check = train
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(gate.probe_parameters, lr=lr)
+    history: list[dict[str, float]] = []
+    best, best_state = float("inf"), None
+    for epoch in tqdm(range(epochs), desc="fitting probes", disable=not show_progress):
+        order = train[torch.randperm(len(train), generator=generator)]
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            loss, _ = _cross_entropy(gate, states[:, index], targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(index)
+        with torch.no_grad():
+            loss, keep = _cross_entropy(gate, states[:, check], targets[check])
+        hard, wanted = keep >= 0.5, targets[check] >= 0.5
+        row = {
+            "epoch": epoch + 1,
+            "train_bce": total / len(order),
+            "holdout_bce": float(loss),
+            "holdout_agreement": float((hard == wanted).float().mean()),
+            "holdout_kept": float(hard.float().mean()),
+            "holdout_teacher_kept": float(wanted.float().mean()),
+        }
+        history.append(row)
+        if row["holdout_bce"] < best:
+            best = row["holdout_bce"]
+            best_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
+    if best_state is not None:
+        gate.load_state_dict(best_state)
+    return history
+
+
+def _load_model(path: str) -> torch.nn.Module:
+    from transformers import ViTForImageClassification
+
+    return ViTForImageClassification.from_pretrained(path).eval()
+
+
+def teacher(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = _load_model(args.model)
+    gate = DiffMaskGate.load(args.filler_gate)
+    images = load_split(args.data, args.first, args.count)
+    started = time.perf_counter()
+    locations, scores = optimise_locations(
+        model, gate, images, args.steps, args.multiplier, args.eps, args.lr, args.init,
+        args.batch_size, args.seed, not args.no_progress,
+    )  # fmt: skip
+    settings = {name: str(getattr(args, name)) for name in TEACHER_SETTINGS}
+    shard = {
+        "first": args.first,
+        "locations": locations,
+        "scores": scores,
+        "settings": settings,
+        "seconds": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(shard, args.out)
+    means = {k: sum(v) / len(v) for k, v in scores.items()}
+    print(json.dumps({"images": len(locations), **means, "seconds": shard["seconds"]}))
+
+
+def fit(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    if has_trainer_state(args.out):
+        raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
+    shards = [torch.load(path, weights_only=True) for path in args.teachers]
+    settings = {json.dumps(s["settings"], sort_keys=True) for s in shards}
+    if len(settings) != 1:
+        raise SystemExit(f"--teachers were made with different settings: {sorted(settings)}")
+    shards.sort(key=lambda s: s["first"])
+    model = _load_model(args.model)
+    filler = DiffMaskGate.load(shards[0]["settings"]["filler_gate"])
+    images = torch.cat(
+        [load_split(args.data, s["first"], len(s["locations"])) for s in shards]
+    )  # fmt: skip
+    targets = keep_targets(filler, torch.cat([s["locations"] for s in shards]))
+    states = patch_states(model, images)
+    # A fresh gate with the authors' initialisation, as the trainer builds it, and the
+    # teacher's filler.
+    last = shards[-1]["first"] + len(shards[-1]["locations"]) - 1
+    val_last = args.val_first + args.val - 1
+    trainer = VisionDiffMaskTrainer(
+        model,
+        args.out,
+        seed=args.seed,
+        gate_config=filler.config,
+        metadata={
+            "model": Path(args.model).name,
+            "train_files": f"teacher images (indices {shards[0]['first']}..{last})",
+            "val_files": f"next {args.val} files (indices {args.val_first}..{val_last})",
+            "warm_start": "probes fitted to per-image optimised masks (distill_diffmask)",
+        },
+    )
+    with torch.no_grad():
+        trainer.gate.placeholder.copy_(filler.placeholder)
+    started = time.perf_counter()
+    fit_history = fit_probes(
+        trainer.gate, states, targets, args.epochs, args.lr, args.batch_size, args.holdout,
+        args.seed, not args.no_progress,
+    )  # fmt: skip
+    fit_seconds = time.perf_counter() - started
+    val = load_split(args.data, args.val_first, args.val)
+    started = time.perf_counter()
+    scores = trainer.evaluate(DataLoader(TensorDataset(val), batch_size=8))
+    row = {"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in scores.items()}}
+    row["val_seconds"] = time.perf_counter() - started
+    trainer.history.append(row)
+    trainer.save(args.out)
+    out = Path(args.out)
+    (out / "history.json").write_text(json.dumps(trainer.history, indent=2))
+    summary = {
+        "command": "python -m benchmarks.distill_diffmask " + " ".join(sys.argv[1:]),
+        "teacher_settings": shards[0]["settings"],
+        "teacher_images": len(targets),
+        "teacher_scores": {
+            key: sum(sum(s["scores"][key]) for s in shards) / len(targets)
+            for key in ("kept", "kl", "top1")
+        },
+        "teacher_seconds": sum(s["seconds"] for s in shards),
+        "fit": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "holdout": args.holdout, "seconds": fit_seconds, "history": fit_history},
+        "validation": row,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()},
+    }  # fmt: skip
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(row, indent=2))
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face ViT folder")
+    common.add_argument("--data", default=str(DEFAULT_DATA), help="the shared ImageNet sample")
+    common.add_argument("--out", required=True, help="teacher: shard file; fit: gate folder")
+    common.add_argument("--batch-size", type=int, default=8)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    one = commands.add_parser("teacher", parents=[common], help="per-image optimisation")
+    one.add_argument("--first", type=int, default=0, help="first training file index")
+    one.add_argument("--count", type=int, default=200, help="images in this shard")
+    one.add_argument("--filler-gate", default=str(DEFAULT_GATE), help="gate whose filler is used")
+    one.add_argument("--steps", type=int, default=60)
+    one.add_argument("--multiplier", type=float, default=2.0, help="fixed KL multiplier")
+    one.add_argument("--eps", type=float, default=0.1, help="KL bound in nats")
+    one.add_argument("--lr", type=float, default=0.25, help="Adam lr on the locations")
+    one.add_argument("--init", type=float, default=1.5, help="initial gate location")
+    two = commands.add_parser("fit", parents=[common], help="fit a gate to teacher shards")
+    two.add_argument("--teachers", nargs="+", required=True, help="teacher shard files")
+    two.add_argument("--epochs", type=int, default=30)
+    two.add_argument("--lr", type=float, default=1e-3, help="probes' Adam lr")
+    two.add_argument("--holdout", type=float, default=0.1, help="teacher images held out")
+    two.add_argument("--val-first", type=int, default=400, help="first validation file")
+    two.add_argument("--val", type=int, default=100, help="validation images")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "teacher":
+        teacher(args)
+    else:
+        fit(args)
+
+
+if __name__ == "__main__":
+    main()

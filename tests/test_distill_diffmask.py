@@ -1,0 +1,88 @@
+"""The DiffMask warm start: per-image solutions as targets, probes fitted to them, and the
+script's checkpoint (a trainer folder at step 0 that the training script resumes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import distill_diffmask
+from benchmarks.diffmask_diagnostics import optimise_locations
+from captum_gradmask.adapters import get_adapter
+from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig, VisionDiffMaskTrainer
+
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
+from .models import tiny_hf_vit
+
+
+def test_fitted_probes_reproduce_a_mask_the_states_determine() -> None:
+    """Targets that a probe can read off the states (keep a token where its first channel of
+    the last state is positive): the fitted gate's hard mask agrees with them on held-out
+    images, far above the untrained gate, and the gate ends at the best held-out epoch."""
+    torch.manual_seed(0)
+    gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8))
+    states = torch.randn(3, 40, 16, 8)
+    targets = (states[-1, ..., 0] > 0).float()
+    with torch.no_grad():
+        _, before = distill_diffmask._cross_entropy(gate, states[:, 36:], targets[36:])
+    start = ((before >= 0.5) == (targets[36:] >= 0.5)).float().mean()
+    history = distill_diffmask.fit_probes(gate, states, targets, epochs=40, lr=1e-2, holdout=0.1)
+    assert len(history) == 40
+    best = min(history, key=lambda row: row["holdout_bce"])
+    assert best["holdout_agreement"] > 0.9 and best["holdout_agreement"] > start + 0.2
+    with torch.no_grad():
+        loss, keep = distill_diffmask._cross_entropy(gate, states[:, 36:], targets[36:])
+    assert float(loss) == pytest.approx(best["holdout_bce"], rel=1e-5)  # the best epoch's weights
+    assert ((keep >= 0.5) == (targets[36:] >= 0.5)).float().mean() == best["holdout_agreement"]
+
+
+def test_locations_and_their_scores_agree_and_targets_follow_the_gate() -> None:
+    torch.manual_seed(0)
+    model = tiny_hf_vit().eval()
+    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
+    images = torch.randn(3, 3, 32, 32)
+    locations, scores = optimise_locations(model, gate, images, steps=5, batch_size=2)
+    assert locations.shape == (3, 16) and not locations.requires_grad
+    targets = distill_diffmask.keep_targets(gate, locations)
+    assert targets.min() >= 0 and targets.max() <= 1
+    assert (targets >= 0.5).float().mean(-1).tolist() == scores["kept"]
+    states = distill_diffmask.patch_states(model, images, batch_size=2)
+    assert states.shape == (gate.config.num_states, 3, 16, gate.config.hidden_size)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_teacher_and_fit_write_a_resumable_checkpoint(tmp_path: Path) -> None:
+    shard = tmp_path / "teacher.pt"
+    common = ["--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--no-progress"]
+    distill_diffmask.main(["teacher", *common, "--count", "2", "--steps", "3", "--out", str(shard)])
+    saved = torch.load(shard, weights_only=True)
+    assert saved["first"] == 0 and saved["locations"].shape == (2, 196)
+    assert saved["settings"]["steps"] == "3"
+    out = tmp_path / "gate"
+    fit_args = ["fit", *common, "--teachers", str(shard), "--epochs", "2", "--holdout", "0.5"]
+    distill_diffmask.main([*fit_args, "--val-first", "450", "--val", "2", "--out", str(out)])
+    run = json.loads((out / "run.json").read_text())
+    assert run["teacher_images"] == 2 and len(run["fit"]["history"]) == 2
+    assert {"val_kl_hard", "val_kept_hard", "val_agreement_hard"} <= set(run["validation"])
+    filler = DiffMaskGate.load(saved["settings"]["filler_gate"])
+    gate = DiffMaskGate.load(out)
+    assert torch.equal(gate.placeholder, filler.placeholder)  # the teacher's filler
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(HF_VIT_TINY).eval()
+    trainer = VisionDiffMaskTrainer(model, out)  # resumes: step 0, the fitted probes
+    assert (
+        trainer.step == 0 and trainer.history[-1]["val_kl_hard"] == run["validation"]["val_kl_hard"]
+    )
+    for name, value in gate.state_dict().items():
+        assert torch.equal(trainer.gate.state_dict()[name], value), name
+    with pytest.raises(SystemExit, match="already holds"):
+        distill_diffmask.main([*fit_args, "--out", str(out)])
+    other = tmp_path / "other.pt"
+    distill_diffmask.main(["teacher", *common, "--count", "2", "--steps", "2", "--out", str(other)])
+    with pytest.raises(SystemExit, match="different settings"):
+        distill_diffmask.main(["fit", *common, "--teachers", str(shard), str(other), "--out", "x"])
