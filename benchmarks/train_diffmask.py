@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.data import load_image, load_imagenet_sample, preprocess_image
-from captum_gradmask.methods.diffmask import GateConfig, VisionDiffMaskTrainer
+from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig, VisionDiffMaskTrainer
 
 
 class EpochShuffle(Sampler[int]):
@@ -177,6 +177,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start every gate at the offset exactly (no random initial ranking of patches)",
     )
+    parser.add_argument(
+        "--init-gate",
+        default=None,
+        help="start a new run from this gate's weights (e.g. a distill_diffmask fit), not the "
+        "authors' initialisation; ignored when --out resumes",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -250,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"(indices 0..{args.train - 1})",
         "val_files": f"next {args.val} files (indices {args.train}..{args.train + args.val - 1})",
     }
+    initial = None if args.init_gate is None else DiffMaskGate.load(args.init_gate)
+    if initial is not None and (args.gate_offset is not None or args.uniform_init):
+        raise SystemExit("--init-gate gives the gate's weights: drop --gate-offset/--uniform-init")
+    init_note = {} if initial is None else {"init_gate": str(args.init_gate)}
     trainer = VisionDiffMaskTrainer(
         model,
         args.out,
@@ -264,9 +274,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         last_state_probability=p_last,
         sparsity=args.sparsity,
         seed=args.seed,
-        gate_config=gate_config(model, args.gate_offset, args.uniform_init),
-        metadata={"model": Path(args.model).name, **split},
+        gate_config=initial.config
+        if initial is not None
+        else gate_config(model, args.gate_offset, args.uniform_init),
+        metadata={"model": Path(args.model).name, **split, **init_note},
     )
+    if initial is not None and trainer.step == 0:
+        trainer.gate.load_state_dict(initial.state_dict())
     if trainer.epoch:
         print(f"resuming from {args.out}: epoch {trainer.epoch}, step {trainer.step}")
     started = time.perf_counter()

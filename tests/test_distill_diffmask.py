@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import distill_diffmask
+from benchmarks._common import DEFAULT_GATE
 from benchmarks.diffmask_diagnostics import optimise_locations
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig, VisionDiffMaskTrainer
@@ -86,3 +87,33 @@ def test_teacher_and_fit_write_a_resumable_checkpoint(tmp_path: Path) -> None:
     distill_diffmask.main(["teacher", *common, "--count", "2", "--steps", "2", "--out", str(other)])
     with pytest.raises(SystemExit, match="different settings"):
         distill_diffmask.main(["fit", *common, "--teachers", str(shard), str(other), "--out", "x"])
+
+
+@pytest.mark.slow
+@needs_shared
+def test_training_script_starts_from_an_initial_gate(tmp_path: Path) -> None:
+    """``train_diffmask --init-gate`` starts from the given weights (here the committed gate,
+    with learning rates too small to move them), not from the authors' initialisation."""
+    from benchmarks import train_diffmask
+
+    initial = DiffMaskGate.load(DEFAULT_GATE)
+    args = [
+        "--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--train", "8",
+        "--val", "8", "--train-eval", "0", "--epochs", "1", "--threads", "1", "--no-progress",
+        "--lr", "1e-9", "--lr-placeholder", "1e-9",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    train_diffmask.main([*args, "--out", str(out), "--init-gate", str(DEFAULT_GATE)])
+    trained = DiffMaskGate.load(out)
+    for name, value in initial.state_dict().items():
+        torch.testing.assert_close(trained.state_dict()[name], value, atol=1e-6, rtol=0)
+    assert json.loads((out / "gate.json").read_text())["init_gate"].endswith("diffmask-vit-tiny")
+    fresh = tmp_path / "fresh"
+    train_diffmask.main([*args, "--out", str(fresh)])
+    probe = "probes.12.mlp.0.parametrizations.weight.original1"
+    assert not torch.allclose(
+        DiffMaskGate.load(fresh).state_dict()[probe], initial.state_dict()[probe]
+    )
+    with pytest.raises(SystemExit, match="init-gate"):
+        train_diffmask.main([*args, "--out", str(tmp_path / "x"), "--init-gate", str(out),
+                             "--gate-offset", "5"])  # fmt: skip
