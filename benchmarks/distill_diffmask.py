@@ -52,7 +52,7 @@ from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer
 from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open
 
-__all__ = ["fit_probes", "keep_targets", "patch_states"]
+__all__ = ["combine_shards", "fit_probes", "keep_targets", "patch_states"]
 
 # The per-image optimisation's settings: a shard records them, `fit` refuses mixed shards.
 TEACHER_SETTINGS = ("model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "seed")
@@ -153,6 +153,34 @@ def fit_probes(
     return history
 
 
+def combine_shards(shards: Sequence[dict[str, Any]]) -> tuple[list[int], list[int], Tensor]:
+    """The first image index and image count of each group of teacher shards, and their
+    targets ``(N, patches)``: ``P(kept)`` under the filler gate's hard concrete, averaged over
+    the shards of the same images (other seeds). Refuses shards made with other settings,
+    groups of different sizes and repeated seeds."""
+    settings = {
+        json.dumps({k: v for k, v in s["settings"].items() if k != "seed"}, sort_keys=True)
+        for s in shards
+    }
+    if len(settings) != 1:
+        raise SystemExit(f"--teachers were made with different settings: {sorted(settings)}")
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for shard in shards:
+        groups.setdefault(shard["first"], []).append(shard)
+    for first, group in groups.items():
+        if len({len(s["locations"]) for s in group}) != 1:
+            raise SystemExit(f"--teachers from image {first} hold different image counts")
+        if len({s["settings"]["seed"] for s in group}) != len(group):
+            raise SystemExit(f"--teachers from image {first}: the same seed twice")
+    firsts = sorted(groups)
+    filler = DiffMaskGate.load(shards[0]["settings"]["filler_gate"])
+    targets = [
+        torch.stack([keep_targets(filler, s["locations"]) for s in groups[first]]).mean(0)
+        for first in firsts
+    ]
+    return firsts, [len(t) for t in targets], torch.cat(targets)
+
+
 def _load_model(path: str) -> torch.nn.Module:
     from transformers import ViTForImageClassification
 
@@ -188,20 +216,16 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if has_trainer_state(args.out):
         raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
     shards = [torch.load(path, weights_only=True) for path in args.teachers]
-    settings = {json.dumps(s["settings"], sort_keys=True) for s in shards}
-    if len(settings) != 1:
-        raise SystemExit(f"--teachers were made with different settings: {sorted(settings)}")
-    shards.sort(key=lambda s: s["first"])
+    firsts, counts, targets = combine_shards(shards)
     model = _load_model(args.model)
     filler = DiffMaskGate.load(shards[0]["settings"]["filler_gate"])
     images = torch.cat(
-        [load_split(args.data, s["first"], len(s["locations"])) for s in shards]
-    )  # fmt: skip
-    targets = keep_targets(filler, torch.cat([s["locations"] for s in shards]))
+        [load_split(args.data, first, count) for first, count in zip(firsts, counts, strict=True)]
+    )
     states = patch_states(model, images)
     # A fresh gate with the authors' initialisation, as the trainer builds it, and the
     # teacher's filler.
-    last = shards[-1]["first"] + len(shards[-1]["locations"]) - 1
+    last = firsts[-1] + counts[-1] - 1
     val_last = args.val_first + args.val - 1
     trainer = VisionDiffMaskTrainer(
         model,
@@ -210,7 +234,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         gate_config=filler.config,
         metadata={
             "model": Path(args.model).name,
-            "train_files": f"teacher images (indices {shards[0]['first']}..{last})",
+            "train_files": f"teacher images (indices {firsts[0]}..{last})",
             "val_files": f"next {args.val} files (indices {args.val_first}..{val_last})",
             "warm_start": "probes fitted to per-image optimised masks (distill_diffmask)",
         },
@@ -236,8 +260,10 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m benchmarks.distill_diffmask " + " ".join(sys.argv[1:]),
         "teacher_settings": shards[0]["settings"],
         "teacher_images": len(targets),
-        "teacher_scores": {
-            key: sum(sum(s["scores"][key]) for s in shards) / len(targets)
+        "teacher_seeds": sorted({s["settings"]["seed"] for s in shards}),
+        "teacher_scores": {  # means over every shard's images (each seed's own masks)
+            key: sum(sum(s["scores"][key]) for s in shards)
+            / sum(len(s["locations"]) for s in shards)
             for key in ("kept", "kl", "top1")
         },
         "teacher_seconds": sum(s["seconds"] for s in shards),
