@@ -52,7 +52,13 @@ from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer
 from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open
 
-__all__ = ["combine_shards", "fit_probes", "keep_targets", "patch_states"]
+__all__ = [
+    "calibrate_keep_fraction",
+    "combine_shards",
+    "fit_probes",
+    "keep_targets",
+    "patch_states",
+]
 
 # The per-image optimisation's settings: a shard records them, `fit` refuses mixed shards.
 TEACHER_SETTINGS = ("model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "seed")
@@ -181,6 +187,50 @@ def combine_shards(shards: Sequence[dict[str, Any]]) -> tuple[list[int], list[in
     return firsts, [len(t) for t in targets], torch.cat(targets)
 
 
+def calibrate_keep_fraction(
+    gate: DiffMaskGate, states: Tensor, fraction: float, iterations: int = 50
+) -> float:
+    """Shift the last probe's offset so that the hard masks (``map >= 0.5``) of the images in
+    ``states`` keep ``fraction`` of their patches (bisection; the kept fraction grows with the
+    offset). Returns the shift added.
+
+    Example::
+
+        >>> import torch
+        >>> from benchmarks.distill_diffmask import calibrate_keep_fraction
+        >>> from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig
+        >>> gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=2, gate_hidden=4))
+        >>> states = torch.randn(2, 10, 50, 8)
+        >>> shift = calibrate_keep_fraction(gate, states, 0.5)
+        >>> round(float((gate.keep_probability(list(states)) >= 0.5).float().mean()), 2)
+        0.5
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"`fraction` must be in (0, 1), got {fraction}")
+    offset = gate.probes[-1].offset
+    start = float(offset.detach())
+    with torch.no_grad():
+        locations = gate(list(states))
+
+        def kept(shift: float) -> float:
+            shifted = locations.clone()
+            shifted[..., -1] += shift
+            return float((gate.log_keep(shifted)[..., -1].exp() >= 0.5).float().mean())
+
+        low, high = -100.0, 100.0
+        reachable = (kept(low), kept(high))
+        if not reachable[0] <= fraction <= reachable[1]:
+            raise ValueError(
+                f"`fraction` {fraction} is out of reach by the last gate alone: the other gates "
+                f"let the hard masks keep {reachable[0]:.3f} to {reachable[1]:.3f}"
+            )
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            low, high = (middle, high) if kept(middle) < fraction else (low, middle)
+        offset.fill_(start + high)
+    return high
+
+
 def _load_model(path: str) -> torch.nn.Module:
     from transformers import ViTForImageClassification
 
@@ -247,6 +297,9 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         args.seed, not args.no_progress,
     )  # fmt: skip
     fit_seconds = time.perf_counter() - started
+    shift = None
+    if args.keep_fraction is not None:
+        shift = calibrate_keep_fraction(trainer.gate, states, args.keep_fraction)
     val = load_split(args.data, args.val_first, args.val)
     started = time.perf_counter()
     scores = trainer.evaluate(DataLoader(TensorDataset(val), batch_size=8))
@@ -269,6 +322,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_seconds": sum(s["seconds"] for s in shards),
         "fit": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "holdout": args.holdout, "seconds": fit_seconds, "history": fit_history},
+        "calibration": {"keep_fraction": args.keep_fraction, "last_offset_shift": shift},
         "validation": row,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
@@ -303,6 +357,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     two.add_argument("--epochs", type=int, default=30)
     two.add_argument("--lr", type=float, default=1e-3, help="probes' Adam lr")
     two.add_argument("--holdout", type=float, default=0.1, help="teacher images held out")
+    two.add_argument(
+        "--keep-fraction",
+        type=float,
+        default=None,
+        help="shift the last gate so that map >= 0.5 keeps this fraction of the teacher "
+        "images' patches (default: no calibration)",
+    )
     two.add_argument("--val-first", type=int, default=400, help="first validation file")
     two.add_argument("--val", type=int, default=100, help="validation images")
     return parser.parse_args(argv)
