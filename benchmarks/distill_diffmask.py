@@ -190,9 +190,9 @@ def combine_shards(shards: Sequence[dict[str, Any]]) -> tuple[list[int], list[in
 def calibrate_keep_fraction(
     gate: DiffMaskGate, states: Tensor, fraction: float, iterations: int = 50
 ) -> float:
-    """Shift the last probe's offset so that the hard masks (``map >= 0.5``) of the images in
-    ``states`` keep ``fraction`` of their patches (bisection; the kept fraction grows with the
-    offset). Returns the shift added.
+    """Shift every probe's offset by one amount so that the hard masks (``map >= 0.5``) of
+    the images in ``states`` keep ``fraction`` of their patches (bisection; the kept fraction
+    grows with the shift). Returns the shift added.
 
     Example::
 
@@ -207,27 +207,25 @@ def calibrate_keep_fraction(
     """
     if not 0 < fraction < 1:
         raise ValueError(f"`fraction` must be in (0, 1), got {fraction}")
-    offset = gate.probes[-1].offset
-    start = float(offset.detach())
     with torch.no_grad():
         locations = gate(list(states))
 
         def kept(shift: float) -> float:
-            shifted = locations.clone()
-            shifted[..., -1] += shift
-            return float((gate.log_keep(shifted)[..., -1].exp() >= 0.5).float().mean())
+            keep = gate.log_keep(locations + shift)[..., -1].exp()
+            return float((keep >= 0.5).float().mean())
 
         low, high = -100.0, 100.0
         reachable = (kept(low), kept(high))
         if not reachable[0] <= fraction <= reachable[1]:
             raise ValueError(
-                f"`fraction` {fraction} is out of reach by the last gate alone: the other gates "
-                f"let the hard masks keep {reachable[0]:.3f} to {reachable[1]:.3f}"
+                f"`fraction` {fraction} is out of reach: shifting the gates lets the hard masks "
+                f"keep {reachable[0]:.3f} to {reachable[1]:.3f} of these patches"
             )
         for _ in range(iterations):
             middle = (low + high) / 2
             low, high = (middle, high) if kept(middle) < fraction else (low, middle)
-        offset.fill_(start + high)
+        for probe in gate.probes:
+            probe.offset.add_(high)
     return high
 
 
@@ -322,7 +320,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_seconds": sum(s["seconds"] for s in shards),
         "fit": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "holdout": args.holdout, "seconds": fit_seconds, "history": fit_history},
-        "calibration": {"keep_fraction": args.keep_fraction, "last_offset_shift": shift},
+        "calibration": {"keep_fraction": args.keep_fraction, "offset_shift": shift},
         "validation": row,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
@@ -361,8 +359,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--keep-fraction",
         type=float,
         default=None,
-        help="shift the last gate so that map >= 0.5 keeps this fraction of the teacher "
-        "images' patches (default: no calibration)",
+        help="shift every gate's offset so that map >= 0.5 keeps this fraction of the "
+        "teacher images' patches (default: no calibration)",
     )
     two.add_argument("--val-first", type=int, default=400, help="first validation file")
     two.add_argument("--val", type=int, default=100, help="validation images")
