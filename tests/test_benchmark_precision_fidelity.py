@@ -44,3 +44,11 @@ def test_one_image_resumes_and_reports(tmp_path: Path, capsys) -> None:
     assert summary["images"] == 1
     assert summary["precisions"]["bf16"]["masks_identical"] == 1.0
     assert "| fp16 |" in capsys.readouterr().out
+
+    # a row whose timing was void (a paused process) counts for fidelity, not for the seconds
+    void = {**row, "file": "void.JPEG", "bf16_seconds": None}
+    rows.write_text(rows.read_text() + json.dumps(void) + "\n")
+    precision_fidelity.main(["--report", str(rows), "--report-out", str(report)])
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert summary["images"] == 2
+    assert summary["precisions"]["bf16"]["seconds_per_image"] == pytest.approx(row["bf16_seconds"])
