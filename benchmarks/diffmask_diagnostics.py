@@ -50,7 +50,6 @@ __all__ = [
     "format_sweep",
     "keep_fraction_sweep",
     "optimise_locations",
-    "optimise_masks",
 ]
 
 FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -156,26 +155,6 @@ def optimise_locations(
     return torch.cat(found), scores
 
 
-def optimise_masks(
-    model: torch.nn.Module,
-    gate: DiffMaskGate,
-    images: Tensor,
-    steps: int = 150,
-    multiplier: float = 5.0,
-    eps: float = 0.1,
-    lr: float = 0.1,
-    init: float = 3.0,
-    batch_size: int = 8,
-    seed: int = 0,
-    show_progress: bool = False,
-) -> dict[str, list[float]]:
-    """The scores of :func:`optimise_locations` (per-image ``kept``, ``kl``, ``top1`` of the
-    hard mask ``P(kept) >= 0.5``)."""
-    return optimise_locations(
-        model, gate, images, steps, multiplier, eps, lr, init, batch_size, seed, show_progress
-    )[1]
-
-
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / max(len(values), 1)
 
@@ -229,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "sweep": {row: {str(f): v for f, v in by.items()} for row, by in sweep.items()},
     }
     if not args.no_optimise:
-        optimised = optimise_masks(
+        _, optimised = optimise_locations(
             model, gate, images, args.steps, args.multiplier, seed=args.seed,
             batch_size=2 * args.batch_size, show_progress=progress,
         )  # fmt: skip

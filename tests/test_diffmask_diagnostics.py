@@ -44,7 +44,7 @@ def test_per_image_optimisation_closes_gates_without_the_kl_term(model_and_gate)
     model, gate = model_and_gate
     images = torch.randn(2, 3, 32, 32)
     grads = [p.requires_grad for p in (*model.parameters(), *gate.parameters())]
-    closed = diagnostics.optimise_masks(
+    _, closed = diagnostics.optimise_locations(
         model, gate, images, steps=30, multiplier=0.0, lr=0.5, init=1.0, batch_size=2
     )
     assert closed["kept"] == [0.0, 0.0]  # only the sparsity term acts
@@ -64,9 +64,11 @@ def test_per_image_optimisation_keeps_the_prediction_on_real_images() -> None:
     gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
     records = load_imagenet_sample(IMAGENET_SAMPLE, limit=402)[400:]
     images = torch.stack([preprocess_image(r.path) for r in records])
-    result = diagnostics.optimise_masks(model, gate, images, steps=60, batch_size=2)
+    _, result = diagnostics.optimise_locations(model, gate, images, steps=60, batch_size=2)
     assert max(result["kept"]) < 0.95 and max(result["kl"]) < 0.1
-    closed = diagnostics.optimise_masks(model, gate, images, steps=30, multiplier=0.0, lr=0.5)
+    _, closed = diagnostics.optimise_locations(
+        model, gate, images, steps=30, multiplier=0.0, lr=0.5
+    )
     assert closed["kept"] == [0.0, 0.0] and min(closed["kl"]) > 10 * max(result["kl"])
 
 
