@@ -159,9 +159,11 @@ def fit_probes(
     return history
 
 
-def combine_shards(shards: Sequence[dict[str, Any]]) -> tuple[list[int], list[int], Tensor]:
+def combine_shards(
+    shards: Sequence[dict[str, Any]], filler: DiffMaskGate
+) -> tuple[list[int], list[int], Tensor]:
     """The first image index and image count of each group of teacher shards, and their
-    targets ``(N, patches)``: ``P(kept)`` under the filler gate's hard concrete, averaged over
+    targets ``(N, patches)``: ``P(kept)`` under ``filler``'s hard concrete, averaged over
     the shards of the same images (other seeds). Refuses shards made with other settings,
     groups of different sizes and repeated seeds."""
     settings = {
@@ -179,7 +181,6 @@ def combine_shards(shards: Sequence[dict[str, Any]]) -> tuple[list[int], list[in
         if len({s["settings"]["seed"] for s in group}) != len(group):
             raise SystemExit(f"--teachers from image {first}: the same seed twice")
     firsts = sorted(groups)
-    filler = DiffMaskGate.load(shards[0]["settings"]["filler_gate"])
     targets = [
         torch.stack([keep_targets(filler, s["locations"]) for s in groups[first]]).mean(0)
         for first in firsts
@@ -264,9 +265,9 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if has_trainer_state(args.out):
         raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
     shards = [torch.load(path, weights_only=True) for path in args.teachers]
-    firsts, counts, targets = combine_shards(shards)
-    model = _load_model(args.model)
     filler = DiffMaskGate.load(shards[0]["settings"]["filler_gate"])
+    firsts, counts, targets = combine_shards(shards, filler)
+    model = _load_model(args.model)
     images = torch.cat(
         [load_split(args.data, first, count) for first, count in zip(firsts, counts, strict=True)]
     )

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.data import load_image, load_imagenet_sample, preprocess_image
 from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig, VisionDiffMaskTrainer
+from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
 
 
 class EpochShuffle(Sampler[int]):
@@ -260,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if initial is not None and (args.gate_offset is not None or args.uniform_init):
         raise SystemExit("--init-gate gives the gate's weights: drop --gate-offset/--uniform-init")
     init_note = {} if initial is None else {"init_gate": str(args.init_gate)}
+    resuming = has_trainer_state(args.out)
     trainer = VisionDiffMaskTrainer(
         model,
         args.out,
@@ -279,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else gate_config(model, args.gate_offset, args.uniform_init),
         metadata={"model": Path(args.model).name, **split, **init_note},
     )
-    if initial is not None and trainer.step == 0:
+    if initial is not None and not resuming:
         trainer.gate.load_state_dict(initial.state_dict())
     if trainer.epoch:
         print(f"resuming from {args.out}: epoch {trainer.epoch}, step {trainer.step}")

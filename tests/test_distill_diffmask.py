@@ -54,11 +54,10 @@ def test_locations_and_their_scores_agree_and_targets_follow_the_gate() -> None:
     assert states.shape == (gate.config.num_states, 3, 16, gate.config.hidden_size)
 
 
-def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused(tmp_path: Path) -> None:
+def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None:
     torch.manual_seed(0)
     gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=2, gate_hidden=4))
-    gate.save(tmp_path / "filler")
-    settings = {"filler_gate": str(tmp_path / "filler"), "steps": "3", "seed": "0"}
+    settings = {"filler_gate": "FILLER", "steps": "3", "seed": "0"}
 
     def shard(first: int, count: int, seed: str, **changed: str) -> dict:
         return {
@@ -68,7 +67,7 @@ def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused(tmp_path:
         }
 
     a, b, c = shard(4, 3, "0"), shard(4, 3, "1"), shard(0, 2, "0")
-    firsts, counts, targets = distill_diffmask.combine_shards([a, b, c])
+    firsts, counts, targets = distill_diffmask.combine_shards([a, b, c], gate)
     assert firsts == [0, 4] and counts == [2, 3] and targets.shape == (5, 5)
     expected = (
         distill_diffmask.keep_targets(gate, a["locations"])
@@ -77,11 +76,11 @@ def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused(tmp_path:
     torch.testing.assert_close(targets[2:], expected)
     torch.testing.assert_close(targets[:2], distill_diffmask.keep_targets(gate, c["locations"]))
     with pytest.raises(SystemExit, match="different settings"):
-        distill_diffmask.combine_shards([a, shard(4, 3, "1", steps="4")])
+        distill_diffmask.combine_shards([a, shard(4, 3, "1", steps="4")], gate)
     with pytest.raises(SystemExit, match="same seed twice"):
-        distill_diffmask.combine_shards([a, shard(4, 3, "0")])
+        distill_diffmask.combine_shards([a, shard(4, 3, "0")], gate)
     with pytest.raises(SystemExit, match="different image counts"):
-        distill_diffmask.combine_shards([a, shard(4, 2, "1")])
+        distill_diffmask.combine_shards([a, shard(4, 2, "1")], gate)
 
 
 @pytest.mark.slow
