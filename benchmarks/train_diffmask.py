@@ -168,6 +168,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sparsity term: mean log P(kept) (authors' code) or mean P(kept) (paper)",
     )
     parser.add_argument(
+        "--constraint",
+        choices=("kl", "kept"),
+        default="kl",
+        help="what the multipliers enforce: KL <= eps (the paper) or mean P(kept) <= --budget "
+        "(a budgeted variant: minimise the KL at that kept fraction)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=0.5, help="kept fraction allowed by --constraint kept"
+    )
+    parser.add_argument(
         "--gate-offset",
         type=float,
         default=None,
@@ -275,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         lookahead_alpha=args.lookahead_alpha,
         last_state_probability=p_last,
         sparsity=args.sparsity,
+        constraint=args.constraint,
+        budget=args.budget,
         seed=args.seed,
         gate_config=initial.config
         if initial is not None
