@@ -107,14 +107,15 @@ def optimise_locations(
     multiplier: float = 5.0,
     eps: float = 0.1,
     lr: float = 0.1,
-    init: float = 3.0,
+    init: float | Tensor = 3.0,
     batch_size: int = 8,
     seed: int = 0,
     show_progress: bool = False,
 ) -> tuple[Tensor, dict[str, list[float]]]:
     """Optimise one gate location per patch and image for ``multiplier * (KL - eps) + mean
     log P(kept)`` (the gate's hard-concrete settings and filler; Adam, a fresh optimiser per
-    batch, one noise generator seeded with ``seed`` for the whole run).
+    batch, one noise generator seeded with ``seed`` for the whole run). ``init``: the initial
+    location of every patch, or per image and patch ``(N, patches)`` (a warm start).
 
     Returns the locations ``(N, patches)`` and the scores of the hard mask ``P(kept) >= 0.5``:
     per-image ``kept`` fraction, ``kl`` and ``top1``."""
@@ -135,7 +136,16 @@ def optimise_locations(
                 states, logits = tokens.states(batch)
                 baseline = baseline_tokens(tokens, batch, prefix)
             shape = (len(batch), states[0].shape[1] - prefix)
-            locations = torch.full(shape, float(init), requires_grad=True)
+            if isinstance(init, Tensor):
+                locations = init[start : start + batch_size].detach().clone().float()
+                if locations.shape != shape:
+                    raise ValueError(
+                        f"`init` holds locations of shape {tuple(init.shape)}; these images "
+                        f"need ({len(images)}, {shape[1]})"
+                    )
+                locations.requires_grad_(True)
+            else:
+                locations = torch.full(shape, float(init), requires_grad=True)
             optimizer = torch.optim.Adam([locations], lr=lr)
             for _ in range(steps):
                 keep = sample_gates(locations, generator=generator, **hard_concrete)

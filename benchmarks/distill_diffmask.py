@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -61,13 +62,28 @@ __all__ = [
 ]
 
 # The per-image optimisation's settings: a shard records them, `fit` refuses mixed shards.
-TEACHER_SETTINGS = ("model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "seed")
+TEACHER_SETTINGS = (
+    "model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "init_gate", "init_clip",
+    "seed",
+)  # fmt: skip
 
 
 def keep_targets(gate: DiffMaskGate, locations: Tensor) -> Tensor:
     """``P(kept)`` of free gate locations ``(N, patches)`` under ``gate``'s hard concrete."""
     c = gate.config
     return log_prob_open(locations, c.temperature, c.stretch_left, c.stretch_right).exp()
+
+
+def warm_locations(gate: DiffMaskGate, states: Tensor, clip: float) -> Tensor:
+    """Free gate locations ``(N, patches)`` whose ``P(kept)`` under ``gate``'s hard concrete
+    equals the whole stack's ``P(kept)`` of ``gate`` on ``states`` (``(L + 1, N, patches, D)``),
+    clipped to ``[-clip, clip]`` so that every location starts where its gradient is alive: the
+    inverse of :func:`keep_targets` (``P = sigmoid(location - t log(-left / right))``)."""
+    c = gate.config
+    with torch.no_grad():
+        keep = gate.keep_probability(list(states)).clamp(1e-6, 1 - 1e-6)
+    shift = c.temperature * math.log(-c.stretch_left / c.stretch_right)
+    return (torch.logit(keep) + shift).clamp(-clip, clip)
 
 
 def patch_states(model: torch.nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
@@ -242,8 +258,12 @@ def teacher(args: argparse.Namespace) -> None:
     gate = DiffMaskGate.load(args.filler_gate)
     images = load_split(args.data, args.first, args.count)
     started = time.perf_counter()
+    init: float | Tensor = args.init
+    if args.init_gate is not None:
+        init = warm_locations(DiffMaskGate.load(args.init_gate), patch_states(model, images),
+                              args.init_clip)  # fmt: skip
     locations, scores = optimise_locations(
-        model, gate, images, args.steps, args.multiplier, args.eps, args.lr, args.init,
+        model, gate, images, args.steps, args.multiplier, args.eps, args.lr, init,
         args.batch_size, args.seed, not args.no_progress,
     )  # fmt: skip
     settings = {name: str(getattr(args, name)) for name in TEACHER_SETTINGS}
@@ -351,6 +371,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     one.add_argument("--eps", type=float, default=0.1, help="KL bound in nats")
     one.add_argument("--lr", type=float, default=0.25, help="Adam lr on the locations")
     one.add_argument("--init", type=float, default=1.5, help="initial gate location")
+    one.add_argument(
+        "--init-gate",
+        default=None,
+        help="warm start: every patch starts where this gate's map puts it (clipped to "
+        "+-init-clip), so among equally good solutions the one nearest the gate's is found",
+    )
+    one.add_argument("--init-clip", type=float, default=2.0, help="warm start's location bound")
     two = commands.add_parser("fit", parents=[common], help="fit a gate to teacher shards")
     two.add_argument("--teachers", nargs="+", required=True, help="teacher shard files")
     two.add_argument("--epochs", type=int, default=30)

@@ -54,6 +54,30 @@ def test_locations_and_their_scores_agree_and_targets_follow_the_gate() -> None:
     assert states.shape == (gate.config.num_states, 3, 16, gate.config.hidden_size)
 
 
+def test_warm_start_begins_at_the_gates_own_map() -> None:
+    """``warm_locations`` inverts ``keep_targets``: free locations with the gate's whole-stack
+    ``P(kept)`` (within the clip), so a zero-step optimisation from them returns the gate's own
+    hard mask; a clip bounds them; a wrong shape is refused by name."""
+    torch.manual_seed(0)
+    model = tiny_hf_vit().eval()
+    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
+    images = torch.randn(3, 3, 32, 32)
+    states = distill_diffmask.patch_states(model, images)
+    distill_diffmask.calibrate_keep_fraction(gate, states, 0.5)  # a mixed mask, not a trivial one
+    keep = gate.keep_probability(list(states)).detach()
+    free = distill_diffmask.warm_locations(gate, states, clip=50.0)
+    expected = keep.clamp(1e-6, 1 - 1e-6)
+    torch.testing.assert_close(distill_diffmask.keep_targets(gate, free), expected)
+    clipped = distill_diffmask.warm_locations(gate, states, clip=0.5)
+    assert clipped.abs().max() <= 0.5  # clipped, and still the gate's hard mask
+    assert torch.equal(distill_diffmask.keep_targets(gate, clipped) >= 0.5, keep >= 0.5)
+    locations, scores = optimise_locations(model, gate, images, steps=0, init=free)
+    assert torch.equal(locations, free)
+    assert scores["kept"] == (keep >= 0.5).float().mean(-1).tolist()
+    with pytest.raises(ValueError, match="`init`"):
+        optimise_locations(model, gate, images, steps=0, init=free[:, :5])
+
+
 def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None:
     torch.manual_seed(0)
     gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=2, gate_hidden=4))
