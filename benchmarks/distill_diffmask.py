@@ -9,6 +9,8 @@ departure from the paper's training, which fits the probes to the objective dire
 1. ``teacher``: per-image optimisation (``diffmask_diagnostics.optimise_locations``: the
    gate's hard-concrete settings and filler, ``multiplier * (KL - eps) + mean log P(kept)``,
    Adam on the locations) of the training images, saved as a shard of locations.
+   ``--init-gate DIR`` warm-starts every location at that gate's own map, so that among the
+   many masks that keep the prediction the one nearest the gate's is found.
 2. ``fit``: a fresh gate (the authors' initialisation) whose probes are fitted to the
    teacher's keep probabilities ``P(kept)`` of the whole stack by binary cross-entropy on the
    model's hidden states of the un-augmented training images; the filler (placeholder) is the
@@ -46,26 +48,32 @@ from tqdm.auto import tqdm
 
 from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
 from benchmarks.diffmask_diagnostics import optimise_locations
+from benchmarks.diffmask_faithfulness import masked_kl_top1, top_k_keep
 from benchmarks.train_diffmask import load_split
 from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
-from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer
+from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer, baseline_tokens
 from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open
+from captum_gradmask.registry import build_method
 
 __all__ = [
     "calibrate_keep_fraction",
     "combine_shards",
     "fit_probes",
     "keep_targets",
+    "method_locations",
     "patch_states",
+    "warm_locations",
 ]
 
 # The per-image optimisation's settings: a shard records them, `fit` refuses mixed shards.
 TEACHER_SETTINGS = (
     "model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "init_gate", "init_clip",
-    "seed",
+    "method", "method_keep", "seed",
 )  # fmt: skip
+# A method teacher's locations: P(kept) ~ 0.99 for its kept patches, ~ 0.02 for the others.
+METHOD_LOCATION = 4.0
 
 
 def keep_targets(gate: DiffMaskGate, locations: Tensor) -> Tensor:
@@ -84,6 +92,44 @@ def warm_locations(gate: DiffMaskGate, states: Tensor, clip: float) -> Tensor:
         keep = gate.keep_probability(list(states)).clamp(1e-6, 1 - 1e-6)
     shift = c.temperature * math.log(-c.stretch_left / c.stretch_right)
     return (torch.logit(keep) + shift).clamp(-clip, clip)
+
+
+def method_locations(
+    model: torch.nn.Module,
+    gate: DiffMaskGate,
+    images: Tensor,
+    method: str,
+    fraction: float,
+    batch_size: int = 8,
+    show_progress: bool = False,
+) -> tuple[Tensor, dict[str, list[float]]]:
+    """A diagnostic teacher: the top ``fraction`` of the patches of ``method``'s map for the
+    predicted class as locations ``(N, patches)`` (``+-METHOD_LOCATION``), and the scores of that
+    mask under ``gate``'s filler (per-image ``kept``, ``kl``, ``top1``), as
+    :func:`~benchmarks.diffmask_diagnostics.optimise_locations` returns them. Fitting probes to
+    it asks whether the gate can represent a given method's ranking at all."""
+    adapter = get_adapter(model)
+    tokens = adapter.require_tokens("the method teacher")
+    prefix = adapter.prefix_tokens
+    explainer = build_method(method, model)
+    scores: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
+    found = []
+    for start in tqdm(range(0, len(images), batch_size), disable=not show_progress):
+        batch = images[start : start + batch_size]
+        with torch.no_grad():
+            states, logits = tokens.states(batch)
+            baseline = baseline_tokens(tokens, batch, prefix)
+        grid = explainer.attribute_grid(batch, target=logits.argmax(-1).tolist())
+        patches = grid[0].numel()
+        counts = torch.full((len(batch),), round(fraction * patches))
+        keep = top_k_keep(grid.reshape(len(batch), -1), counts)
+        with torch.no_grad():
+            kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, keep, logits)
+        found.append((2 * keep - 1) * METHOD_LOCATION)
+        scores["kept"] += keep.mean(-1).tolist()
+        scores["kl"] += kl.tolist()
+        scores["top1"] += top1.tolist()
+    return torch.cat(found), scores
 
 
 def patch_states(model: torch.nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
@@ -262,10 +308,16 @@ def teacher(args: argparse.Namespace) -> None:
     if args.init_gate is not None:
         init = warm_locations(DiffMaskGate.load(args.init_gate), patch_states(model, images),
                               args.init_clip)  # fmt: skip
-    locations, scores = optimise_locations(
-        model, gate, images, args.steps, args.multiplier, args.eps, args.lr, init,
-        args.batch_size, args.seed, not args.no_progress,
-    )  # fmt: skip
+    if args.method is not None:
+        locations, scores = method_locations(
+            model, gate, images, args.method, args.method_keep, args.batch_size,
+            not args.no_progress,
+        )  # fmt: skip
+    else:
+        locations, scores = optimise_locations(
+            model, gate, images, args.steps, args.multiplier, args.eps, args.lr, init,
+            args.batch_size, args.seed, not args.no_progress,
+        )  # fmt: skip
     settings = {name: str(getattr(args, name)) for name in TEACHER_SETTINGS}
     shard = {
         "first": args.first,
@@ -378,6 +430,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "+-init-clip), so among equally good solutions the one nearest the gate's is found",
     )
     one.add_argument("--init-clip", type=float, default=2.0, help="warm start's location bound")
+    one.add_argument(
+        "--method",
+        default=None,
+        help="diagnostic: instead of the per-image optimisation, keep the top --method-keep of "
+        "this registry method's map (e.g. gradmask-m4): can the probes represent its ranking?",
+    )
+    one.add_argument("--method-keep", type=float, default=0.55, help="method teacher: kept share")
     two = commands.add_parser("fit", parents=[common], help="fit a gate to teacher shards")
     two.add_argument("--teachers", nargs="+", required=True, help="teacher shard files")
     two.add_argument("--epochs", type=int, default=30)

@@ -78,6 +78,31 @@ def test_warm_start_begins_at_the_gates_own_map() -> None:
         optimise_locations(model, gate, images, steps=0, init=free[:, :5])
 
 
+def test_method_teacher_keeps_the_top_of_the_methods_map() -> None:
+    """The diagnostic teacher: per image, the ``round(fraction * patches)`` patches with the
+    highest map for the predicted class get ``+METHOD_LOCATION``, the rest ``-``, and its
+    scores are those of that mask."""
+    from captum_gradmask.registry import build_method
+
+    torch.manual_seed(0)
+    model = tiny_hf_vit().eval()
+    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
+    images = torch.randn(3, 3, 32, 32)
+    locations, scores = distill_diffmask.method_locations(
+        model, gate, images, "gradmask-m4", 0.25, batch_size=2
+    )
+    assert locations.shape == (3, 16)
+    assert set(locations.unique().tolist()) == {-4.0, 4.0}
+    kept = locations > 0
+    assert kept.sum(-1).tolist() == [4, 4, 4] and scores["kept"] == [0.25] * 3
+    predicted = model(images).logits.argmax(-1).tolist()
+    grid = build_method("gradmask-m4", model).attribute_grid(images, target=predicted)
+    grid = grid.reshape(3, -1)
+    for row, keep in zip(grid, kept, strict=True):
+        assert row[keep].min() >= row[~keep].max()
+    assert len(scores["kl"]) == 3 and all(k >= 0 for k in scores["kl"])
+
+
 def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None:
     torch.manual_seed(0)
     gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=2, gate_hidden=4))
