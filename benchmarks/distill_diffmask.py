@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -54,7 +53,7 @@ from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer, baseline_tokens
 from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
-from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open
+from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, logits_for_prob_open
 from captum_gradmask.registry import build_method
 
 __all__ = [
@@ -86,12 +85,12 @@ def warm_locations(gate: DiffMaskGate, states: Tensor, clip: float) -> Tensor:
     """Free gate locations ``(N, patches)`` whose ``P(kept)`` under ``gate``'s hard concrete
     equals the whole stack's ``P(kept)`` of ``gate`` on ``states`` (``(L + 1, N, patches, D)``),
     clipped to ``[-clip, clip]`` so that every location starts where its gradient is alive: the
-    inverse of :func:`keep_targets` (``P = sigmoid(location - t log(-left / right))``)."""
+    inverse of :func:`keep_targets`."""
     c = gate.config
     with torch.no_grad():
         keep = gate.keep_probability(list(states)).clamp(1e-6, 1 - 1e-6)
-    shift = c.temperature * math.log(-c.stretch_left / c.stretch_right)
-    return (torch.logit(keep) + shift).clamp(-clip, clip)
+    locations = logits_for_prob_open(keep, c.temperature, c.stretch_left, c.stretch_right)
+    return locations.clamp(-clip, clip)
 
 
 def method_locations(
@@ -299,21 +298,23 @@ def _load_model(path: str) -> torch.nn.Module:
 
 
 def teacher(args: argparse.Namespace) -> None:
+    if args.method is not None and args.init_gate is not None:
+        raise SystemExit("--init-gate warm-starts the per-image optimisation; --method has none")
     torch.set_num_threads(args.threads)
     model = _load_model(args.model)
     gate = DiffMaskGate.load(args.filler_gate)
     images = load_split(args.data, args.first, args.count)
     started = time.perf_counter()
-    init: float | Tensor = args.init
-    if args.init_gate is not None:
-        init = warm_locations(DiffMaskGate.load(args.init_gate), patch_states(model, images),
-                              args.init_clip)  # fmt: skip
     if args.method is not None:
         locations, scores = method_locations(
             model, gate, images, args.method, args.method_keep, args.batch_size,
             not args.no_progress,
         )  # fmt: skip
     else:
+        init: float | Tensor = args.init
+        if args.init_gate is not None:
+            init = warm_locations(DiffMaskGate.load(args.init_gate), patch_states(model, images),
+                                  args.init_clip)  # fmt: skip
         locations, scores = optimise_locations(
             model, gate, images, args.steps, args.multiplier, args.eps, args.lr, init,
             args.batch_size, args.seed, not args.no_progress,

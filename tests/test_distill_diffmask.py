@@ -101,6 +101,10 @@ def test_method_teacher_keeps_the_top_of_the_methods_map() -> None:
     for row, keep in zip(grid, kept, strict=True):
         assert row[keep].min() >= row[~keep].max()
     assert len(scores["kl"]) == 3 and all(k >= 0 for k in scores["kl"])
+    with pytest.raises(SystemExit, match="--init-gate"):
+        distill_diffmask.main(
+            ["teacher", "--method", "gradmask-m4", "--init-gate", "g", "--out", "unused.pt"]
+        )
 
 
 def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None:

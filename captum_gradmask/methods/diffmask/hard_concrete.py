@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["log_prob_open", "sample_gates"]
+__all__ = ["log_prob_open", "logits_for_prob_open", "sample_gates"]
 
 
 def _check(temperature: float, left: float, right: float) -> None:
@@ -85,5 +85,27 @@ def log_prob_open(
     """
     _check(temperature, left, right)
     # z > 0  <=>  s > -left / (right - left)  <=>  logits + noise > temperature * log(-left/right)
-    shift = temperature * math.log(-left / right)
-    return -F.softplus(shift - logits)
+    return -F.softplus(_open_shift(temperature, left, right) - logits)
+
+
+def logits_for_prob_open(
+    probability: Tensor, temperature: float = 0.2, left: float = -0.2, right: float = 1.0
+) -> Tensor:
+    """The logits whose ``P(gate > 0)`` is ``probability`` (in ``(0, 1)``): the inverse of
+    :func:`log_prob_open`'s exponential.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask.methods.diffmask.hard_concrete import (
+        ...     log_prob_open, logits_for_prob_open)
+        >>> logits = logits_for_prob_open(torch.tensor([0.1, 0.5, 0.9]))
+        >>> [round(p, 4) for p in log_prob_open(logits).exp().tolist()]
+        [0.1, 0.5, 0.9]
+    """
+    _check(temperature, left, right)
+    return torch.logit(probability) + _open_shift(temperature, left, right)
+
+
+def _open_shift(temperature: float, left: float, right: float) -> float:
+    return temperature * math.log(-left / right)
