@@ -62,6 +62,7 @@ __all__ = [
     "fit_probes",
     "keep_targets",
     "method_locations",
+    "mirror_targets",
     "patch_states",
     "warm_locations",
 ]
@@ -144,6 +145,25 @@ def patch_states(model: torch.nn.Module, images: Tensor, batch_size: int = 16) -
     return torch.cat(chunks, dim=1)
 
 
+def mirror_targets(targets: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-patch ``targets`` ``(N, rows * cols)`` of images mirrored left to right: the
+    targets of the mirrored images, if the teacher's mask mirrors with the image.
+
+    Example::
+
+        >>> import torch
+        >>> from benchmarks.distill_diffmask import mirror_targets
+        >>> mirror_targets(torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]]), (2, 3))
+        tensor([[0., 0., 1., 1., 0., 0.]])
+    """
+    rows, cols = grid
+    if targets.shape[-1] != rows * cols:
+        raise ValueError(
+            f"`targets` have {targets.shape[-1]} patches per image; `grid` {grid} has {rows * cols}"
+        )
+    return targets.reshape(-1, rows, cols).flip(-1).reshape(targets.shape)
+
+
 def _cross_entropy(gate: DiffMaskGate, states: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Binary cross-entropy of the whole stack's ``P(kept)`` against ``targets``, and ``P``."""
     log_keep = gate.log_keep(gate(list(states)))[..., -1]
@@ -162,6 +182,7 @@ def fit_probes(
     holdout: float = 0.1,
     seed: int = 0,
     show_progress: bool = False,
+    views: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> list[dict[str, float]]:
     """Fit ``gate``'s probes (not its placeholder) to keep probabilities ``targets`` ``(N, P)``.
 
@@ -170,6 +191,11 @@ def fit_probes(
     agreement of the hard masks (``>= 0.5``) on the last ``holdout`` fraction of the images,
     which are not trained on. The gate ends with the weights of the epoch of lowest held-out
     cross-entropy. Returns one row per epoch.
+
+    ``views``: more ``(states, targets)`` pairs of the same ``N`` images under a transformation
+    that moves the teacher's mask with the image (e.g. mirrored images with
+    :func:`mirror_targets`); an epoch also trains on the views of the training images (never
+    of the held-out ones).
 
     Example::
 
@@ -182,6 +208,15 @@ def fit_probes(
         2
     """
     count = states.shape[1]
+    for index, (view_states, view_targets) in enumerate(views):
+        if view_states.shape != states.shape or view_targets.shape != targets.shape:
+            raise ValueError(
+                f"`views[{index}]` has states {tuple(view_states.shape)} and targets "
+                f"{tuple(view_targets.shape)}; they must match `states` "
+                f"{tuple(states.shape)} and `targets` {tuple(targets.shape)}"
+            )
+    all_states = torch.stack([states, *(v[0] for v in views)])
+    all_targets = torch.stack([targets, *(v[1] for v in views)])
     held = max(1, round(holdout * count)) if holdout > 0 else 0
     train, check = torch.arange(count - held), torch.arange(count - held, count)
     if held == 0:
@@ -190,12 +225,15 @@ def fit_probes(
     optimizer = torch.optim.Adam(gate.probe_parameters, lr=lr)
     history: list[dict[str, float]] = []
     best, best_state = float("inf"), None
+    # Training pairs: (view, image) for every view (0: the images themselves).
+    pairs = torch.cartesian_prod(torch.arange(len(all_states)), train).reshape(-1, 2)
     for epoch in tqdm(range(epochs), desc="fitting probes", disable=not show_progress):
-        order = train[torch.randperm(len(train), generator=generator)]
+        order = pairs[torch.randperm(len(pairs), generator=generator)]
         total = 0.0
         for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            loss, _ = _cross_entropy(gate, states[:, index], targets[index])
+            view, index = order[start : start + batch_size].unbind(-1)
+            batch_states = all_states[view, :, index].transpose(0, 1)
+            loss, _ = _cross_entropy(gate, batch_states, all_targets[view, index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -206,6 +244,7 @@ def fit_probes(
         row = {
             "epoch": epoch + 1,
             "train_bce": total / len(order),
+            "train_pairs": len(order),
             "holdout_bce": float(loss),
             "holdout_agreement": float((hard == wanted).float().mean()),
             "holdout_kept": float(hard.float().mean()),
@@ -345,6 +384,12 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         [load_split(args.data, first, count) for first, count in zip(firsts, counts, strict=True)]
     )
     states = patch_states(model, images)
+    views = []
+    if args.mirror:
+        adapter = get_adapter(model)
+        (ph, pw), (height, width) = adapter.patch_size, images.shape[-2:]
+        grid = (height // ph, width // pw)
+        views.append((patch_states(model, images.flip(-1)), mirror_targets(targets, grid)))
     # A fresh gate with the authors' initialisation, as the trainer builds it, and the
     # teacher's filler.
     last = firsts[-1] + counts[-1] - 1
@@ -366,7 +411,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     fit_history = fit_probes(
         trainer.gate, states, targets, args.epochs, args.lr, args.batch_size, args.holdout,
-        args.seed, not args.no_progress,
+        args.seed, not args.no_progress, views,
     )  # fmt: skip
     fit_seconds = time.perf_counter() - started
     shift = None
@@ -393,7 +438,8 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         },
         "teacher_seconds": sum(s["seconds"] for s in shards),
         "fit": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                "holdout": args.holdout, "seconds": fit_seconds, "history": fit_history},
+                "holdout": args.holdout, "mirror": args.mirror, "seconds": fit_seconds,
+                "history": fit_history},
         "calibration": {"keep_fraction": args.keep_fraction, "offset_shift": shift},
         "validation": row,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
@@ -443,6 +489,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     two.add_argument("--epochs", type=int, default=30)
     two.add_argument("--lr", type=float, default=1e-3, help="probes' Adam lr")
     two.add_argument("--holdout", type=float, default=0.1, help="teacher images held out")
+    two.add_argument(
+        "--mirror",
+        action="store_true",
+        help="also train on the training images mirrored left to right, with the teacher's "
+        "masks mirrored (twice the pairs, no new teacher runs)",
+    )
     two.add_argument(
         "--keep-fraction",
         type=float,

@@ -40,6 +40,53 @@ def test_fitted_probes_reproduce_a_mask_the_states_determine() -> None:
     assert ((keep >= 0.5) == (targets[36:] >= 0.5)).float().mean() == best["holdout_agreement"]
 
 
+def test_views_of_the_training_images_are_trained_on_and_held_out_ones_are_not() -> None:
+    """The training images alone carry no information (every target 1); their views carry the
+    rule (keep a token where its first channel of the last state is positive). Fitted with the
+    views, the held-out images follow the rule; without them, they do not. A view of a held-out
+    image that contradicts the rule changes nothing (it is never trained on)."""
+    torch.manual_seed(0)
+    states = torch.randn(3, 40, 16, 8)
+    states[-1, :36, :, 0] = states[-1, :36, :, 0].abs()  # training images: all positive
+    targets = (states[-1, ..., 0] > 0).float()
+    view_states = torch.randn(3, 40, 16, 8)
+    view_targets = (view_states[-1, ..., 0] > 0).float()
+    view_targets[36:] = 1 - view_targets[36:]  # held-out views: the opposite rule
+
+    def fitted(views):  # held-out agreement with the rule at the best epoch
+        torch.manual_seed(1)
+        gate = DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8))
+        history = distill_diffmask.fit_probes(
+            gate, states, targets, epochs=40, lr=1e-2, holdout=0.1, views=views
+        )
+        return history
+
+    alone, viewed = fitted(()), fitted([(view_states, view_targets)])
+    assert alone[0]["train_pairs"] == 36 and viewed[0]["train_pairs"] == 72
+    assert max(row["holdout_agreement"] for row in alone) < 0.75
+    assert min(viewed, key=lambda row: row["holdout_bce"])["holdout_agreement"] > 0.9
+    with pytest.raises(ValueError, match=r"`views\[0\]`"):
+        distill_diffmask.fit_probes(
+            DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8)),
+            states, targets, views=[(view_states[:, :5], view_targets[:5])],
+        )  # fmt: skip
+
+
+def test_mirrored_targets_follow_the_mirrored_image() -> None:
+    """A patch's target moves to the mirrored column of its row; mirroring twice is the
+    identity; a grid of the wrong size is refused by name."""
+    targets = torch.zeros(2, 12)
+    targets[0, 1 * 4 + 0] = 1  # row 1, column 0 of a 3 x 4 grid
+    targets[1, 2 * 4 + 1] = 0.7  # row 2, column 1
+    mirrored = distill_diffmask.mirror_targets(targets, (3, 4))
+    assert mirrored[0].nonzero().flatten().tolist() == [1 * 4 + 3]
+    assert mirrored[1].nonzero().flatten().tolist() == [2 * 4 + 2]
+    assert mirrored[1, 2 * 4 + 2] == pytest.approx(0.7)
+    assert torch.equal(distill_diffmask.mirror_targets(mirrored, (3, 4)), targets)
+    with pytest.raises(ValueError, match="`grid`"):
+        distill_diffmask.mirror_targets(targets, (4, 4))
+
+
 def test_locations_and_their_scores_agree_and_targets_follow_the_gate() -> None:
     torch.manual_seed(0)
     model = tiny_hf_vit().eval()
@@ -147,9 +194,13 @@ def test_teacher_and_fit_write_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert saved["settings"]["steps"] == "3"
     out = tmp_path / "gate"
     fit_args = ["fit", *common, "--teachers", str(shard), "--epochs", "2", "--holdout", "0.5"]
-    distill_diffmask.main([*fit_args, "--val-first", "450", "--val", "2", "--out", str(out)])
+    distill_diffmask.main(
+        [*fit_args, "--mirror", "--val-first", "450", "--val", "2", "--out", str(out)]
+    )
     run = json.loads((out / "run.json").read_text())
     assert run["teacher_images"] == 2 and len(run["fit"]["history"]) == 2
+    # --mirror: the one training image and its mirror image
+    assert run["fit"]["mirror"] and run["fit"]["history"][0]["train_pairs"] == 2
     assert {"val_kl_hard", "val_kept_hard", "val_agreement_hard"} <= set(run["validation"])
     filler = DiffMaskGate.load(saved["settings"]["filler_gate"])
     gate = DiffMaskGate.load(out)
