@@ -18,15 +18,17 @@ departure from the paper's training, which fits the probes to the objective dire
    cross-entropy). The result is written as a :class:`VisionDiffMaskTrainer` checkpoint at step
    0, with the validation scores of :meth:`~VisionDiffMaskTrainer.evaluate` in its history,
    so ``benchmarks.train_diffmask --out`` on it continues with the DiffMask objective.
+   ``--mirror`` also fits the mirror images of the training images to the teacher's masks
+   mirrored (twice the pairs, no new teacher run).
 
 Example (the shipped gate; docs/diffmask.md)::
 
     python -m benchmarks.distill_diffmask teacher --first 0 --count 200 \\
-        --out runs/distill/teacher-0-200.pt
+        --out runs/distill/shard-0.pt
     python -m benchmarks.distill_diffmask teacher --first 200 --count 200 \\
-        --out runs/distill/teacher-200-200.pt
-    python -m benchmarks.distill_diffmask fit --teachers runs/distill/teacher-0-200.pt \\
-        runs/distill/teacher-200-200.pt --out runs/gate-distilled
+        --out runs/distill/shard-200.pt
+    python -m benchmarks.distill_diffmask fit --teachers runs/distill/shard-0.pt \\
+        runs/distill/shard-200.pt --mirror --keep-fraction 0.58 --seed 1 --out runs/gate-mirror-s1
 """
 
 from __future__ import annotations
