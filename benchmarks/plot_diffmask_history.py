@@ -3,9 +3,13 @@
 Reads ``history.json`` (or ``trainer.json``) of a folder written by
 ``benchmarks/train_diffmask.py`` and draws four panels against the training step: KL, kept
 fraction, top-1 agreement and the Lagrange multipliers, with the issue's targets as dashed
-lines. Example::
+lines. A gate fitted by ``benchmarks/distill_diffmask.py`` has no trainer history: ``--fit``
+reads the probe fit's per-epoch rows from its ``run.json`` instead and draws its cross-entropy
+and held-out mask agreement, with the epoch whose weights were kept. Example::
 
     python -m benchmarks.plot_diffmask_history runs/gate-v2 --out docs/diffmask/training-curves.png
+    python -m benchmarks.plot_diffmask_history benchmarks/checkpoints/diffmask-vit-tiny --fit \\
+        --out docs/diffmask/fit-curves.png
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_history", "plot_history"]
+__all__ = ["load_history", "plot_fit", "plot_history"]
 
 # (column, label, line style) per panel; columns absent from a history are skipped.
 _PANELS: dict[str, list[tuple[str, str, str]]] = {
@@ -116,12 +120,59 @@ def plot_history(
     return figure
 
 
+def plot_fit(history: Sequence[Mapping[str, float]]) -> Any:
+    """A matplotlib ``Figure`` (1 x 2 panels) of a probe fit's per-epoch ``history`` (the rows
+    of :func:`benchmarks.distill_diffmask.fit_probes`): training and held-out cross-entropy,
+    and the held-out hard masks' agreement with the teacher's and kept fraction; a vertical
+    line marks the epoch of lowest held-out cross-entropy, whose weights the gate keeps."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    best = min(history, key=lambda row: row["holdout_bce"])["epoch"]
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    left.plot(epochs, [r["train_bce"] for r in history], "-", color="C0", marker=".",
+              label="training pairs")  # fmt: skip
+    left.plot(epochs, [r["holdout_bce"] for r in history], "-", color="C3", marker=".",
+              label="held-out images")  # fmt: skip
+    left.set_title("binary cross-entropy to the teacher's P(kept)", fontsize=10)
+    for column, label, colour in (
+        ("holdout_agreement", "held-out: agreement with the teacher's mask", "C3"),
+        ("holdout_kept", "held-out: kept, map >= 0.5", "C4"),
+        ("holdout_teacher_kept", "held-out: kept by the teacher", "C7"),
+    ):
+        right.plot(epochs, [r[column] for r in history], "-", color=colour, marker=".",
+                   label=label)  # fmt: skip
+    right.set_title("held-out hard masks (before calibration)", fontsize=10)
+    for ax in (left, right):
+        ax.axvline(best, color="grey", linewidth=0.8, linestyle=(0, (4, 4)))
+        ax.annotate(f"kept: epoch {best}", (best, ax.get_ylim()[1]), fontsize=7, color="grey")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return figure
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("history", help="history.json / trainer.json, or the checkpoint folder")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--eps", type=float, default=None, help="default: the run's own eps")
+    parser.add_argument(
+        "--fit", action="store_true", help="the probe fit in run.json of a distilled gate"
+    )
     args = parser.parse_args(argv)
+    if args.fit:
+        run = Path(args.history)
+        run = run / "run.json" if run.is_dir() else run
+        document = json.loads(run.read_text())
+        if "fit" not in document:
+            raise SystemExit(f"{str(run)!r} records no probe fit (not a distill_diffmask gate)")
+        figure = plot_fit(document["fit"]["history"])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(args.out, dpi=110)
+        print(f"wrote {args.out}")
+        return
     eps = args.eps
     trainer_json = Path(args.history) / "trainer.json"
     if eps is None and trainer_json.is_file():

@@ -64,6 +64,27 @@ def test_training_curves_figure(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_fit_curves_figure_marks_the_kept_epoch(tmp_path: Path) -> None:
+    """``--fit`` draws a distilled gate's probe fit from ``run.json``: both cross-entropies and
+    the three held-out columns, with a vertical line at the epoch of lowest held-out loss;
+    a run.json without a fit is refused."""
+    rows = [
+        {"epoch": e, "train_bce": 0.7 - 0.05 * e, "holdout_bce": abs(e - 3) + 0.5,
+         "holdout_agreement": 0.6, "holdout_kept": 0.5, "holdout_teacher_kept": 0.5}
+        for e in (1, 2, 3, 4, 5)
+    ]  # fmt: skip
+    figure = plot_diffmask_history.plot_fit(rows)
+    left, right = figure.axes
+    assert len(left.lines) == 3 and len(right.lines) == 4  # curves + the marker line
+    assert list(left.lines[-1].get_xdata()) == [3, 3]  # the lowest held-out loss
+    (tmp_path / "run.json").write_text(json.dumps({"fit": {"history": rows}}))
+    plot_diffmask_history.main([str(tmp_path), "--fit", "--out", str(tmp_path / "fit.png")])
+    assert (tmp_path / "fit.png").stat().st_size > 0
+    (tmp_path / "run.json").write_text(json.dumps({"validation": {}}))
+    with pytest.raises(SystemExit, match="no probe fit"):
+        plot_diffmask_history.main([str(tmp_path), "--fit", "--out", str(tmp_path / "x.png")])
+
+
 @pytest.mark.slow
 @needs_shared
 @pytest.mark.skipif(not (CHECKPOINT / "gate.json").is_file(), reason="no committed checkpoint")
