@@ -217,8 +217,7 @@ def fit_probes(
                 f"{tuple(view_targets.shape)}; they must match `states` "
                 f"{tuple(states.shape)} and `targets` {tuple(targets.shape)}"
             )
-    all_states = torch.stack([states, *(v[0] for v in views)])
-    all_targets = torch.stack([targets, *(v[1] for v in views)])
+    sources = [(states, targets), *views]  # indexed per pair below: no copy of the states
     held = max(1, round(holdout * count)) if holdout > 0 else 0
     train, check = torch.arange(count - held), torch.arange(count - held, count)
     if held == 0:
@@ -228,18 +227,19 @@ def fit_probes(
     history: list[dict[str, float]] = []
     best, best_state = float("inf"), None
     # Training pairs: (view, image) for every view (0: the images themselves).
-    pairs = torch.cartesian_prod(torch.arange(len(all_states)), train).reshape(-1, 2)
+    pairs = torch.cartesian_prod(torch.arange(len(sources)), train).reshape(-1, 2)
     for epoch in tqdm(range(epochs), desc="fitting probes", disable=not show_progress):
         order = pairs[torch.randperm(len(pairs), generator=generator)]
         total = 0.0
         for start in range(0, len(order), batch_size):
-            view, index = order[start : start + batch_size].unbind(-1)
-            batch_states = all_states[view, :, index].transpose(0, 1)
-            loss, _ = _cross_entropy(gate, batch_states, all_targets[view, index])
+            batch = order[start : start + batch_size].tolist()
+            batch_states = torch.stack([sources[v][0][:, i] for v, i in batch], dim=1)
+            batch_targets = torch.stack([sources[v][1][i] for v, i in batch])
+            loss, _ = _cross_entropy(gate, batch_states, batch_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(index)
+            total += float(loss.detach()) * len(batch)
         with torch.no_grad():
             loss, keep = _cross_entropy(gate, states[:, check], targets[check])
         hard, wanted = keep >= 0.5, targets[check] >= 0.5
@@ -388,9 +388,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     states = patch_states(model, images)
     views = []
     if args.mirror:
-        adapter = get_adapter(model)
-        (ph, pw), (height, width) = adapter.patch_size, images.shape[-2:]
-        grid = (height // ph, width // pw)
+        grid = get_adapter(model).grid(images.shape[-2:])
         views.append((patch_states(model, images.flip(-1)), mirror_targets(targets, grid)))
     # A fresh gate with the authors' initialisation, as the trainer builds it, and the
     # teacher's filler.

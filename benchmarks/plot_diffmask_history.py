@@ -169,15 +169,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "fit" not in document:
             raise SystemExit(f"{str(run)!r} records no probe fit (not a distill_diffmask gate)")
         figure = plot_fit(document["fit"]["history"])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(args.out, dpi=110)
-        print(f"wrote {args.out}")
-        return
-    eps = args.eps
-    trainer_json = Path(args.history) / "trainer.json"
-    if eps is None and trainer_json.is_file():
-        eps = json.loads(trainer_json.read_text())["config"]["eps"]
-    figure = plot_history(load_history(args.history), eps=0.1 if eps is None else eps)
+    else:
+        eps = args.eps
+        trainer_json = Path(args.history) / "trainer.json"
+        if eps is None and trainer_json.is_file():
+            eps = json.loads(trainer_json.read_text())["config"]["eps"]
+        figure = plot_history(load_history(args.history), eps=0.1 if eps is None else eps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
