@@ -21,6 +21,11 @@ departure from the paper's training, which fits the probes to the objective dire
    ``--mirror`` also fits the mirror images of the training images to the teacher's masks
    mirrored (twice the pairs, no new teacher run).
 
+``teacher --augment-epoch E`` solves augmented copies of the training images instead (a random
+resized crop and colour jitter drawn from ``E`` and the file index only, :func:`augmented_split`;
+the shard records how), and ``fit`` trains on every such shard as more pairs of the images it
+was drawn from (never of the held-out ones).
+
 Example (the shipped gate; docs/diffmask.md)::
 
     python -m benchmarks.distill_diffmask teacher --first 0 --count 200 \\
@@ -50,7 +55,7 @@ from tqdm.auto import tqdm
 from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
 from benchmarks.diffmask_diagnostics import optimise_locations
 from benchmarks.diffmask_faithfulness import masked_kl_top1, top_k_keep
-from benchmarks.train_diffmask import load_split
+from benchmarks.train_diffmask import AugmentedImages, load_split, load_uint8
 from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer, baseline_tokens
@@ -59,6 +64,7 @@ from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, logits
 from captum_gradmask.registry import build_method
 
 __all__ = [
+    "augmented_split",
     "calibrate_keep_fraction",
     "combine_shards",
     "fit_probes",
@@ -147,6 +153,23 @@ def patch_states(model: torch.nn.Module, images: Tensor, batch_size: int = 16) -
     return torch.cat(chunks, dim=1)
 
 
+def augmented_split(
+    data: str, first: int, count: int, epoch: int, min_scale: float = 0.5
+) -> Tensor:
+    """Normalised augmented copies of ``count`` files from index ``first``: the trainer's
+    label-free augmentation (:class:`~benchmarks.train_diffmask.AugmentedImages`: a random
+    resized crop of at least ``min_scale`` of the area, a flip, colour jitter) drawn from
+    ``epoch`` and each file's index only, so any split into shards gives the same images."""
+    raw = load_uint8(data, first, count)
+    augment = AugmentedImages(raw, min_scale=min_scale)
+    out = []
+    for offset, image in enumerate(raw):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch * 1_000_003 + first + offset)
+            out.append(augment.transform(image))
+    return (torch.stack(out).float() / 255 - augment.mean) / augment.std
+
+
 def mirror_targets(targets: Tensor, grid: tuple[int, int]) -> Tensor:
     """Per-patch ``targets`` ``(N, rows * cols)`` of images mirrored left to right: the
     targets of the mirrored images, if the teacher's mask mirrors with the image.
@@ -184,7 +207,7 @@ def fit_probes(
     holdout: float = 0.1,
     seed: int = 0,
     show_progress: bool = False,
-    views: Sequence[tuple[Tensor, Tensor]] = (),
+    views: Sequence[tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]] = (),
 ) -> list[dict[str, float]]:
     """Fit ``gate``'s probes (not its placeholder) to keep probabilities ``targets`` ``(N, P)``.
 
@@ -196,8 +219,10 @@ def fit_probes(
 
     ``views``: more ``(states, targets)`` pairs of the same ``N`` images under a transformation
     that moves the teacher's mask with the image (e.g. mirrored images with
-    :func:`mirror_targets`); an epoch also trains on the views of the training images (never
-    of the held-out ones).
+    :func:`mirror_targets`), or ``(states, targets, images)`` of ``M`` other copies of the
+    images at indices ``images`` ``(M,)`` (e.g. augmented copies with their own teacher's
+    masks); an epoch also trains on the views of the training images (never of the held-out
+    ones).
 
     Example::
 
@@ -210,24 +235,35 @@ def fit_probes(
         2
     """
     count = states.shape[1]
-    for index, (view_states, view_targets) in enumerate(views):
-        if view_states.shape != states.shape or view_targets.shape != targets.shape:
-            raise ValueError(
-                f"`views[{index}]` has states {tuple(view_states.shape)} and targets "
-                f"{tuple(view_targets.shape)}; they must match `states` "
-                f"{tuple(states.shape)} and `targets` {tuple(targets.shape)}"
-            )
-    sources = [(states, targets), *views]  # indexed per pair below: no copy of the states
     held = max(1, round(holdout * count)) if holdout > 0 else 0
     train, check = torch.arange(count - held), torch.arange(count - held, count)
     if held == 0:
         check = train
+    sources = [(states, targets)]  # indexed per pair below: no copy of the states
+    pairs = [torch.stack([torch.zeros_like(train), train], dim=1)]  # (source, row) to train on
+    for index, view in enumerate(views):
+        view_states, view_targets = view[0], view[1]
+        images = view[2] if len(view) == 3 else torch.arange(count)
+        if (
+            images.ndim != 1
+            or view_states.shape != (states.shape[0], len(images), *states.shape[2:])
+            or view_targets.shape != (len(images), targets.shape[1])
+            or bool(((images < 0) | (images >= count)).any())
+        ):
+            raise ValueError(
+                f"`views[{index}]` has states {tuple(view_states.shape)}, targets "
+                f"{tuple(view_targets.shape)} and images {tuple(images.shape)}; they must "
+                f"match `states` {tuple(states.shape)} and `targets` {tuple(targets.shape)} "
+                f"but for the image count, with indices in [0, {count})"
+            )
+        sources.append((view_states, view_targets))
+        rows = torch.nonzero(images < count - held).flatten()
+        pairs.append(torch.stack([torch.full_like(rows, index + 1), rows], dim=1))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(gate.probe_parameters, lr=lr)
     history: list[dict[str, float]] = []
     best, best_state = float("inf"), None
-    # Training pairs: (view, image) for every view (0: the images themselves).
-    pairs = torch.cartesian_prod(torch.arange(len(sources)), train).reshape(-1, 2)
+    pairs = torch.cat(pairs)  # (view, row): 0 is the images themselves
     for epoch in tqdm(range(epochs), desc="fitting probes", disable=not show_progress):
         order = pairs[torch.randperm(len(pairs), generator=generator)]
         total = 0.0
@@ -261,6 +297,16 @@ def fit_probes(
     return history
 
 
+def check_settings(shards: Sequence[dict[str, Any]]) -> None:
+    """Refuse teacher shards made with different settings (other noise seeds are fine)."""
+    settings = {
+        json.dumps({k: v for k, v in s["settings"].items() if k != "seed"}, sort_keys=True)
+        for s in shards
+    }
+    if len(settings) != 1:
+        raise SystemExit(f"--teachers were made with different settings: {sorted(settings)}")
+
+
 def combine_shards(
     shards: Sequence[dict[str, Any]], filler: DiffMaskGate
 ) -> tuple[list[int], list[int], Tensor]:
@@ -268,12 +314,7 @@ def combine_shards(
     targets ``(N, patches)``: ``P(kept)`` under ``filler``'s hard concrete, averaged over
     the shards of the same images (other seeds). Refuses shards made with other settings,
     groups of different sizes and repeated seeds."""
-    settings = {
-        json.dumps({k: v for k, v in s["settings"].items() if k != "seed"}, sort_keys=True)
-        for s in shards
-    }
-    if len(settings) != 1:
-        raise SystemExit(f"--teachers were made with different settings: {sorted(settings)}")
+    check_settings(shards)
     groups: dict[int, list[dict[str, Any]]] = {}
     for shard in shards:
         groups.setdefault(shard["first"], []).append(shard)
@@ -344,7 +385,12 @@ def teacher(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = _load_model(args.model)
     gate = DiffMaskGate.load(args.filler_gate)
-    images = load_split(args.data, args.first, args.count)
+    augment = None
+    if args.augment_epoch is None:
+        images = load_split(args.data, args.first, args.count)
+    else:
+        augment = {"epoch": args.augment_epoch, "min_scale": args.min_scale}
+        images = augmented_split(args.data, args.first, args.count, **augment)
     started = time.perf_counter()
     if args.method is not None:
         locations, scores = method_locations(
@@ -363,6 +409,7 @@ def teacher(args: argparse.Namespace) -> None:
     settings = {name: str(getattr(args, name)) for name in TEACHER_SETTINGS}
     shard = {
         "first": args.first,
+        "augment": augment,
         "locations": locations,
         "scores": scores,
         "settings": settings,
@@ -379,17 +426,41 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if has_trainer_state(args.out):
         raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
     shards = [torch.load(path, weights_only=True) for path in args.teachers]
+    plain = [s for s in shards if s.get("augment") is None]
+    augmented = [s for s in shards if s.get("augment") is not None]
+    if not plain:
+        raise SystemExit("--teachers holds only augmented shards; `fit` needs the plain images'")
     filler = DiffMaskGate.load(shards[0]["settings"]["filler_gate"])
-    firsts, counts, targets = combine_shards(shards, filler)
+    check_settings(shards)
+    firsts, counts, targets = combine_shards(plain, filler)
     model = _load_model(args.model)
     images = torch.cat(
         [load_split(args.data, first, count) for first, count in zip(firsts, counts, strict=True)]
     )
     states = patch_states(model, images)
-    views = []
+    grid = get_adapter(model).grid(images.shape[-2:])
+    # Row of each file index among the plain images.
+    files = [f for a, n in zip(firsts, counts, strict=True) for f in range(a, a + n)]
+    rows = {f: r for r, f in enumerate(files)}
+    views: list[tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]] = []
     if args.mirror:
-        grid = get_adapter(model).grid(images.shape[-2:])
         views.append((patch_states(model, images.flip(-1)), mirror_targets(targets, grid)))
+    for shard in augmented:
+        count = len(shard["locations"])
+        files = range(shard["first"], shard["first"] + count)
+        if any(f not in rows for f in files):
+            raise SystemExit(
+                f"an augmented shard of files {files.start}..{files.stop - 1} has files that "
+                "no plain --teachers shard holds"
+            )
+        copies = augmented_split(args.data, shard["first"], count, **shard["augment"])
+        index = torch.tensor([rows[f] for f in files])
+        copy_targets = keep_targets(filler, shard["locations"])
+        views.append((patch_states(model, copies), copy_targets, index))
+        if args.mirror:
+            views.append(
+                (patch_states(model, copies.flip(-1)), mirror_targets(copy_targets, grid), index)
+            )
     # A fresh gate with the authors' initialisation, as the trainer builds it, and the
     # teacher's filler.
     last = firsts[-1] + counts[-1] - 1
@@ -430,6 +501,9 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m benchmarks.distill_diffmask " + " ".join(sys.argv[1:]),
         "teacher_settings": shards[0]["settings"],
         "teacher_images": len(targets),
+        "augmented_shards": [
+            {"first": s["first"], "count": len(s["locations"]), **s["augment"]} for s in augmented
+        ],
         "teacher_seeds": sorted({s["settings"]["seed"] for s in shards}),
         "teacher_scores": {  # means over every shard's images (each seed's own masks)
             key: sum(sum(s["scores"][key]) for s in shards)
@@ -484,6 +558,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "this registry method's map (e.g. gradmask-m4): can the probes represent its ranking?",
     )
     one.add_argument("--method-keep", type=float, default=0.55, help="method teacher: kept share")
+    one.add_argument(
+        "--augment-epoch",
+        type=int,
+        default=None,
+        help="solve augmented copies of the images (random resized crop, flip, colour jitter "
+        "drawn from this number and the file index); `fit` trains on them as more pairs",
+    )
+    one.add_argument("--min-scale", type=float, default=0.5, help="augmentation's least crop area")
     two = commands.add_parser("fit", parents=[common], help="fit a gate to teacher shards")
     two.add_argument("--teachers", nargs="+", required=True, help="teacher shard files")
     two.add_argument("--epochs", type=int, default=30)

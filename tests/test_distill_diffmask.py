@@ -70,6 +70,19 @@ def test_views_of_the_training_images_are_trained_on_and_held_out_ones_are_not()
             DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8)),
             states, targets, views=[(view_states[:, :5], view_targets[:5])],
         )  # fmt: skip
+    # Copies of some images only (e.g. augmented ones), named by index: those of training
+    # images are trained on (here 20 of 24), those of held-out images (36-39) are not.
+    images = torch.cat([torch.arange(20), torch.arange(36, 40)])
+    some = fitted([(view_states[:, images], view_targets[images], images)])
+    assert some[0]["train_pairs"] == 36 + 20
+    assert min(some, key=lambda row: row["holdout_bce"])["holdout_agreement"] > 0.9
+    for bad in (torch.arange(35, 41), torch.arange(5).reshape(5, 1)):
+        view = (view_states[:, : len(bad)], view_targets[: len(bad)], bad)
+        with pytest.raises(ValueError, match=r"`views\[0\]`"):
+            distill_diffmask.fit_probes(
+                DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8)),
+                states, targets, views=[view],
+            )  # fmt: skip
 
 
 def test_mirrored_targets_follow_the_mirrored_image() -> None:
@@ -220,6 +233,50 @@ def test_teacher_and_fit_write_a_resumable_checkpoint(tmp_path: Path) -> None:
     distill_diffmask.main(["teacher", *common, "--count", "2", "--steps", "2", "--out", str(other)])
     with pytest.raises(SystemExit, match="different settings"):
         distill_diffmask.main(["fit", *common, "--teachers", str(shard), str(other), "--out", "x"])
+
+
+@needs_shared
+def test_augmented_copies_depend_on_the_epoch_and_file_not_the_shard() -> None:
+    data = str(IMAGENET_SAMPLE)
+    whole = distill_diffmask.augmented_split(data, 2, 3, epoch=1)
+    assert whole.shape == (3, 3, 224, 224) and -1 <= float(whole.min()) < float(whole.max()) <= 1
+    torch.testing.assert_close(distill_diffmask.augmented_split(data, 3, 2, epoch=1), whole[1:])
+    other = distill_diffmask.augmented_split(data, 2, 3, epoch=2)
+    assert all(not torch.allclose(a, b) for a, b in zip(whole, other, strict=True))
+    plain = distill_diffmask.load_split(data, 2, 3)
+    assert all(not torch.allclose(a, b, atol=0.1) for a, b in zip(whole, plain, strict=True))
+
+
+@pytest.mark.slow
+@needs_shared
+def test_fit_trains_on_augmented_teacher_shards_of_its_training_images(tmp_path: Path) -> None:
+    common = ["--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--no-progress"]
+    teach = ["teacher", *common, "--steps", "2"]
+    plain, copies, stray = tmp_path / "plain.pt", tmp_path / "copies.pt", tmp_path / "stray.pt"
+    distill_diffmask.main([*teach, "--count", "4", "--out", str(plain)])
+    distill_diffmask.main([*teach, "--count", "3", "--augment-epoch", "1", "--out", str(copies)])
+    distill_diffmask.main(
+        [*teach, "--first", "3", "--count", "2", "--augment-epoch", "1", "--out", str(stray)]
+    )
+    saved = torch.load(copies, weights_only=True)
+    assert saved["augment"] == {"epoch": 1, "min_scale": 0.5} and saved["first"] == 0
+    assert torch.load(plain, weights_only=True)["augment"] is None
+    fit_args = ["fit", *common, "--epochs", "1", "--holdout", "0.25", "--val-first", "450"]
+    out = tmp_path / "gate"
+    run = distill_diffmask.fit(
+        distill_diffmask.parse_args(
+            [*fit_args, "--val", "1", "--teachers", str(plain), str(copies), "--mirror",
+             "--out", str(out)]
+        )
+    )  # fmt: skip
+    # 3 training images (the 4th is held out), each with its mirror image, 3 augmented copies
+    # and their mirror images
+    assert run["teacher_images"] == 4 and run["fit"]["history"][0]["train_pairs"] == 12
+    assert run["augmented_shards"] == [{"first": 0, "count": 3, "epoch": 1, "min_scale": 0.5}]
+    with pytest.raises(SystemExit, match="only augmented"):
+        distill_diffmask.main([*fit_args, "--teachers", str(copies), "--out", "x"])
+    with pytest.raises(SystemExit, match="no plain --teachers shard holds"):
+        distill_diffmask.main([*fit_args, "--teachers", str(plain), str(stray), "--out", "x"])
 
 
 @pytest.mark.slow
