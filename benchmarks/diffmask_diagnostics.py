@@ -124,7 +124,7 @@ def optimise_locations(
     prefix = adapter.prefix_tokens
     c = gate.config
     hard_concrete = dict(temperature=c.temperature, left=c.stretch_left, right=c.stretch_right)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
     scores: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
     found = []
     with preserved_model_state(model), preserved_model_state(gate):
@@ -138,6 +138,7 @@ def optimise_locations(
             shape = (len(batch), states[0].shape[1] - prefix)
             if isinstance(init, Tensor):
                 locations = init[start : start + batch_size].detach().clone().float()
+                locations = locations.to(images.device)
                 if locations.shape != shape:
                     raise ValueError(
                         f"`init` holds locations of shape {tuple(init.shape)}; these images "
@@ -145,7 +146,7 @@ def optimise_locations(
                     )
                 locations.requires_grad_(True)
             else:
-                locations = torch.full(shape, float(init), requires_grad=True)
+                locations = torch.full(shape, float(init), device=images.device, requires_grad=True)
             optimizer = torch.optim.Adam([locations], lr=lr)
             for _ in range(steps):
                 keep = sample_gates(locations, generator=generator, **hard_concrete)
@@ -158,7 +159,7 @@ def optimise_locations(
             with torch.no_grad():
                 hard = (log_prob_open(locations, **hard_concrete).exp() >= 0.5).float()
                 kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, hard, logits)
-            found.append(locations.detach())
+            found.append(locations.detach().cpu())
             scores["kept"] += hard.mean(-1).tolist()
             scores["kl"] += kl.tolist()
             scores["top1"] += top1.tolist()

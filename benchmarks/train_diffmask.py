@@ -202,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_split(data: str, first: int, count: int) -> torch.Tensor:
     """Normalised model inputs of ``count`` files from index ``first`` (the model's resize)."""
-    records = load_imagenet_sample(data, limit=first + count)[first:]
+    records = load_imagenet_sample(data, limit=count, offset=first)
     if len(records) < count:
         raise SystemExit(f"--data {data!r} has only {first + len(records)} images")
     return torch.stack([preprocess_image(r.path) for r in tqdm(records, desc="preprocessing")])
@@ -210,7 +210,7 @@ def load_split(data: str, first: int, count: int) -> torch.Tensor:
 
 def load_uint8(data: str, first: int, count: int, size: int = 256) -> torch.Tensor:
     """``uint8`` images ``(count, 3, size, size)`` (bicubic resize, no crop) to augment."""
-    records = load_imagenet_sample(data, limit=first + count)[first:]
+    records = load_imagenet_sample(data, limit=count, offset=first)
     if len(records) < count:
         raise SystemExit(f"--data {data!r} has only {first + len(records)} images")
     images = []

@@ -114,6 +114,25 @@ def test_locations_and_their_scores_agree_and_targets_follow_the_gate() -> None:
     assert states.shape == (gate.config.num_states, 3, 16, gate.config.hidden_size)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_teacher_and_states_run_on_cuda_and_return_cpu_locations() -> None:
+    """The per-image optimisation on CUDA images: locations come back on the CPU (a shard),
+    scores agree with them, and the states the probes read are the model's, on its device."""
+    torch.manual_seed(0)
+    model = tiny_hf_vit().eval().cuda()
+    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model))).cuda()
+    images = torch.randn(3, 3, 32, 32)
+    locations, scores = optimise_locations(model, gate, images.cuda(), steps=5, batch_size=2)
+    assert locations.device.type == "cpu" and locations.shape == (3, 16)
+    targets = distill_diffmask.keep_targets(gate.cpu(), locations)
+    assert (targets >= 0.5).float().mean(-1).tolist() == scores["kept"]
+    states = distill_diffmask.patch_states(model, images, batch_size=2)  # moved a batch at a time
+    assert states.device.type == "cuda"
+    torch.testing.assert_close(
+        states.cpu(), distill_diffmask.patch_states(model.cpu(), images), atol=1e-4, rtol=1e-4
+    )
+
+
 def test_warm_start_begins_at_the_gates_own_map() -> None:
     """``warm_locations`` inverts ``keep_targets``: free locations with the gate's whole-stack
     ``P(kept)`` (within the clip), so a zero-step optimisation from them returns the gate's own
@@ -195,6 +214,16 @@ def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None
     with pytest.raises(SystemExit, match="different image counts"):
         distill_diffmask.combine_shards([a, shard(4, 2, "1")], gate)
 
+    # Shards written before a setting existed, or on another machine (another path to the same
+    # model and filler gate), combine with new ones; another model does not.
+    old = {"model": "/a/shared/vit-tiny", "filler_gate": "/a/ckpt/gate", "steps": "3", "seed": "0"}
+    new = {**old, **distill_diffmask.LATER_SETTINGS, "seed": "1"}
+    new.update(model="/b/vit-tiny", filler_gate="ckpt/gate")
+    distill_diffmask.check_settings([{"settings": old}, {"settings": new}])
+    for changed in ({"model": "/b/vit-b"}, {"method": "rise"}):
+        with pytest.raises(SystemExit, match="different settings"):
+            distill_diffmask.check_settings([{"settings": old}, {"settings": {**new, **changed}}])
+
 
 @pytest.mark.slow
 @needs_shared
@@ -252,9 +281,14 @@ def test_augmented_copies_depend_on_the_epoch_and_file_not_the_shard() -> None:
 def test_fit_trains_on_augmented_teacher_shards_of_its_training_images(tmp_path: Path) -> None:
     common = ["--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--no-progress"]
     teach = ["teacher", *common, "--steps", "2"]
-    plain, copies, stray = tmp_path / "plain.pt", tmp_path / "copies.pt", tmp_path / "stray.pt"
+    plain, stray = tmp_path / "plain.pt", tmp_path / "stray.pt"
     distill_diffmask.main([*teach, "--count", "4", "--out", str(plain)])
-    distill_diffmask.main([*teach, "--count", "3", "--augment-epoch", "1", "--out", str(copies)])
+    pattern = str(tmp_path / "copies-{epoch}.pt")
+    distill_diffmask.main([*teach, "--count", "3", "--augment-epoch", "1", "2", "--out", pattern])
+    copies = tmp_path / "copies-1.pt"
+    assert (tmp_path / "copies-2.pt").is_file()
+    with pytest.raises(SystemExit, match="needs '\\{epoch\\}'"):
+        distill_diffmask.main([*teach, "--augment-epoch", "1", "2", "--out", str(stray)])
     distill_diffmask.main(
         [*teach, "--first", "3", "--count", "2", "--augment-epoch", "1", "--out", str(stray)]
     )
@@ -275,8 +309,18 @@ def test_fit_trains_on_augmented_teacher_shards_of_its_training_images(tmp_path:
     assert run["augmented_shards"] == [{"first": 0, "count": 3, "epoch": 1, "min_scale": 0.5}]
     with pytest.raises(SystemExit, match="only augmented"):
         distill_diffmask.main([*fit_args, "--teachers", str(copies), "--out", "x"])
+    with pytest.raises(SystemExit, match="not the teachers' filler gate"):
+        distill_diffmask.main(
+            [*fit_args, "--teachers", str(plain), "--filler-gate", str(tmp_path), "--out", "x"]
+        )
     with pytest.raises(SystemExit, match="no plain --teachers shard holds"):
         distill_diffmask.main([*fit_args, "--teachers", str(plain), str(stray), "--out", "x"])
+    # copies regenerated unlike those the teacher solved (another crop) are refused
+    moved = torch.load(copies, weights_only=True)
+    moved["thumbnails"] = moved["thumbnails"].roll(1, dims=-1)
+    torch.save(moved, copies)
+    with pytest.raises(SystemExit, match="not reproduced here"):
+        distill_diffmask.main([*fit_args, "--teachers", str(plain), str(copies), "--out", "y"])
 
 
 @pytest.mark.slow
