@@ -172,13 +172,8 @@ def augmented_split(
     ``raw``: those files' ``load_uint8`` images, if already loaded."""
     if raw is None:
         raw = load_uint8(data, first, count)
-    augment = AugmentedImages(raw, min_scale=min_scale)
-    out = []
-    for offset, image in enumerate(raw):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(epoch * 1_000_003 + first + offset)
-            out.append(augment.transform(image))
-    return (torch.stack(out).float() / 255 - augment.mean) / augment.std
+    augment = AugmentedImages(raw, min_scale=min_scale, first=first)
+    return torch.stack([augment[epoch * len(raw) + i] for i in range(len(raw))])
 
 
 def mirror_targets(targets: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -422,13 +417,14 @@ def teacher(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = _load_model(args.model).to(args.device)
     gate = DiffMaskGate.load(args.filler_gate, map_location=args.device)
+    raw = None if args.augment_epoch is None else load_uint8(args.data, args.first, args.count)
     for epoch in epochs:
         augment = None
         if epoch is None:
             images = load_split(args.data, args.first, args.count)
         else:
             augment = {"epoch": epoch, "min_scale": args.min_scale}
-            images = augmented_split(args.data, args.first, args.count, **augment)
+            images = augmented_split(args.data, args.first, args.count, **augment, raw=raw)
         _teacher_shard(args, model, gate, images.to(args.device), augment)
 
 
@@ -483,11 +479,11 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if not plain:
         raise SystemExit("--teachers holds only augmented shards; `fit` needs the plain images'")
     check_settings(shards)
-    filler_gate = args.filler_gate or shards[0]["settings"]["filler_gate"]
-    if Path(filler_gate).name != Path(shards[0]["settings"]["filler_gate"]).name:
+    recorded = shards[0]["settings"]["filler_gate"]
+    filler_gate = args.filler_gate or recorded
+    if Path(filler_gate).name != Path(recorded).name:
         raise SystemExit(
-            f"--filler-gate {filler_gate!r} is not the teachers' filler gate "
-            f"{shards[0]['settings']['filler_gate']!r}"
+            f"--filler-gate {filler_gate!r} is not the teachers' filler gate {recorded!r}"
         )
     filler = DiffMaskGate.load(filler_gate)
     firsts, counts, targets = combine_shards(plain, filler)

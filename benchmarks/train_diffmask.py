@@ -69,13 +69,16 @@ class AugmentedImages(Dataset):
     """Label-free augmentation of ``uint8`` images ``(N, 3, H, W)`` into normalised model inputs.
 
     Index ``epoch * N + i`` gives image ``i`` under the augmentation drawn from ``(seed, epoch,
-    i)`` only (the global random state is left as it was). ``augment=False``: the plain resize.
+    first + i)`` only (the global random state is left as it was). ``augment=False``: the plain
+    resize.
 
     Args:
         images: ``uint8`` images, e.g. resized to a little more than ``size``.
         size: output side.
         mean, std: normalisation of the model (the shared ViT-Tiny: 0.5, 0.5).
         min_scale: smallest area fraction of a random crop.
+        first: the file index of ``images[0]``, so that the images of a file range draw what
+            they would draw in a larger set that starts earlier.
     """
 
     def __init__(
@@ -87,10 +90,11 @@ class AugmentedImages(Dataset):
         mean: float = 0.5,
         std: float = 0.5,
         min_scale: float = 0.35,
+        first: int = 0,
     ) -> None:
         from torchvision.transforms import v2
 
-        self.images, self.seed, self.augment = images, seed, augment
+        self.images, self.seed, self.augment, self.first = images, seed, augment, first
         self.mean, self.std = mean, std
         self.resize = v2.Resize((size, size), antialias=True)
         self.transform = v2.Compose(
@@ -109,7 +113,7 @@ class AugmentedImages(Dataset):
         image = self.images[item]
         if self.augment:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + item)
+                torch.manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + self.first + item)
                 image = self.transform(image)
         else:
             image = self.resize(image)
