@@ -69,6 +69,7 @@ __all__ = [
     "augmented_split",
     "calibrate_keep_fraction",
     "combine_shards",
+    "fit_placeholder",
     "fit_probes",
     "keep_targets",
     "method_locations",
@@ -300,6 +301,131 @@ def fit_probes(
             best_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
     if best_state is not None:
         gate.load_state_dict(best_state)
+    return history
+
+
+def fit_placeholder(
+    model: torch.nn.Module,
+    gate: DiffMaskGate,
+    images: Tensor,
+    epochs: int = 5,
+    lr: float = 0.05,
+    batch_size: int = 16,
+    holdout: float = 0.1,
+    seed: int = 0,
+    mirror: bool = True,
+    show_progress: bool = False,
+    monitor: Tensor | None = None,
+) -> list[dict[str, float]]:
+    """Fit ``gate``'s placeholder (the filler of dropped patches), its probes frozen, to the
+    DiffMask KL term: per batch, ``KL(p || p_masked)`` under a sampled mask of the gate (the
+    objective's own term) plus the same under its hard mask (``map >= 0.5``, the map's own
+    mask). Adam on the placeholder; ``mirror`` adds the training images mirrored left to right.
+
+    The last ``holdout`` fraction of ``images`` is not trained on; after every epoch its
+    scores are recorded (``holdout_``: the hard mask's ``kl``, ``top1``, ``kept`` and the
+    sampled mask's ``kl_sampled``), and the same as ``val_`` for ``monitor`` images (e.g. the
+    validation split: scored, never trained on or used to choose). The gate keeps the last
+    epoch's placeholder. Returns a row 0 (the scores before fitting) and one row per epoch.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from benchmarks.distill_diffmask import fit_placeholder
+        >>> from captum_gradmask.adapters import get_adapter
+        >>> from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
+        >>> rows = fit_placeholder(model, gate, torch.randn(10, 3, 32, 32), epochs=2)
+        >>> len(rows), sorted(rows[-1])[:3]
+        (3, ['epoch', 'holdout_kept', 'holdout_kl'])
+    """
+    adapter = get_adapter(model)
+    tokens = adapter.require_tokens("fitting the placeholder")
+    prefix = adapter.prefix_tokens
+    held = max(1, round(holdout * len(images))) if holdout > 0 else 0
+    train = images[: len(images) - held]
+    if mirror:
+        train = torch.cat([train, train.flip(-1)])
+    check = images[len(images) - held :] if held else images
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+
+    def cached(batch_images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Embedded tokens, clean logits and gate locations, computed once."""
+        parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for start in range(0, len(batch_images), batch_size):
+            states, logits = tokens.states(batch_images[start : start + batch_size])
+            for part, value in zip(
+                parts, (states[0], logits, gate([s[:, prefix:] for s in states])), strict=True
+            ):
+                part.append(value)
+        return tuple(torch.cat(part) for part in parts)  # type: ignore[return-value]
+
+    history: list[dict[str, float]] = []
+    with preserved_model_state(model), preserved_model_state(gate):
+        for p in (*model.parameters(), *gate.parameters()):
+            p.requires_grad_(False)
+        with torch.no_grad():
+            embedded, logits, locations = cached(train)
+            scored = {"holdout": cached(check)}
+            if monitor is not None:
+                scored["val"] = cached(monitor)
+            baseline = baseline_tokens(tokens, images, prefix)
+        gate.placeholder.requires_grad_(True)
+        optimizer = torch.optim.Adam([gate.placeholder], lr=lr)
+
+        def hard(where: Tensor) -> Tensor:
+            return (gate.log_keep(where)[..., -1].exp() >= 0.5).float()
+
+        @torch.no_grad()
+        def score(some: Tensor, clean: Tensor, where: Tensor) -> dict[str, float]:
+            # The same gate noise every epoch, and none taken from the training's draws.
+            noise = torch.Generator(device=images.device).manual_seed(seed + 1)
+            keep, sampled = hard(where), gate.sample_keep(where, noise)
+            kl, top1 = masked_kl_top1(tokens, gate, some, baseline, prefix, keep, clean)
+            kl_sampled, _ = masked_kl_top1(tokens, gate, some, baseline, prefix, sampled, clean)
+            return {"kl": float(kl.mean()), "top1": float(top1.mean()),
+                    "kept": float(keep.mean()), "kl_sampled": float(kl_sampled.mean())}  # fmt: skip
+
+        def scores() -> dict[str, float]:
+            return {
+                f"{split}_{name}": value
+                for split, cache in scored.items()
+                for name, value in score(*cache).items()
+            }
+
+        history.append({"epoch": 0, **scores()})
+        for epoch in tqdm(range(epochs), desc="fitting the placeholder", disable=not show_progress):
+            order = torch.randperm(len(train), generator=generator, device=images.device)
+            sums = {"hard": 0.0, "sampled": 0.0}
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                where = locations[rows]
+                losses = {
+                    name: masked_kl_top1(
+                        tokens, gate, embedded[rows], baseline, prefix, keep, logits[rows]
+                    )[0].mean()
+                    for name, keep in (
+                        ("sampled", gate.sample_keep(where, generator)),
+                        ("hard", hard(where)),
+                    )
+                }
+                sum(losses.values()).backward()  # type: ignore[union-attr]
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for name, value in losses.items():
+                    sums[name] += float(value.detach()) * len(rows)
+            row: dict[str, float] = {
+                "epoch": epoch + 1,
+                "train_kl_hard": sums["hard"] / len(train),
+                "train_kl_sampled": sums["sampled"] / len(train),
+            }
+            row.update(scores())
+            row["placeholder_norm"] = float(gate.placeholder.detach().norm())
+            history.append(row)
     return history
 
 
@@ -557,15 +683,6 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     shift = None
     if args.keep_fraction is not None:
         shift = calibrate_keep_fraction(trainer.gate, states, args.keep_fraction)
-    val = load_split(args.data, args.val_first, args.val).to(args.device)
-    started = time.perf_counter()
-    scores = trainer.evaluate(DataLoader(TensorDataset(val), batch_size=8))
-    row = {"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in scores.items()}}
-    row["val_seconds"] = time.perf_counter() - started
-    trainer.history.append(row)
-    trainer.save(args.out)
-    out = Path(args.out)
-    (out / "history.json").write_text(json.dumps(trainer.history, indent=2))
     summary = {
         "command": "python -m benchmarks.distill_diffmask " + " ".join(sys.argv[1:]),
         "teacher_settings": shards[0]["settings"],
@@ -584,6 +701,28 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
                 "holdout": args.holdout, "mirror": args.mirror, "seconds": fit_seconds,
                 "history": fit_history},
         "calibration": {"keep_fraction": args.keep_fraction, "offset_shift": shift},
+    }  # fmt: skip
+    return _validate_and_save(args, trainer, summary)
+
+
+def _validate_and_save(
+    args: argparse.Namespace, trainer: VisionDiffMaskTrainer, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Score ``trainer``'s gate on the validation files (the trainer's ``evaluate``), add that
+    row to its history, write the checkpoint to ``--out`` with ``history.json`` and
+    ``run.json`` (``summary`` plus the command, the validation row and the machine)."""
+    val = load_split(args.data, args.val_first, args.val).to(args.device)
+    started = time.perf_counter()
+    scores = trainer.evaluate(DataLoader(TensorDataset(val), batch_size=8))
+    row = {"epoch": 0, "step": 0, **{f"val_{k}": v for k, v in scores.items()}}
+    row["val_seconds"] = time.perf_counter() - started
+    trainer.history.append(row)
+    trainer.save(args.out)
+    out = Path(args.out)
+    (out / "history.json").write_text(json.dumps(trainer.history, indent=2))
+    summary = {
+        "command": "python -m benchmarks.distill_diffmask " + " ".join(sys.argv[1:]),
+        **summary,
         "validation": row,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "device": _device_name(args.device)},
@@ -591,6 +730,81 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     (out / "run.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(row, indent=2))
     return summary
+
+
+def refine(args: argparse.Namespace) -> dict[str, Any]:
+    """A fitted gate's last steps: calibrate its kept fraction, sharpen its probes on their own
+    hard masks, fit its placeholder."""
+    torch.set_num_threads(args.threads)
+    if has_trainer_state(args.out):
+        raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
+    model = _load_model(args.model).to(args.device)
+    source = DiffMaskGate.load(args.gate)
+    trainer = VisionDiffMaskTrainer(
+        model,
+        args.out,
+        seed=args.seed,
+        gate_config=source.config,
+        metadata={
+            "model": Path(args.model).name,
+            "train_files": f"indices {args.first}..{args.first + args.count - 1}",
+            "val_files": f"next {args.val} files (indices {args.val_first}.."
+            f"{args.val_first + args.val - 1})",
+            "warm_start": f"{Path(args.gate).name}, its placeholder fitted (distill_diffmask "
+            "refine)",
+        },
+    )
+    gate = trainer.gate
+    gate.load_state_dict(source.state_dict())
+    gate.to(args.device)
+    images = load_split(args.data, args.first, args.count).to(args.device)
+    val = load_split(args.data, args.val_first, args.val).to(args.device)
+    shifts, sharpen = [], None
+    if args.keep_fraction is not None or args.sharpen_epochs:
+        states = patch_states(model, images)
+        if args.keep_fraction is not None:
+            shifts.append(calibrate_keep_fraction(gate, states, args.keep_fraction))
+        if args.sharpen_epochs:
+            # The probes fitted to their own hard masks (and the mirrored ones): locations move
+            # away from the threshold, so that sampled masks follow the hard mask.
+            with torch.no_grad():
+                targets = (gate.keep_probability(list(states)) >= 0.5).float()
+            grid = get_adapter(model).grid(images.shape[-2:])
+            mirrored = (patch_states(model, images.flip(-1)), mirror_targets(targets, grid))
+            started = time.perf_counter()
+            history = fit_probes(
+                gate, states, targets, args.sharpen_epochs, args.sharpen_lr,
+                holdout=args.holdout, seed=args.seed, show_progress=not args.no_progress,
+                views=[mirrored],
+            )  # fmt: skip
+            sharpen = {"epochs": args.sharpen_epochs, "lr": args.sharpen_lr, "mirror": True,
+                       "seconds": time.perf_counter() - started, "history": history}  # fmt: skip
+            del mirrored
+            if args.keep_fraction is not None:
+                shifts.append(calibrate_keep_fraction(gate, states, args.keep_fraction))
+        del states
+    started = time.perf_counter()
+    history = fit_placeholder(
+        model, gate, images, args.epochs, args.lr, args.batch_size, args.holdout, args.seed,
+        not args.no_mirror, not args.no_progress, monitor=val,
+    )  # fmt: skip
+    summary = {
+        "source_gate": str(args.gate),
+        "source_run": _source_run(args.gate),
+        "calibration": {"keep_fraction": args.keep_fraction, "offset_shifts": shifts,
+                        "images": f"indices {args.first}..{args.first + args.count - 1}"},
+        "sharpen": sharpen,
+        "placeholder": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                        "holdout": args.holdout, "mirror": not args.no_mirror,
+                        "seconds": time.perf_counter() - started, "history": history},
+    }  # fmt: skip
+    return _validate_and_save(args, trainer, summary)
+
+
+def _source_run(folder: str) -> dict[str, Any] | None:
+    """The ``run.json`` of the gate a refinement starts from (how it was made), if any."""
+    path = Path(folder) / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -662,17 +876,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="shift every gate's offset so that map >= 0.5 keeps this fraction of the "
         "teacher images' patches (default: no calibration)",
     )
-    two.add_argument("--val-first", type=int, default=400, help="first validation file")
-    two.add_argument("--val", type=int, default=100, help="validation images")
+    three = commands.add_parser(
+        "refine", parents=[common], help="calibrate and sharpen a gate, fit its placeholder"
+    )
+    three.add_argument("--gate", default=str(DEFAULT_GATE), help="the gate to start from")
+    three.add_argument("--first", type=int, default=0, help="first training file index")
+    three.add_argument("--count", type=int, default=400, help="training images (last --holdout: "
+                       "monitored, not trained on)")  # fmt: skip
+    three.add_argument("--keep-fraction", type=float, default=None,
+                       help="first calibrate map >= 0.5 to keep this fraction of the training "
+                       "images' patches (default: no calibration)")  # fmt: skip
+    three.add_argument("--sharpen-epochs", type=int, default=0,
+                       help="then fit the probes to their own hard masks for up to this many "
+                       "epochs (best held-out epoch kept) and calibrate again")  # fmt: skip
+    three.add_argument("--sharpen-lr", type=float, default=1e-3, help="probes' Adam lr there")
+    three.add_argument("--epochs", type=int, default=5, help="placeholder epochs")
+    three.add_argument("--lr", type=float, default=0.05, help="placeholder's Adam lr")
+    three.add_argument("--holdout", type=float, default=0.1, help="training images held out")
+    three.add_argument("--no-mirror", action="store_true", help="no mirrored training images")
+    for command in (two, three):
+        command.add_argument("--val-first", type=int, default=400, help="first validation file")
+        command.add_argument("--val", type=int, default=100, help="validation images")
+    three.set_defaults(batch_size=16)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.command == "teacher":
-        teacher(args)
-    else:
-        fit(args)
+    {"teacher": teacher, "fit": fit, "refine": refine}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -367,3 +367,77 @@ def test_calibration_sets_the_kept_fraction_of_the_hard_mask() -> None:
         before = after
     with pytest.raises(ValueError, match="fraction"):
         distill_diffmask.calibrate_keep_fraction(gate, states, 1.0)
+
+
+def test_placeholder_fit_lowers_the_kl_of_the_gates_masks_and_changes_nothing_else() -> None:
+    """A placeholder started far from any patch embedding: fitting it lowers the KL of the
+    gate's hard and sampled masks on the held-out images (never trained on); the probes, the
+    model and every ``requires_grad`` flag are left as they were."""
+    model = tiny_hf_vit()
+    with torch.no_grad():  # a random model's output hardly depends on its input: sharpen it
+        model.classifier.weight.mul_(100.0)
+    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
+    images = torch.randn(24, 3, 32, 32)
+    distill_diffmask.calibrate_keep_fraction(
+        gate, distill_diffmask.patch_states(model, images), 0.5
+    )
+    with torch.no_grad():
+        gate.placeholder.normal_(0, 3.0)
+    probes = {k: v.clone() for k, v in gate.state_dict().items() if k != "placeholder"}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    start = gate.placeholder.detach().clone()
+    history = distill_diffmask.fit_placeholder(model, gate, images, epochs=8, lr=0.1, holdout=0.25)
+    before = history[0]  # the scores before fitting
+    assert [row["epoch"] for row in history] == list(range(9))
+    assert 0.1 < history[-1]["holdout_kept"] < 0.9
+    assert history[-1]["holdout_kl"] < 0.6 * before["holdout_kl"]
+    assert history[-1]["holdout_kl_sampled"] < 0.5 * before["holdout_kl_sampled"]
+    assert history[-1]["train_kl_hard"] < history[1]["train_kl_hard"]
+    assert not torch.equal(gate.placeholder, start)
+    for name, value in probes.items():
+        assert torch.equal(gate.state_dict()[name], value), name
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert all(p.requires_grad for p in gate.parameters())
+    assert all(p.grad is None for p in (*gate.parameters(), *model.parameters()))
+
+
+@pytest.mark.slow
+@needs_shared
+def test_refine_calibrates_sharpens_and_fits_the_placeholder_into_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from transformers import ViTForImageClassification
+
+    common = ["--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--no-progress"]
+    small = [*common, "--count", "4", "--holdout", "0.25", "--val-first", "450", "--val", "2"]
+    source = DiffMaskGate.load(DEFAULT_GATE)
+    out = tmp_path / "refined"
+    distill_diffmask.main(
+        ["refine", *small, "--keep-fraction", "0.5", "--sharpen-epochs", "2", "--epochs", "1",
+         "--out", str(out)]
+    )  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["sharpen"]["history"]) == 2 and len(run["placeholder"]["history"]) == 2
+    assert len(run["calibration"]["offset_shifts"]) == 2  # before and after sharpening
+    row = run["placeholder"]["history"][1]
+    assert {"holdout_kl", "holdout_kl_sampled", "val_kl", "val_top1", "val_kept"} <= set(row)
+    model = ViTForImageClassification.from_pretrained(HF_VIT_TINY).eval()
+    gate = DiffMaskGate.load(out)
+    states = distill_diffmask.patch_states(model, distill_diffmask.load_split(
+        str(IMAGENET_SAMPLE), 0, 4))  # fmt: skip
+    kept = float((gate.keep_probability(list(states)) >= 0.5).float().mean())
+    assert kept == pytest.approx(0.5, abs=1 / 784)  # calibrated on the 4 training images
+    assert not torch.equal(gate.placeholder, source.placeholder)
+    trainer = VisionDiffMaskTrainer(model, out)  # a trainer checkpoint at step 0
+    assert trainer.step == 0 and trainer.history[-1]["val_kl_hard"] == pytest.approx(
+        run["validation"]["val_kl_hard"]
+    )
+    with pytest.raises(SystemExit, match="already holds"):
+        distill_diffmask.main(["refine", *small, "--out", str(out)])
+    # Without calibration or sharpening only the placeholder moves.
+    plain = tmp_path / "plain"
+    distill_diffmask.main(["refine", *small, "--epochs", "1", "--out", str(plain)])
+    fitted = DiffMaskGate.load(plain).state_dict()
+    for name, value in source.state_dict().items():
+        assert torch.equal(fitted[name], value) != (name == "placeholder"), name
