@@ -7,7 +7,8 @@ is replaced by the gate's own filler (the zero-image embedding plus the learned 
 in training). The same ``k`` patches per image are then chosen as the top-``k`` of other maps
 (GradMask ``gradmask-m4``, Chefer ``chefer-gae``, and uniformly random scores) and masked the same
 way. For each row: top-1 kept (masked argmax = original argmax) and ``KL(p || p_masked)`` in
-nats, means over images with percentile-bootstrap 95% intervals (``captum_gradmask.stats``).
+nats, means over images with percentile-bootstrap 95% intervals (``captum_gradmask.stats``),
+and the paired differences from the gate's row on the same images.
 Maps are computed for the model's predicted class. Example::
 
     python -m benchmarks.diffmask_faithfulness --gate runs/gate-v2 --out runs/faithfulness.json
@@ -113,19 +114,31 @@ def faithfulness(
 
 
 def format_table(results: dict[str, dict[str, list[float]]], seed: int = 0) -> str:
-    """A markdown table: kept fraction, top-1 kept % and mean KL with bootstrap 95% CIs."""
+    """A markdown table: kept fraction, top-1 kept % and mean KL with bootstrap 95% CIs, and
+    each row's paired difference from the first row (the gate's own mask) on the same images:
+    the mean of the per-image ``top1`` and ``KL`` differences with their bootstrap 95% CIs (an
+    interval below 0 for KL means that row's patches move the output less than the gate's)."""
     lines = [
-        "| patches chosen by | patches kept | top-1 kept, % [95% CI] | KL, nats [95% CI] |",
-        "|---|---|---|---|",
+        "| patches chosen by | patches kept | top-1 kept, % [95% CI] | KL, nats [95% CI] | "
+        "top-1 minus the gate's, points [95% CI] | KL minus the gate's, nats [95% CI] |",
+        "|---|---|---|---|---|---|",
     ]
+    reference = next(iter(results.values()), None)
     for row, values in results.items():
         top1, low, high = (100 * v for v in bootstrap_ci(values["top1"], seed=seed))
         kl, kl_low, kl_high = bootstrap_ci(values["kl"], seed=seed)
         kept = sum(values["kept"]) / max(len(values["kept"]), 1)
-        lines.append(
-            f"| {row} | {kept:.1%} | {top1:.1f} [{low:.1f}, {high:.1f}] | "
-            f"{kl:.3f} [{kl_low:.3f}, {kl_high:.3f}] |"
-        )
+        cells = [f"{row}", f"{kept:.1%}", f"{top1:.1f} [{low:.1f}, {high:.1f}]",
+                 f"{kl:.3f} [{kl_low:.3f}, {kl_high:.3f}]"]  # fmt: skip
+        if values is reference:
+            cells += ["", ""]
+        else:
+            assert reference is not None
+            for name, scale, digits in (("top1", 100.0, 1), ("kl", 1.0, 3)):
+                difference = [a - b for a, b in zip(values[name], reference[name], strict=True)]
+                mean, low, high = (scale * v for v in bootstrap_ci(difference, seed=seed))
+                cells.append(f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,10 @@ Reads ``history.json`` (or ``trainer.json``) of a folder written by
 fraction, top-1 agreement and the Lagrange multipliers, with the issue's targets as dashed
 lines. A gate fitted by ``benchmarks/distill_diffmask.py`` has no trainer history: ``--fit``
 reads the probe fit's per-epoch rows from its ``run.json`` instead and draws its cross-entropy
-and held-out mask agreement, with the epoch whose weights were kept. Example::
+and held-out mask agreement, with the epoch whose weights were kept; for a gate refined by
+``distill_diffmask refine`` (its ``run.json`` has a ``placeholder`` stage) it draws the
+sharpening fit and the placeholder's epochs (KL, top-1 kept and kept fraction on the training,
+held-out and validation images). Example::
 
     python -m benchmarks.plot_diffmask_history runs/gate-v2 --out docs/diffmask/training-curves.png
     python -m benchmarks.plot_diffmask_history benchmarks/checkpoints/diffmask-vit-tiny --fit \\
@@ -20,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_history", "plot_fit", "plot_history"]
+__all__ = ["load_history", "plot_fit", "plot_history", "plot_refine"]
 
 # (column, label, line style) per panel; columns absent from a history are skipped.
 _PANELS: dict[str, list[tuple[str, str, str]]] = {
@@ -153,22 +156,82 @@ def plot_fit(history: Sequence[Mapping[str, float]]) -> Any:
     return figure
 
 
+def plot_refine(run: Mapping[str, Any], eps: float = 0.1) -> Any:
+    """A matplotlib ``Figure`` (1 x 3 panels) of a refinement's ``run.json``
+    (:func:`benchmarks.distill_diffmask.refine`): the sharpening fit's cross-entropy to the
+    gate's own hard masks (if it ran; the kept epoch marked), then per placeholder epoch the KL
+    of the hard and sampled masks and the top-1 kept and kept fraction of the hard masks, on
+    the training pairs, the held-out training images and the validation images, with the
+    issue's targets dashed (epoch 0: before fitting)."""
+    from matplotlib.figure import Figure
+
+    nan = float("nan")
+
+    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    sharp, kl, top = figure.subplots(1, 3)
+    if run.get("sharpen"):
+        rows = run["sharpen"]["history"]
+        epochs = [r["epoch"] for r in rows]
+        for column, label, colour in (("train_bce", "training pairs", "C0"),
+                                      ("holdout_bce", "held-out images", "C3")):  # fmt: skip
+            sharp.plot(epochs, [r[column] for r in rows], "-", color=colour, marker=".",
+                       label=label)  # fmt: skip
+        best = min(rows, key=lambda r: r["holdout_bce"])["epoch"]
+        sharp.axvline(best, color="grey", linewidth=0.8, linestyle=(0, (4, 4)))
+        sharp.annotate(f"kept: epoch {best}", (best, sharp.get_ylim()[1]), fontsize=7,
+                       color="grey")  # fmt: skip
+        sharp.legend(fontsize=7)
+    sharp.set_title("sharpening: cross-entropy to the gate's own hard mask", fontsize=10)
+    rows = run["placeholder"]["history"]
+    epochs = [r["epoch"] for r in rows]
+    splits = (("train", "training pairs", "C0"), ("holdout", "held-out", "C3"),
+              ("val", "validation", "C4"))  # fmt: skip
+    for split, label, colour in splits:
+        for suffix, kind, style in (("", "map >= 0.5", "-"), ("_sampled", "sampled", "--")):
+            column = f"{split}_kl{suffix}" if split != "train" else f"train_kl{suffix or '_hard'}"
+            if column in rows[-1]:
+                values = [r.get(column, nan) for r in rows]
+                kl.plot(epochs, values, style, color=colour, marker=".", label=f"{label}, {kind}")
+        for column, style, what in ((f"{split}_top1", "-", "top-1 kept"),
+                                    (f"{split}_kept", ":", "kept")):  # fmt: skip
+            if column in rows[-1]:
+                values = [r.get(column, nan) for r in rows]
+                top.plot(epochs, values, style, color=colour, marker=".", label=f"{label}: {what}")
+    for ax, lines in ((kl, (("eps", eps), ("target", 0.2))),
+                      (top, (("top-1 target", 0.85), ("kept bound", 0.6)))):  # fmt: skip
+        for name, value in lines:
+            ax.axhline(value, color="grey", linewidth=0.8, linestyle=(0, (4, 4)))
+            ax.annotate(f"{name} {value:g}", (epochs[0], value), fontsize=7, color="grey")
+        ax.legend(fontsize=7)
+    kl.set_title("placeholder: KL(p || p_masked), nats", fontsize=10)
+    top.set_title("placeholder: hard masks (map >= 0.5)", fontsize=10)
+    for ax in (sharp, kl, top):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return figure
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("history", help="history.json / trainer.json, or the checkpoint folder")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--eps", type=float, default=None, help="default: the run's own eps")
     parser.add_argument(
-        "--fit", action="store_true", help="the probe fit in run.json of a distilled gate"
+        "--fit",
+        action="store_true",
+        help="the probe fit (or refinement) in run.json of a distilled gate",
     )
     args = parser.parse_args(argv)
     if args.fit:
         run = Path(args.history)
         run = run / "run.json" if run.is_dir() else run
         document = json.loads(run.read_text())
-        if "fit" not in document:
+        if "placeholder" in document:
+            figure = plot_refine(document)
+        elif "fit" in document:
+            figure = plot_fit(document["fit"]["history"])
+        else:
             raise SystemExit(f"{str(run)!r} records no probe fit (not a distill_diffmask gate)")
-        figure = plot_fit(document["fit"]["history"])
     else:
         eps = args.eps
         trainer_json = Path(args.history) / "trainer.json"

@@ -27,6 +27,22 @@ def test_top_k_keep_keeps_each_rows_highest_scores() -> None:
     assert diffmask_faithfulness.top_k_keep(scores, torch.tensor([0, 4])).sum().item() == 4
 
 
+def test_faithfulness_table_pairs_every_row_with_the_gates_row_image_by_image() -> None:
+    """The difference columns are means of per-image differences from the first row (so a
+    constant shift has a zero-width interval), not differences of the rows' means."""
+    results = {
+        "diffmask": {"top1": [1.0, 0.0, 1.0, 0.0], "kl": [1.0, 2.0, 3.0, 9.0], "kept": [0.5] * 4},
+        "other": {"top1": [1.0, 1.0, 1.0, 1.0], "kl": [0.5, 1.5, 2.5, 8.5], "kept": [0.5] * 4},
+    }
+    header, rule, gate, other = diffmask_faithfulness.format_table(results).split("\n")
+    assert header.count("|") == rule.count("|") == gate.count("|") == other.count("|") == 7
+    # The gate's own row has no difference.
+    assert [c.strip() for c in gate.split("|")[5:7]] == ["", ""]
+    top1, kl = (cell.strip() for cell in other.split("|")[5:7])
+    assert kl == "-0.500 [-0.500, -0.500]"
+    assert top1.startswith("+50.0 [")
+
+
 def test_augmentation_depends_on_seed_epoch_and_image_only() -> None:
     images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
     data = AugmentedImages(images, size=32, seed=1)
@@ -83,6 +99,32 @@ def test_fit_curves_figure_marks_the_kept_epoch(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"validation": {}}))
     with pytest.raises(SystemExit, match="no probe fit"):
         plot_diffmask_history.main([str(tmp_path), "--fit", "--out", str(tmp_path / "x.png")])
+
+
+def test_refine_curves_figure_draws_every_split_and_the_kept_sharpening_epoch(
+    tmp_path: Path,
+) -> None:
+    """A refined gate's ``run.json``: the sharpening fit (kept epoch marked) and, per
+    placeholder epoch, the hard and sampled KL and the hard masks' top-1 and kept fraction of
+    the training pairs, the held-out and the validation images."""
+    sharpen = [{"epoch": e, "train_bce": 0.3 - 0.01 * e, "holdout_bce": abs(e - 2) + 0.2}
+               for e in (1, 2, 3)]  # fmt: skip
+    placeholder = [
+        {"epoch": e, "train_kl_hard": 0.3, "train_kl_sampled": 0.4,
+         **{f"{split}_{name}": 0.5 for split in ("holdout", "val")
+            for name in ("kl", "kl_sampled", "top1", "kept")}}
+        for e in (1, 2)
+    ]  # fmt: skip
+    before = {k: v for k, v in placeholder[0].items() if not k.startswith("train")}
+    placeholder.insert(0, {**before, "epoch": 0})  # row 0: scores before fitting, no training
+    run = {"sharpen": {"history": sharpen}, "placeholder": {"history": placeholder}}
+    figure = plot_diffmask_history.plot_refine(run)
+    sharp, kl, top = figure.axes
+    assert list(sharp.lines[-1].get_xdata()) == [2, 2]  # the lowest held-out loss
+    assert len(kl.lines) == 6 + 2 and len(top.lines) == 4 + 2  # curves + reference lines
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    plot_diffmask_history.main([str(tmp_path), "--fit", "--out", str(tmp_path / "refine.png")])
+    assert (tmp_path / "refine.png").stat().st_size > 0
 
 
 @pytest.mark.slow
