@@ -60,7 +60,12 @@ from benchmarks.diffmask_faithfulness import masked_kl_top1, top_k_keep
 from benchmarks.train_diffmask import AugmentedImages, load_split, load_uint8
 from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
-from captum_gradmask.methods.diffmask import DiffMaskGate, VisionDiffMaskTrainer, baseline_tokens
+from captum_gradmask.methods.diffmask import (
+    DiffMaskGate,
+    GateConfig,
+    VisionDiffMaskTrainer,
+    baseline_tokens,
+)
 from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
 from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, logits_for_prob_open
 from captum_gradmask.registry import build_method
@@ -658,19 +663,10 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     # A fresh gate with the authors' initialisation, as the trainer builds it, and the
     # teacher's filler.
     last = firsts[-1] + counts[-1] - 1
-    val_last = args.val_first + args.val - 1
-    trainer = VisionDiffMaskTrainer(
-        model,
-        args.out,
-        seed=args.seed,
-        gate_config=filler.config,
-        metadata={
-            "model": Path(args.model).name,
-            "train_files": f"teacher images (indices {firsts[0]}..{last})",
-            "val_files": f"next {args.val} files (indices {args.val_first}..{val_last})",
-            "warm_start": "probes fitted to per-image optimised masks (distill_diffmask)",
-        },
-    )
+    trainer = _new_trainer(
+        args, model, filler.config, f"teacher images (indices {firsts[0]}..{last})",
+        "probes fitted to per-image optimised masks (distill_diffmask)",
+    )  # fmt: skip
     with torch.no_grad():
         trainer.gate.placeholder.copy_(filler.placeholder)
     trainer.gate.to(args.device)
@@ -703,6 +699,24 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {"keep_fraction": args.keep_fraction, "offset_shift": shift},
     }  # fmt: skip
     return _validate_and_save(args, trainer, summary)
+
+
+def _new_trainer(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    config: GateConfig,
+    train_files: str,
+    warm_start: str,
+) -> VisionDiffMaskTrainer:
+    """A trainer for ``--out`` at step 0 (seed ``--seed``), its metadata naming the model, the
+    training and validation files and where the gate came from."""
+    val_last = args.val_first + args.val - 1
+    metadata = {"model": Path(args.model).name, "train_files": train_files,
+                "val_files": f"next {args.val} files (indices {args.val_first}..{val_last})",
+                "warm_start": warm_start}  # fmt: skip
+    return VisionDiffMaskTrainer(
+        model, args.out, seed=args.seed, gate_config=config, metadata=metadata
+    )
 
 
 def _validate_and_save(
@@ -740,20 +754,10 @@ def refine(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
     model = _load_model(args.model).to(args.device)
     source = DiffMaskGate.load(args.gate)
-    trainer = VisionDiffMaskTrainer(
-        model,
-        args.out,
-        seed=args.seed,
-        gate_config=source.config,
-        metadata={
-            "model": Path(args.model).name,
-            "train_files": f"indices {args.first}..{args.first + args.count - 1}",
-            "val_files": f"next {args.val} files (indices {args.val_first}.."
-            f"{args.val_first + args.val - 1})",
-            "warm_start": f"{Path(args.gate).name}, its placeholder fitted (distill_diffmask "
-            "refine)",
-        },
-    )
+    trainer = _new_trainer(
+        args, model, source.config, f"indices {args.first}..{args.first + args.count - 1}",
+        f"{Path(args.gate).name}, its placeholder fitted (distill_diffmask refine)",
+    )  # fmt: skip
     gate = trainer.gate
     gate.load_state_dict(source.state_dict())
     gate.to(args.device)
