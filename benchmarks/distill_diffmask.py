@@ -754,8 +754,9 @@ def refine(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
     model = _load_model(args.model).to(args.device)
     source = DiffMaskGate.load(args.gate)
+    train_files = f"indices {args.first}..{args.first + args.count - 1}"
     trainer = _new_trainer(
-        args, model, source.config, f"indices {args.first}..{args.first + args.count - 1}",
+        args, model, source.config, train_files,
         f"{Path(args.gate).name}, its placeholder fitted (distill_diffmask refine)",
     )  # fmt: skip
     gate = trainer.gate
@@ -796,7 +797,7 @@ def refine(args: argparse.Namespace) -> dict[str, Any]:
         "source_gate": str(args.gate),
         "source_run": _source_run(args.gate),
         "calibration": {"keep_fraction": args.keep_fraction, "offset_shifts": shifts,
-                        "images": f"indices {args.first}..{args.first + args.count - 1}"},
+                        "images": train_files},
         "sharpen": sharpen,
         "placeholder": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                         "holdout": args.holdout, "mirror": not args.no_mirror,
