@@ -11,7 +11,7 @@ What is timed (median of ``--repeats`` runs after one warm-up, per image):
 * ``floor``: one forward+backward of the plain model plus forwards over the masked images at the
   best batch size found among 16, 32, 64 and all (the images are built beforehand, not timed);
 * ``naive``: the authors' algorithm written plainly (one image, Python loops over masks, all masks
-  in one batch, eager attention) -- ``benchmarks/reference_gradmask.py``;
+  in one batch, eager attention) -- ``references/gradmask.py``;
 * ``gradmask exact`` / ``gradmask fast group`` (masks grouped by kept count) / ``gradmask fast pad``
   (padded passes with an attention mask) at each ``--masks`` value and batch size;
 * comparison methods from :mod:`captum_gradmask.registry` at their registry settings;
@@ -323,7 +323,7 @@ def measure_model(
             continue
         precision_rows(name, model_name, model, gradmask, images, args, device, rows, record)
     if args.naive:
-        from benchmarks.reference_gradmask import reference_gradmask
+        from references.gradmask import reference_gradmask
 
         with eager_attention(model):
             record(

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.reference_gradmask import reference_gradmask
 from captum_gradmask import GradMaskAttribution, ViTAdapter, get_adapter
+from references.gradmask import reference_gradmask
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, TIMM_VIT_TINY, needs_shared
 from .models import (

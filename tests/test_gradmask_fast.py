@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.reference_gradmask import reference_masks
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask.data import load_imagenet_sample, preprocess_image
 from captum_gradmask.gradmask import _token_plan
+from references.gradmask import reference_masks
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 from .models import (
