@@ -112,12 +112,16 @@ class TokenInterface:
             ``keep`` (``(B, T)`` bool) is False. Set it only when, in addition, ``head`` reads
             the prefix tokens alone (CLS pooling), so padding tokens never reach the logits.
             Lets fast GradMask batch token sets of different lengths.
+        attention_norms: optional, one module per block: the LayerNorm whose output is the
+            block's attention input (timm ``norm1``, Hugging Face ``layernorm_before``), called
+            once per block forward. ViT-ReciproCAM masks its output, as its authors do.
     """
 
     embed: Callable[[Tensor], Tensor]
     blocks: Sequence[Callable[..., Tensor]]
     head: Callable[[Tensor], Any]
     padding_mask: Callable[[Tensor, Tensor], Any] | None = None
+    attention_norms: Sequence[nn.Module] | None = None
 
     def run(self, tokens: Tensor, start: int = 0, keep: Tensor | None = None) -> Tensor:
         """Run blocks ``start..end`` and the head on ``tokens``; returns logits.
@@ -261,8 +265,8 @@ class ViTAdapter:
 
         Give either ``queries``/``keys``/``values`` (one module per layer each) or
         ``fused_qkv`` (one module per layer whose output is ``Q | K | V`` along the last
-        dimension). ``token_interface`` may hold ``embed``, ``blocks`` and ``head`` (all three)
-        and ``padding_mask`` (see :class:`TokenInterface`).
+        dimension). ``token_interface`` may hold ``embed``, ``blocks`` and ``head`` (all three),
+        ``padding_mask`` and ``attention_norms`` (see :class:`TokenInterface`).
 
         Example::
 
@@ -303,13 +307,13 @@ class ViTAdapter:
             patch_size = (patch_size, patch_size)
         tokens = None
         if token_interface:
-            unknown = set(token_interface) - {"embed", "blocks", "head", "padding_mask"}
+            unknown = set(token_interface) - {f.name for f in dataclasses.fields(TokenInterface)}
             missing = {"embed", "blocks", "head"} - set(token_interface)
             if unknown or missing:
                 raise ValueError(
                     "the token interface takes `embed`, `blocks` and `head` (all three) and "
-                    f"optionally `padding_mask`; got unknown {sorted(unknown)}, missing "
-                    f"{sorted(missing)}"
+                    "optionally `padding_mask` and `attention_norms`; got unknown "
+                    f"{sorted(unknown)}, missing {sorted(missing)}"
                 )
             tokens = TokenInterface(**token_interface)
         return cls(
@@ -475,6 +479,17 @@ def _hf_attention_layer(layer: nn.Module, num_heads: int) -> AttentionLayer:
     )
 
 
+def _attention_norms(blocks: Sequence[nn.Module], name: str) -> list[nn.Module] | None:
+    """Each block's ``name`` module when every block is pre-norm and has one, else ``None``
+    (timm's ``ResPostBlock`` applies ``norm1`` after attention)."""
+    norms = [getattr(block, name, None) for block in blocks]
+    if any(not isinstance(norm, nn.Module) for norm in norms) or any(
+        type(block).__name__.startswith("ResPost") for block in blocks
+    ):
+        return None
+    return norms
+
+
 def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -532,7 +547,13 @@ def _build_hf(model: Any) -> ViTAdapter:
         layers=[_hf_attention_layer(layer, config.num_attention_heads) for layer in layers],
         patch_size=(patch, patch) if isinstance(patch, int) else tuple(patch),
         prefix_tokens=prefix,
-        tokens=TokenInterface(embed, blocks, head, _hf_padding_mask(config, layers)),
+        tokens=TokenInterface(
+            embed,
+            blocks,
+            head,
+            _hf_padding_mask(config, layers),
+            _attention_norms(layers, "layernorm_before"),
+        ),
         cam_layer=getattr(layers[-1], "layernorm_before", None),
         model=model,
         name=f"hf-{config.model_type}",
@@ -591,7 +612,13 @@ def _build_timm(model: Any) -> ViTAdapter:
         layers=[_timm_attention_layer(block) for block in model.blocks],
         patch_size=(patch, patch) if isinstance(patch, int) else tuple(patch),
         prefix_tokens=int(model.num_prefix_tokens),
-        tokens=TokenInterface(embed, blocks, head, padding_mask if maskable else None),
+        tokens=TokenInterface(
+            embed,
+            blocks,
+            head,
+            padding_mask if maskable else None,
+            _attention_norms(model.blocks, "norm1"),
+        ),
         cam_layer=getattr(model.blocks[-1], "norm1", None),
         model=model,
         name=f"timm-{type(model).__name__}",

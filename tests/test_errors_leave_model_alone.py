@@ -135,7 +135,7 @@ NO_BACKWARD = {
     "kernel-shap",
     "rollout",
     "vit-reciprocam",
-    "vit-reciprocam-3x3",
+    "vit-reciprocam-1x1",
     "rise",
     "diffmask",
 }

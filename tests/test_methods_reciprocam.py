@@ -1,4 +1,6 @@
-"""ViT-ReciproCAM against a plain loop over patches that calls the models' own modules."""
+"""ViT-ReciproCAM against its authors' computation re-derived in ``references/reciprocam.py``
+(the default), and its block-input variant against a plain loop over patches that calls the
+models' own modules. ``tests/test_parity_openvino_xai.py`` compares it with the authors' code."""
 
 from __future__ import annotations
 
@@ -8,8 +10,16 @@ import torch
 from captum_gradmask import ViTAdapter
 from captum_gradmask.methods import ViTReciproCAM
 from captum_gradmask.methods.reciprocam import spatial_weights
+from references.reciprocam import vit_reciprocam
 
-from .models import LegacyViT, tiny_hf_deit, tiny_hf_vit, tiny_timm_vit
+from .models import (
+    LegacyViT,
+    hf_layers,
+    tiny_hf_deit,
+    tiny_hf_vit,
+    tiny_timm_distilled,
+    tiny_timm_vit,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +65,8 @@ def _timm_parts(model):
 
 
 def plain_reciprocam(parts, image, target, prefix, layer, gaussian, normalize=True):
-    """One token set per patch, built token by token, run through the remaining blocks."""
+    """The block-input variant: one token set per patch, built token by token from the block's
+    input, run through the remaining blocks; the target's softmax probability."""
     embed, blocks, head = parts
     start = layer % len(blocks)
     with torch.no_grad():
@@ -92,16 +103,134 @@ CASES = {
 }
 
 
+def _logits(model):
+    def run(images):
+        output = model(images)
+        return getattr(output, "logits", output)
+
+    return run
+
+
+def _hf_norm(model, layer):
+    return hf_layers(model)[layer].layernorm_before
+
+
+def _timm_norm(model, layer):
+    return model.blocks[layer].norm1
+
+
+AUTHORS_CASES = {
+    "hf-vit": (tiny_hf_vit, _hf_norm, 1),
+    "hf-vit-4.x-layout": (
+        lambda: LegacyViT(tiny_hf_vit()),
+        lambda m, i: m.vit.encoder.layer[i].layernorm_before,
+        1,
+    ),
+    "hf-deit": (tiny_hf_deit, _hf_norm, 2),
+    "hf-deit-teacher": (lambda: tiny_hf_deit(teacher=True), _hf_norm, 2),
+    "timm-vit": (tiny_timm_vit, _timm_norm, 1),
+    "timm-distilled": (tiny_timm_distilled, _timm_norm, 2),
+}
+
+
+@pytest.mark.parametrize("gaussian", [True, False])
+@pytest.mark.parametrize("layer", [-1, 0])
+@pytest.mark.parametrize("name", list(AUTHORS_CASES))
+def test_default_matches_authors_computation(name: str, layer: int, gaussian: bool) -> None:
+    """The default (norm-output site, logit score, prefix kept) against the re-derived
+    ``TorchViTReciproCAM``: the LayerNorm's output masked, the residual unmasked."""
+    build, norm, prefix = AUTHORS_CASES[name]
+    model = build()
+    images = _images()
+    target = [1, 5]
+    cam = ViTReciproCAM(model)
+    options = dict(target=target, layer=layer, gaussian=gaussian, perturbations_per_eval=5)
+    raw = cam.attribute_grid(images, normalize=False, **options)
+    ours = cam.attribute_grid(images, **options)
+    for i in range(2):
+        expected = vit_reciprocam(
+            _logits(model), norm(model, layer), images[i], (4, 4), prefix, gaussian
+        )[target[i]]
+        torch.testing.assert_close(raw[i], expected, atol=1e-5, rtol=1e-5)
+        low, high = expected.min(), expected.max()
+        torch.testing.assert_close(ours[i], (expected - low) / (high - low), atol=1e-5, rtol=0)
+    if gaussian:  # the default kernel is the authors' default
+        torch.testing.assert_close(cam.attribute_grid(images, target=target, layer=layer), ours)
+    assert not norm(model, layer)._forward_hooks
+
+
+def test_sites_and_scores_differ_as_documented() -> None:
+    """The block-input site passes masked tokens through the LayerNorm (a zero token becomes
+    its bias), so its maps differ from the authors'; the probability is the softmax of the
+    logits the default scores."""
+    model = tiny_timm_vit()
+    images = _images(1)
+    cam = ViTReciproCAM(model)
+    default = cam.attribute_grid(images, target=2, normalize=False)
+    block_input = cam.attribute_grid(images, target=2, normalize=False, site="block-input")
+    assert (default - block_input).abs().max() > 1e-3
+    probability = cam.attribute_grid(images, target=2, normalize=False, score="probability")
+    assert probability.min() > 0 and probability.max() < 1
+    assert (default - probability).abs().max() > 1e-3
+
+
+def test_norm_output_site_needs_attention_norms() -> None:
+    model = tiny_timm_vit()
+    blocks = list(model.blocks)
+    parts = dict(
+        embed=lambda x: model._pos_embed(model.patch_embed(x)),
+        blocks=blocks,
+        head=lambda h: model.head(model.norm(h)[:, 0]),
+    )
+    adapter = ViTAdapter.from_modules(
+        model,
+        num_heads=3,
+        patch_size=8,
+        prefix_tokens=1,
+        fused_qkv=[b.attn.qkv for b in blocks],
+        **parts,
+    )
+    cam = ViTReciproCAM(model, adapter=adapter)
+    with pytest.raises(ValueError, match=r"attention_norms.*site='block-input'"):
+        cam.attribute_grid(_images(1))
+    assert cam.attribute_grid(_images(1), site="block-input").shape == (1, 4, 4)
+    # norms the blocks never call: refused instead of an unmasked map
+    stray = [torch.nn.LayerNorm(24) for _ in blocks]
+    adapter = ViTAdapter.from_modules(
+        model,
+        num_heads=3,
+        patch_size=8,
+        prefix_tokens=1,
+        fused_qkv=[b.attn.qkv for b in blocks],
+        attention_norms=stray,
+        **parts,
+    )
+    with pytest.raises(RuntimeError, match="ran 0 times"):
+        ViTReciproCAM(model, adapter=adapter).attribute_grid(_images(1))
+    assert not stray[-1]._forward_hooks
+    with pytest.raises(ValueError, match=r"`site`.*'block'"):
+        cam.attribute_grid(_images(1), site="block")
+    with pytest.raises(ValueError, match=r"`score`.*'softmax'"):
+        cam.attribute_grid(_images(1), score="softmax")
+
+
 @pytest.mark.parametrize("gaussian", [False, True])
 @pytest.mark.parametrize("layer", [-1, 0])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_plain_loop(name: str, layer: int, gaussian: bool) -> None:
+def test_block_input_variant_matches_plain_loop(name: str, layer: int, gaussian: bool) -> None:
     build, parts, prefix = CASES[name]
     model = build()
     images = _images()
     target = [1, 5]
     cam = ViTReciproCAM(model)
-    options = dict(target=target, layer=layer, gaussian=gaussian, perturbations_per_eval=7)
+    options = dict(
+        target=target,
+        layer=layer,
+        gaussian=gaussian,
+        site="block-input",
+        score="probability",
+        perturbations_per_eval=7,
+    )
     raw = cam.attribute_grid(images, normalize=False, **options)
     ours = cam.attribute_grid(images, **options)
     for i in range(2):
@@ -116,10 +245,18 @@ def test_matches_plain_loop(name: str, layer: int, gaussian: bool) -> None:
     assert ours.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
 
 
-def test_raw_scores_are_softmax_probabilities() -> None:
+def test_probability_scores_are_softmax_probabilities() -> None:
     model = tiny_timm_vit()
     images = _images(1)
-    raw = ViTReciproCAM(model).attribute_grid(images, target=3, normalize=False, layer=1)
+    raw = ViTReciproCAM(model).attribute_grid(
+        images,
+        target=3,
+        normalize=False,
+        layer=1,
+        gaussian=False,
+        site="block-input",
+        score="probability",
+    )
     expected = plain_reciprocam(_timm_parts(model), images[0], 3, 1, 1, False, normalize=False)
     torch.testing.assert_close(raw[0], expected, atol=1e-6, rtol=0)
     assert raw.min() > 0 and raw.max() < 1

@@ -24,7 +24,7 @@ SMALL = {
 }
 # Methods that run the model from its tokens (the adapter's token interface) and never call
 # the forward function; fast GradMask calls it in its gradient pass only.
-TOKEN_ONLY = {"vit-reciprocam", "vit-reciprocam-3x3", "diffmask"}
+TOKEN_ONLY = {"vit-reciprocam", "vit-reciprocam-1x1", "diffmask"}
 
 
 def _build(name: str, model, adapter, explained):
