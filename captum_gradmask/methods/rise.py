@@ -2,8 +2,9 @@
 
 Black-box and pixel-level: any forward function that returns logits will do. ``N`` random binary
 grids of ``s x s`` cells (each cell kept with probability ``p``) are upsampled bilinearly to
-``(s + 1) * ceil(H / s)`` by ``(s + 1) * ceil(W / s)`` pixels and cropped to ``H x W`` at a random
-shift of up to one cell, giving smooth masks ``M_i`` in ``[0, 1]``. With ``P_t`` the target's
+``(s + 1) * ceil(H / s)`` by ``(s + 1) * ceil(W / s)`` pixels (as the authors' scikit-image
+``resize(order=1, mode="reflect")``) and cropped to ``H x W`` at a random shift of up to one
+cell, giving smooth masks ``M_i`` in ``[0, 1]``. With ``P_t`` the target's
 softmax probability, the saliency is the Monte-Carlo estimate of ``E[P_t(I ⊙ M) M] / E[M]``:
 
     S = 1 / (N p) * sum_i P_t(I ⊙ M_i) M_i
@@ -18,7 +19,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from captum.attr import PerturbationAttribution
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -73,16 +73,32 @@ class _MaskSampler:
 
     def masks(self, index: slice, device: torch.device | None = None) -> Tensor:
         """Masks ``index`` as a float32 tensor ``(n, H, W)`` in ``[0, 1]``."""
-        grids = self.grids[index].to(device=device, dtype=torch.float32)
-        up_size = ((self.grid_size + 1) * self.cell[0], (self.grid_size + 1) * self.cell[1])
-        upsampled = F.interpolate(
-            grids[:, None], size=up_size, mode="bilinear", align_corners=False
-        )
+        grids = self.grids[index].to(device=device, dtype=torch.float64)
         rows = self.shift_y[index].to(device)[:, None] + torch.arange(self.height, device=device)
         cols = self.shift_x[index].to(device)[:, None] + torch.arange(self.width, device=device)
-        which = torch.arange(grids.shape[0], device=device)[:, None, None]
-        # Bilinear weights can overshoot 1 by a rounding error.
-        return upsampled[:, 0][which, rows[:, :, None], cols[:, None, :]].clamp(0, 1)
+        # Bilinear upsampling is separable: crop the rows of each axis' interpolation matrix.
+        up_rows = _linear_upsampling(self.grid_size, (self.grid_size + 1) * self.cell[0], device)
+        up_cols = _linear_upsampling(self.grid_size, (self.grid_size + 1) * self.cell[1], device)
+        masks = torch.einsum("nhs,nst,nwt->nhw", up_rows[rows], grids, up_cols[cols])
+        return masks.float().clamp(0, 1)
+
+
+def _linear_upsampling(size: int, out_size: int, device: torch.device | None) -> Tensor:
+    """``(out_size, size)`` weights of linear interpolation from ``size`` to ``out_size`` samples
+    as scikit-image's ``resize(order=1, mode="reflect")``, which RISE's authors use: pixel
+    centres aligned (``x = (o + 0.5) * size / out_size - 0.5``) and coordinates outside
+    ``[0, size - 1]`` mirrored about the edge samples."""
+    coords = (torch.arange(out_size, dtype=torch.float64) + 0.5) * size / out_size - 0.5
+    if size == 1:
+        return torch.ones(out_size, 1, dtype=torch.float64, device=device)
+    coords = coords.abs()
+    coords = torch.where(coords > size - 1, 2 * (size - 1) - coords, coords)
+    low = coords.floor().long().clamp(max=size - 2)
+    high_weight = coords - low
+    weights = torch.zeros(out_size, size, dtype=torch.float64)
+    weights[torch.arange(out_size), low] = 1 - high_weight
+    weights[torch.arange(out_size), low + 1] = high_weight
+    return weights.to(device)
 
 
 def generate_masks(
