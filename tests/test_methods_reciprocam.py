@@ -12,6 +12,7 @@ from captum_gradmask.methods import ViTReciproCAM
 from captum_gradmask.methods.reciprocam import spatial_weights
 from references.reciprocam import vit_reciprocam
 
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 from .models import (
     LegacyViT,
     hf_layers,
@@ -314,3 +315,23 @@ def test_model_mode_restored_and_errors_named() -> None:
     )
     with pytest.raises(ValueError, match="embed"):
         ViTReciproCAM(model, adapter=adapter)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_default_matches_authors_computation_on_real_vit_tiny() -> None:
+    """The shared ImageNet ViT-Tiny on real images (no openvino-xai needed)."""
+    from transformers import ViTForImageClassification
+
+    from captum_gradmask.data import load_imagenet_sample, preprocess_image
+
+    records = load_imagenet_sample(IMAGENET_SAMPLE, limit=2)
+    images = torch.stack([preprocess_image(r.path) for r in records])
+    targets = [r.label for r in records]
+    model = ViTForImageClassification.from_pretrained(HF_VIT_TINY).eval()
+    raw = ViTReciproCAM(model).attribute_grid(images, target=targets, normalize=False)
+    for i, target in enumerate(targets):
+        expected = vit_reciprocam(
+            _logits(model), _hf_norm(model, -1), images[i], (14, 14), 1, gaussian=True
+        )[target]
+        torch.testing.assert_close(raw[i], expected, atol=1e-5, rtol=1e-5)
