@@ -195,6 +195,20 @@ def test_norm_output_site_needs_attention_norms() -> None:
     with pytest.raises(ValueError, match=r"attention_norms.*site='block-input'"):
         cam.attribute_grid(_images(1))
     assert cam.attribute_grid(_images(1), site="block-input").shape == (1, 4, 4)
+    # the same adapter naming the blocks' norm1: the built-in adapter's maps
+    named = ViTAdapter.from_modules(
+        model,
+        num_heads=3,
+        patch_size=8,
+        prefix_tokens=1,
+        fused_qkv=[b.attn.qkv for b in blocks],
+        attention_norms=[b.norm1 for b in blocks],
+        **parts,
+    )
+    torch.testing.assert_close(
+        ViTReciproCAM(model, adapter=named).attribute_grid(_images(1), target=2),
+        ViTReciproCAM(model).attribute_grid(_images(1), target=2),
+    )
     # norms the blocks never call: refused instead of an unmasked map
     stray = [torch.nn.LayerNorm(24) for _ in blocks]
     adapter = ViTAdapter.from_modules(

@@ -70,27 +70,30 @@ class _MaskSampler:
         self.grids = (uniforms[:, :-2] < p).reshape(n_masks, grid_size, grid_size)
         self.shift_y = (uniforms[:, -2] * self.cell[0]).long().clamp(max=self.cell[0] - 1)
         self.shift_x = (uniforms[:, -1] * self.cell[1]).long().clamp(max=self.cell[1] - 1)
+        # Bilinear upsampling is separable: one interpolation matrix per axis.
+        self.up_rows = _linear_upsampling(grid_size, (grid_size + 1) * self.cell[0])
+        self.up_cols = _linear_upsampling(grid_size, (grid_size + 1) * self.cell[1])
 
     def masks(self, index: slice, device: torch.device | None = None) -> Tensor:
         """Masks ``index`` as a float32 tensor ``(n, H, W)`` in ``[0, 1]``."""
-        grids = self.grids[index].to(device=device, dtype=torch.float64)
+        grids = self.grids[index].to(device=device, dtype=torch.float32)
         rows = self.shift_y[index].to(device)[:, None] + torch.arange(self.height, device=device)
         cols = self.shift_x[index].to(device)[:, None] + torch.arange(self.width, device=device)
-        # Bilinear upsampling is separable: crop the rows of each axis' interpolation matrix.
-        up_rows = _linear_upsampling(self.grid_size, (self.grid_size + 1) * self.cell[0], device)
-        up_cols = _linear_upsampling(self.grid_size, (self.grid_size + 1) * self.cell[1], device)
+        # The crop keeps the rows of each axis' interpolation matrix that the shift selects.
+        up_rows = self.up_rows.to(device=device, dtype=torch.float32)
+        up_cols = self.up_cols.to(device=device, dtype=torch.float32)
         masks = torch.einsum("nhs,nst,nwt->nhw", up_rows[rows], grids, up_cols[cols])
-        return masks.float().clamp(0, 1)
+        return masks.clamp(0, 1)
 
 
-def _linear_upsampling(size: int, out_size: int, device: torch.device | None) -> Tensor:
+def _linear_upsampling(size: int, out_size: int) -> Tensor:
     """``(out_size, size)`` weights of linear interpolation from ``size`` to ``out_size`` samples
     as scikit-image's ``resize(order=1, mode="reflect")``, which RISE's authors use: pixel
     centres aligned (``x = (o + 0.5) * size / out_size - 0.5``) and coordinates outside
     ``[0, size - 1]`` mirrored about the edge samples."""
     coords = (torch.arange(out_size, dtype=torch.float64) + 0.5) * size / out_size - 0.5
     if size == 1:
-        return torch.ones(out_size, 1, dtype=torch.float64, device=device)
+        return torch.ones(out_size, 1, dtype=torch.float64)
     coords = coords.abs()
     coords = torch.where(coords > size - 1, 2 * (size - 1) - coords, coords)
     low = coords.floor().long().clamp(max=size - 2)
@@ -98,7 +101,7 @@ def _linear_upsampling(size: int, out_size: int, device: torch.device | None) ->
     weights = torch.zeros(out_size, size, dtype=torch.float64)
     weights[torch.arange(out_size), low] = 1 - high_weight
     weights[torch.arange(out_size), low + 1] = high_weight
-    return weights.to(device)
+    return weights
 
 
 def generate_masks(
