@@ -163,6 +163,7 @@ class MethodSpec:
 
 _GRADMASK = ("captum_gradmask.gradmask", "GradMaskAttribution")
 _CAPTUM = "captum_gradmask.methods.captum_baselines"
+_LIBRAGRAD = "captum_gradmask.methods.libragrad"
 _SPECS = [
     MethodSpec(
         "gradmask-m1",
@@ -187,6 +188,12 @@ _SPECS = [
         *_GRADMASK,
         {"mode": "fast"},
         "GradMask m=4, masked patch tokens dropped instead of filled",
+    ),
+    MethodSpec(
+        "gradmask-libragrad",
+        *_GRADMASK,
+        {"gradient_rules": "libragrad"},
+        "GradMask m=4, Q/K/V gradients under LibraGrad's LayerNorm, activation and MLP rules",
     ),
     MethodSpec(
         "saliency", _CAPTUM, "saliency", {}, "absolute gradient (Captum Saliency)", is_class=False
@@ -282,6 +289,34 @@ _SPECS = [
         "ViTReciproCAM",
         {"gaussian": True},
         "ViT-ReciproCAM, last block, 3x3 Gaussian masks",
+    ),
+    MethodSpec(
+        "libragrad",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {},
+        "LibraGrad, FullGrad+ at token level (the authors' strongest combination)",
+    ),
+    MethodSpec(
+        "libragrad-ixg",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {"readout": "input-x-gradient"},
+        "LibraGrad, Input x Gradient at the embedded tokens",
+    ),
+    MethodSpec(
+        "libragrad-ig",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {"readout": "integrated-gradients"},
+        "LibraGrad, Integrated Gradients at the embedded tokens (50 steps, zero tokens)",
+    ),
+    MethodSpec(
+        "libragrad-fullgrad",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {"readout": "fullgrad+"},
+        "LibraGrad, FullGrad+ at token level (block inputs x gradients + bias maps)",
     ),
     MethodSpec(
         "rise",
