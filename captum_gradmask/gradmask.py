@@ -259,9 +259,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]
         ) -> tuple[Tensor, Tensor]:
             with backward_rules(rules):
-                gradients, targets = self._projection_gradients(
-                    batch, batch_target, args, selected
-                )
+                gradients, targets = self._projection_gradients(batch, batch_target, args, selected)
             prefix = self.adapter.prefix_tokens
             return _group_scores(gradients, masks_per_layer, clamp, prefix, grid), targets
 
@@ -579,9 +577,7 @@ def _pad_batch(masked: Tensor, extra: tuple[Any, ...], size: int) -> tuple[Tenso
     return pad(masked), tuple(pad(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in extra)
 
 
-def _gradient_rules(
-    gradient_rules: Any, model: Any, adapter: ViTAdapter
-) -> list[BackwardRule]:
+def _gradient_rules(gradient_rules: Any, model: Any, adapter: ViTAdapter) -> list[BackwardRule]:
     """The backward rules of the gradient pass (none by default)."""
     if gradient_rules is None:
         return []
