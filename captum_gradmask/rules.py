@@ -58,10 +58,13 @@ __all__ = [
     "BackwardRule",
     "RulesHandle",
     "UnsupportedModel",
+    "activation_rule",
     "backward_rules",
     "detached_projections",
+    "gated_mlp_rule",
     "libragrad",
     "libragrad_rules",
+    "normalization_rule",
     "swap_gradient",
 ]
 
@@ -225,14 +228,51 @@ def libragrad_rules(
     activations = [m for m in module.modules() if _gate_kind(m) is not None]
     _check_activations(module, activations, len(adapter.layers))
     gated = [m for m in module.modules() if _is_gated_mlp(m)]
-    rules = [
-        BackwardRule("layer-norm", norms, _norm_surrogate),
-        BackwardRule("activation", activations, _gate_surrogate),
-        BackwardRule("gated-mlp", [m.drop1 for m in gated], _half_surrogate),
-    ]
+    rules = [normalization_rule(norms), activation_rule(activations), gated_mlp_rule(gated)]
     if attention:
         rules.append(_attention_rule(adapter, module))
     return [rule for rule in rules if rule.modules]
+
+
+def normalization_rule(modules: Sequence[nn.Module]) -> BackwardRule:
+    """LayerNorm / RMSNorm modules with their denominator (variance or mean square) a constant.
+
+    Example::
+
+        >>> import torch
+        >>> norm = torch.nn.LayerNorm(4)
+        >>> x = torch.randn(2, 4, requires_grad=True)
+        >>> with backward_rules([normalization_rule([norm])]):
+        ...     y = norm(x)
+        >>> torch.equal(y, norm(x))  # the forward value is the module's own
+        True
+    """
+    for module in modules:
+        if _norm_kind(module) is None:
+            raise UnsupportedModel(f"{type(module).__name__} is not a LayerNorm or RMSNorm")
+    return BackwardRule("layer-norm", list(modules), _norm_surrogate)
+
+
+def activation_rule(modules: Sequence[nn.Module]) -> BackwardRule:
+    """Activation modules ``x * gate(x)`` (GELU, SiLU, QuickGELU) with the gate a constant."""
+    for module in modules:
+        if _gate_kind(module) is None:
+            raise UnsupportedModel(
+                f"{type(module).__name__} is not an activation of the form x * gate(x) "
+                "(GELU, SiLU, QuickGELU)"
+            )
+    return BackwardRule("activation", list(modules), _gate_surrogate)
+
+
+def gated_mlp_rule(modules: Sequence[nn.Module]) -> BackwardRule:
+    """Gated MLPs (timm ``SwiGLU``, ``GluMlp``): the branches' product has its gradient halved.
+
+    The product is hooked where it leaves the MLP's first dropout (``drop1``), before any norm
+    and the output projection.
+    """
+    for module in modules:
+        _is_gated_mlp(module)
+    return BackwardRule("gated-mlp", [module.drop1 for module in modules], _half_surrogate)
 
 
 # Normalisation: the denominator is a constant.
@@ -421,6 +461,11 @@ def detached_projections(
         )
     projections: list[Any] = [p for layer in adapter.layers for p in (layer.query, layer.key)]
     for name, child in module.named_modules():
+        if isinstance(getattr(child, "gate", None), nn.Module) and hasattr(child, "qkv"):
+            raise UnsupportedModel(
+                f"`{name}` ({type(child).__name__}) multiplies its output by a sigmoid gate of "
+                "its input, which LibraGrad's rules do not cover"
+            )
         if type(child).__name__ == "AttentionPoolLatent":  # timm's attention-pooling head
             projections += [_Chunk(child.q, 0, 1), _Chunk(child.kv, 0, 2)]
         elif _is_unknown_attention(child, adapter):
