@@ -25,6 +25,7 @@ from captum_gradmask.rules import (
 )
 from references import libragrad as reference
 
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 from .models import LegacyViT, tiny_hf_deit, tiny_hf_vit, tiny_timm_vit
 from .test_errors_leave_model_alone import Boom, assert_same_state, model_state
 
@@ -399,3 +400,31 @@ def test_registry_builds_every_libragrad_variant() -> None:
     gradmask = build_method("gradmask-libragrad", model)
     assert gradmask.settings["gradient_rules"] == "libragrad"
     assert gradmask.attribute(images, target=0).shape == (1, 3, 32, 32)
+
+
+# --- the shared ViT-Tiny ----------------------------------------------------------------------
+
+
+@needs_shared
+@pytest.mark.slow
+def test_completeness_on_the_shared_vit_tiny() -> None:
+    """Docs' numbers: relative completeness error on the first 4 sample images, predicted class's
+    logit, with and without the rules, float32 and float64."""
+    from captum_gradmask.data import load_image, load_imagenet_sample, preprocess_image
+    from captum_gradmask.models import load_model
+
+    model, _ = load_model(HF_VIT_TINY, local_files_only=True)
+    records = load_imagenet_sample(IMAGENET_SAMPLE, limit=4)
+    images = torch.cat(
+        [preprocess_image(load_image(r.path)).reshape(1, 3, 224, 224) for r in records]
+    )
+    for dtype, bound in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model = model.to(dtype)
+        for image in images.to(dtype):
+            logit = model(image[None]).logits.max().item()
+            target = int(model(image[None]).logits.argmax())
+            ruled = _completeness(model, image[None], target, rules=True)
+            plain = _completeness(model, image[None], target, rules=False)
+            assert ruled[0] == pytest.approx(logit)
+            assert abs(ruled[1] - ruled[0]) < bound * abs(ruled[0])
+            assert abs(plain[1] - plain[0]) > 0.1 * abs(plain[0])
