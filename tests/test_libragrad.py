@@ -428,3 +428,21 @@ def test_completeness_on_the_shared_vit_tiny() -> None:
             assert ruled[0] == pytest.approx(logit)
             assert abs(ruled[1] - ruled[0]) < bound * abs(ruled[0])
             assert abs(plain[1] - plain[0]) > 0.1 * abs(plain[0])
+
+
+def test_registry_runs_gradient_methods_under_the_rules() -> None:
+    model = tiny_hf_vit()
+    images = torch.randn(2, 3, 32, 32)
+    ruled = build_method("integrated-gradients", model, gradient_rules="libragrad", n_steps=3)
+    plain = build_method("integrated-gradients", model, n_steps=3)
+    with libragrad(model):
+        expected = plain.attribute(images, target=1)
+    torch.testing.assert_close(ruled.attribute(images, target=1), expected)
+    assert not torch.allclose(plain.attribute(images, target=1), expected)
+    assert ruled.settings["n_steps"] == 3 and not any(m._forward_hooks for m in model.modules())
+    gradmask = build_method("gradmask-m4", model, gradient_rules="libragrad")
+    assert gradmask.settings["gradient_rules"] == "libragrad"  # GradMask's own option
+    with pytest.raises(ValueError, match="applies to gradient methods; 'occlusion'"):
+        build_method("occlusion", model, gradient_rules="libragrad")
+    with pytest.raises(ValueError, match="`gradient_rules` must be None or 'libragrad'"):
+        build_method("saliency", model, gradient_rules="lrp")
