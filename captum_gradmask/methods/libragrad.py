@@ -22,7 +22,7 @@ blocks:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -169,7 +169,9 @@ class LibraGrad(PatchAttribution, GradientAttribution):
 
         def compute(batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]) -> Tensor:
             if readout == "integrated-gradients":
-                scores = self._integrated_gradients(batch, batch_target, target_output, n_steps)
+                scores = self._integrated_gradients(
+                    batch, batch_target, target_output, n_steps, rules
+                )
             else:
                 terms = self._contributions(batch, batch_target, target_output, rules)
                 scores = terms.block_inputs[:, 0]
@@ -213,8 +215,7 @@ class LibraGrad(PatchAttribution, GradientAttribution):
 
         def compute(batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]) -> Any:
             terms = self._contributions(batch, batch_target, target_output, rules)
-            return (terms.block_inputs, terms.biases, terms.pooled_biases, terms.scores,
-                    terms.targets)  # fmt: skip
+            return tuple(getattr(terms, field.name) for field in fields(terms))
 
         parts = self._batched(images, target, None, internal_batch_size, compute)
         return TokenContributions(*(part.detach() for part in parts))
@@ -225,7 +226,11 @@ class LibraGrad(PatchAttribution, GradientAttribution):
         return libragrad_rules(self.model, self.adapter)
 
     def _contributions(
-        self, images: Tensor, target: TargetType, target_output: TargetOutput, rules: Any
+        self,
+        images: Tensor,
+        target: TargetType,
+        target_output: TargetOutput,
+        rules: list[BackwardRule],
     ) -> TokenContributions:
         interface = self.adapter.require_tokens(self.method_name)
         module = self.model
@@ -272,10 +277,14 @@ class LibraGrad(PatchAttribution, GradientAttribution):
         return TokenContributions(block_inputs, biases, pooled, score.detach(), targets.detach())
 
     def _integrated_gradients(
-        self, images: Tensor, target: TargetType, target_output: TargetOutput, n_steps: int
+        self,
+        images: Tensor,
+        target: TargetType,
+        target_output: TargetOutput,
+        n_steps: int,
+        rules: list[BackwardRule],
     ) -> Tensor:
         interface = self.adapter.require_tokens(self.method_name)
-        rules = self._rules()
         with torch.no_grad():
             embedded = interface.embed(images)
             targets = resolve_targets(target, extract_logits(interface.run(embedded)))
