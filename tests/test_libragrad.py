@@ -90,6 +90,35 @@ def test_completeness_holds_with_the_rules_and_fails_without(name: str) -> None:
     assert abs(plain_total - plain_logit) > 1e-3 * abs(plain_logit) + 1e-6
 
 
+def _tiny_eva(**overrides) -> nn.Module:
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    settings = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=7)
+    return Eva(**{**settings, **overrides}).eval()
+
+
+def test_completeness_on_an_eva02_style_vit() -> None:
+    """EVA-02's block: SwiGLU with a norm before its output projection, rotary position
+    embeddings on Q and K, LayerScale (query/key/value without biases: see the refusal below)."""
+    model = _tiny_eva(
+        qkv_bias=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4), init_values=0.3,
+    ).double()  # fmt: skip
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    logit, total = _completeness(model, images, target=2, rules=True)
+    assert total == pytest.approx(logit, rel=1e-9, abs=1e-12)
+    plain_logit, plain_total = _completeness(model, images, target=2, rules=False)
+    assert abs(plain_total - plain_logit) > 1e-3 * abs(plain_logit)
+
+
+def test_eva_attention_with_separate_biases_is_refused() -> None:
+    """EVA's attention with query/value biases calls its qkv weights functionally."""
+    model = _tiny_eva(qkv_bias=True)
+    with pytest.raises(UnsupportedModel, match="did not run in the forward pass"), libragrad(model):
+        model(torch.randn(1, 3, 32, 32))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_forward_outputs_are_bitwise_unchanged(name: str) -> None:
     model = MODELS[name]()
