@@ -296,7 +296,7 @@ _SPECS = [
         _LIBRAGRAD,
         "LibraGrad",
         {},
-        "LibraGrad, FullGrad+ at token level (the authors' strongest combination)",
+        "LibraGrad, FullGrad+ at token level (every block input x gradient + bias maps)",
     ),
     MethodSpec(
         "libragrad-ixg",
