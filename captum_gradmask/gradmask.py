@@ -35,14 +35,16 @@ from ._utils import (
     unique_modules,
     unpack_inputs,
 )
-from .adapters import AttentionLayer
+from .adapters import AttentionLayer, ViTAdapter
 from .base import PatchAttribution
+from .rules import BackwardRule, backward_rules, libragrad_rules
 
 __all__ = ["AMP_DTYPES", "GradMaskAttribution", "GradMaskMasks"]
 
 LayerSelection = Sequence[int] | Literal["all"] | None
 Mode = Literal["exact", "fast"]
 FastBatching = Literal["auto", "pad", "group"]
+GradientRules = Literal["libragrad"] | None
 
 #: The dtypes ``amp_dtype`` accepts, by the short names the command line and benchmarks use.
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,6 +116,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         fast_batching: FastBatching = "auto",
         amp_dtype: torch.dtype | None = None,
         compile: bool = False,
+        gradient_rules: GradientRules = None,
         perturbations_per_eval: int = 32,
         internal_batch_size: int | None = None,
         show_progress: bool = False,
@@ -156,6 +159,12 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
                 has one shape, and the compiled function is kept on this object: later calls
                 with the same image size and batch size do not compile again. The first call
                 pays the compilation (tens of seconds).
+            gradient_rules: ``None`` (default) takes the Q/K/V gradients as autograd gives
+                them; ``"libragrad"`` takes them under LibraGrad's LayerNorm, activation and
+                gated-MLP rules (:func:`captum_gradmask.rules.libragrad` with
+                ``attention=False``: the attention keeps its gradient, so the query and key
+                gradients stay defined). The forward values, and so the confidences, are
+                unchanged.
             perturbations_per_eval: masked images per forward pass; bounds memory. 16-64 suits
                 CPUs, larger batches suit GPUs.
             internal_batch_size: images per gradient pass (``None``: ``perturbations_per_eval``).
@@ -185,6 +194,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             masks_per_layer=masks_per_layer,
             layers=layers,
             clamp=clamp,
+            gradient_rules=gradient_rules,
             internal_batch_size=(
                 perturbations_per_eval if internal_batch_size is None else internal_batch_size
             ),
@@ -214,6 +224,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         masks_per_layer: int = 4,
         layers: LayerSelection = None,
         clamp: bool = True,
+        gradient_rules: GradientRules = None,
         internal_batch_size: int | None = 32,
     ) -> GradMaskMasks:
         """Steps 1-7 of the algorithm: one forward and one backward pass per batch of images.
@@ -236,6 +247,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         images, grid = self._prepare(inputs, target)
         check_positive_int(masks_per_layer, "masks_per_layer")
         selected = self._select_layers(layers)
+        rules = _gradient_rules(gradient_rules, self.model, self.adapter)
         hidden = self.adapter.hidden_size
         if hidden is not None and hidden % masks_per_layer:
             raise ValueError(
@@ -246,7 +258,8 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
         def compute(
             batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]
         ) -> tuple[Tensor, Tensor]:
-            gradients, targets = self._projection_gradients(batch, batch_target, args, selected)
+            with backward_rules(rules):
+                gradients, targets = self._projection_gradients(batch, batch_target, args, selected)
             prefix = self.adapter.prefix_tokens
             return _group_scores(gradients, masks_per_layer, clamp, prefix, grid), targets
 
@@ -562,6 +575,16 @@ def _pad_batch(masked: Tensor, extra: tuple[Any, ...], size: int) -> tuple[Tenso
         return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
 
     return pad(masked), tuple(pad(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in extra)
+
+
+def _gradient_rules(gradient_rules: Any, model: Any, adapter: ViTAdapter) -> list[BackwardRule]:
+    """The backward rules of the gradient pass (none by default)."""
+    if gradient_rules is None:
+        return []
+    if gradient_rules != "libragrad":
+        raise ValueError(f"`gradient_rules` must be None or 'libragrad', got {gradient_rules!r}")
+    # GradMask reads the query and key gradients: the attention keeps its own gradient.
+    return libragrad_rules(model, adapter, attention=False)
 
 
 def _check_precision(amp_dtype: Any, compile: Any, mode: Mode, device: torch.device) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "ConfiguredMethod",
     "MethodSpec",
     "MethodUnavailable",
+    "RuledMethod",
     "build_method",
     "method_names",
     "method_settings",
@@ -163,6 +164,7 @@ class MethodSpec:
 
 _GRADMASK = ("captum_gradmask.gradmask", "GradMaskAttribution")
 _CAPTUM = "captum_gradmask.methods.captum_baselines"
+_LIBRAGRAD = "captum_gradmask.methods.libragrad"
 _SPECS = [
     MethodSpec(
         "gradmask-m1",
@@ -187,6 +189,12 @@ _SPECS = [
         *_GRADMASK,
         {"mode": "fast"},
         "GradMask m=4, masked patch tokens dropped instead of filled",
+    ),
+    MethodSpec(
+        "gradmask-libragrad",
+        *_GRADMASK,
+        {"gradient_rules": "libragrad"},
+        "GradMask m=4, Q/K/V gradients under LibraGrad's LayerNorm, activation and MLP rules",
     ),
     MethodSpec(
         "saliency", _CAPTUM, "saliency", {}, "absolute gradient (Captum Saliency)", is_class=False
@@ -285,6 +293,34 @@ _SPECS = [
         "ViT-ReciproCAM as its authors' code, 1x1 masks (one patch per token set)",
     ),
     MethodSpec(
+        "libragrad",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {},
+        "LibraGrad, FullGrad+ at token level (every block input x gradient + bias maps)",
+    ),
+    MethodSpec(
+        "libragrad-ixg",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {"readout": "input-x-gradient"},
+        "LibraGrad, Input x Gradient at the embedded tokens",
+    ),
+    MethodSpec(
+        "libragrad-ig",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {"readout": "integrated-gradients"},
+        "LibraGrad, Integrated Gradients at the embedded tokens (50 steps, zero tokens)",
+    ),
+    MethodSpec(
+        "libragrad-fullgrad",
+        _LIBRAGRAD,
+        "LibraGrad",
+        {"readout": "fullgrad+"},
+        "LibraGrad, FullGrad+ at token level (block inputs x gradients + bias maps)",
+    ),
+    MethodSpec(
         "rise",
         "captum_gradmask.methods.rise",
         "RISE",
@@ -339,7 +375,12 @@ def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def build_method(
-    name: str, model: Any, adapter: ViTAdapter | None = None, **overrides: Any
+    name: str,
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    gradient_rules: str | None = None,
+    **overrides: Any,
 ) -> ConfiguredMethod | Any:
     """Build the method registered as ``name`` for ``model`` with its settings.
 
@@ -348,6 +389,11 @@ def build_method(
         model: a Hugging Face / timm ViT (or any callable with ``adapter``, which is then what
             is explained: see :func:`captum_gradmask.adapters.resolve_model`).
         adapter: the model's adapter; default :func:`captum_gradmask.adapters.get_adapter`.
+        gradient_rules: ``"libragrad"`` runs a gradient method's every call under
+            :func:`captum_gradmask.rules.libragrad` (the Captum gradient methods and
+            ``chefer-gae``); for GradMask it is GradMask's own ``gradient_rules`` setting
+            (LibraGrad's rules without the attention rule). ``None`` (default): plain
+            gradients.
         **overrides: settings replacing the registered ones (``diffmask`` also takes
             ``gate=``, the trained gate or its folder).
 
@@ -356,11 +402,87 @@ def build_method(
         shape (a :class:`ConfiguredMethod`, or a Captum baseline with its settings).
 
     Raises:
-        ValueError: unknown ``name`` or setting.
+        ValueError: unknown ``name`` or setting, or ``gradient_rules`` for a method that
+            takes no gradient.
         MethodUnavailable: the implementing module cannot be imported, or ``diffmask`` has no
             gate.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> from captum_gradmask.registry import build_method
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> ig = build_method("integrated-gradients", model, gradient_rules="libragrad", n_steps=4)
+        >>> ig.attribute(torch.randn(1, 3, 32, 32), target=2).shape
+        torch.Size([1, 3, 32, 32])
     """
     spec = _spec(name)
+    if gradient_rules is not None and "gradient_rules" in spec.settings:
+        overrides["gradient_rules"] = gradient_rules  # GradMask's own option
+        gradient_rules = None
+    method = _build(spec, name, model, adapter, overrides)
+    if gradient_rules is None:
+        return method
+    return _under_rules(name, method, model, adapter, gradient_rules)
+
+
+#: Registered methods whose maps come from gradients of the model (LibraGrad's rules apply).
+_GRADIENT_METHODS = {
+    "saliency",
+    "inputxgradient",
+    "integrated-gradients",
+    "gradient-shap",
+    "smoothgrad",
+    "layer-gradcam",
+    "chefer-gae",
+}
+
+
+class RuledMethod:
+    """A built method whose every ``attribute`` / ``attribute_grid`` call runs inside a
+    backward-rules context (``rules()``); everything else is the method's own."""
+
+    def __init__(self, method: Any, rules: Any) -> None:
+        self.method = method
+        self.rules = rules
+
+    def attribute(self, *args: Any, **kwargs: Any) -> Any:
+        """The method's ``attribute`` under the rules."""
+        with self.rules():
+            return self.method.attribute(*args, **kwargs)
+
+    def attribute_grid(self, *args: Any, **kwargs: Any) -> Any:
+        """The method's ``attribute_grid`` under the rules."""
+        with self.rules():
+            return self.method.attribute_grid(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["method"], name)
+
+    def __repr__(self) -> str:
+        return f"RuledMethod({self.method!r})"
+
+
+def _under_rules(name: str, method: Any, model: Any, adapter: Any, gradient_rules: Any) -> Any:
+    if gradient_rules != "libragrad":
+        raise ValueError(f"`gradient_rules` must be None or 'libragrad', got {gradient_rules!r}")
+    if name not in _GRADIENT_METHODS:
+        raise ValueError(
+            f"`gradient_rules` applies to gradient methods; {name!r} is not one (valid: "
+            f"{', '.join(sorted(_GRADIENT_METHODS))}, and GradMask's own setting)"
+        )
+    from captum_gradmask.rules import libragrad, libragrad_rules
+
+    libragrad_rules(model, adapter)  # refuse an unsupported model now, not at the first call
+    return RuledMethod(method, lambda: libragrad(model, adapter))
+
+
+def _build(
+    spec: MethodSpec, name: str, model: Any, adapter: ViTAdapter | None, overrides: dict
+) -> Any:
     settings = method_settings(name, **overrides)
     implementation = spec.implementation()
     if not spec.is_class:

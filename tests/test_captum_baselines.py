@@ -182,7 +182,8 @@ def test_registry_names_and_overrides() -> None:
         "gradmask-m1", "gradmask-m4", "gradmask-mheads", "gradmask-fast", "saliency",
         "inputxgradient", "integrated-gradients", "gradient-shap", "smoothgrad", "occlusion",
         "feature-ablation", "kernel-shap", "layer-gradcam", "rollout", "chefer-gae",
-        "vit-reciprocam", "vit-reciprocam-1x1", "rise", "diffmask",
+        "vit-reciprocam", "vit-reciprocam-1x1", "rise", "diffmask", "gradmask-libragrad",
+        "libragrad", "libragrad-ixg", "libragrad-ig", "libragrad-fullgrad",
     }  # fmt: skip
     assert set(method_names()) == expected
     model = tiny_hf_vit()

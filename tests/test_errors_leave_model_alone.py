@@ -139,7 +139,14 @@ NO_BACKWARD = {
     "rise",
     "diffmask",
 }
-ONE_FORWARD = {"rollout", "chefer-gae", "diffmask"}
+ONE_FORWARD = {
+    "rollout",
+    "chefer-gae",
+    "diffmask",
+    "libragrad",
+    "libragrad-ixg",
+    "libragrad-fullgrad",
+}
 
 
 @pytest.mark.parametrize("name", method_names())

@@ -6,6 +6,7 @@ methods, configured for ViTs, are in :mod:`.captum_baselines` and :mod:`.gradcam
 
 from .chefer import CheferGAE
 from .diffmask import DiffMaskGate, GateConfig, VisionDiffMask, VisionDiffMaskTrainer
+from .libragrad import LibraGrad
 from .reciprocam import ViTReciproCAM
 from .rise import RISE, generate_masks
 from .rollout import AttentionRollout
@@ -16,6 +17,7 @@ __all__ = [
     "CheferGAE",
     "DiffMaskGate",
     "GateConfig",
+    "LibraGrad",
     "ViTReciproCAM",
     "VisionDiffMask",
     "VisionDiffMaskTrainer",
