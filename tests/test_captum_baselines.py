@@ -182,7 +182,7 @@ def test_registry_names_and_overrides() -> None:
         "gradmask-m1", "gradmask-m4", "gradmask-mheads", "gradmask-fast", "saliency",
         "inputxgradient", "integrated-gradients", "gradient-shap", "smoothgrad", "occlusion",
         "feature-ablation", "kernel-shap", "layer-gradcam", "rollout", "chefer-gae",
-        "vit-reciprocam", "vit-reciprocam-3x3", "rise", "diffmask",
+        "vit-reciprocam", "vit-reciprocam-3x3", "rise", "diffmask", "tis",
     }  # fmt: skip
     assert set(method_names()) == expected
     model = tiny_hf_vit()

@@ -138,6 +138,7 @@ NO_BACKWARD = {
     "vit-reciprocam-3x3",
     "rise",
     "diffmask",
+    "tis",
 }
 ONE_FORWARD = {"rollout", "chefer-gae", "diffmask"}
 

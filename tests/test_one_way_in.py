@@ -21,10 +21,11 @@ SMALL = {
     "smoothgrad": {"nt_samples": 2},
     "kernel-shap": {"n_samples": 8},
     "rise": {"n_masks": 8},
+    "tis": {"n_masks": 8},
 }
 # Methods that run the model from its tokens (the adapter's token interface) and never call
 # the forward function; fast GradMask calls it in its gradient pass only.
-TOKEN_ONLY = {"vit-reciprocam", "vit-reciprocam-3x3", "diffmask"}
+TOKEN_ONLY = {"vit-reciprocam", "vit-reciprocam-3x3", "diffmask", "tis"}
 
 
 def _build(name: str, model, adapter, explained):

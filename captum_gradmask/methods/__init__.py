@@ -9,6 +9,7 @@ from .diffmask import DiffMaskGate, GateConfig, VisionDiffMask, VisionDiffMaskTr
 from .reciprocam import ViTReciproCAM
 from .rise import RISE, generate_masks
 from .rollout import AttentionRollout
+from .tis import TransformerInputSampling
 
 __all__ = [
     "RISE",
@@ -16,6 +17,7 @@ __all__ = [
     "CheferGAE",
     "DiffMaskGate",
     "GateConfig",
+    "TransformerInputSampling",
     "ViTReciproCAM",
     "VisionDiffMask",
     "VisionDiffMaskTrainer",
