@@ -1,5 +1,5 @@
-"""TIS: Transformer Input Sampling (Englebert, Stassin, Nanfack, Mahmoudi, Siebert, Cornu &
-De Vleeschouwer, "Explaining through Transformer Input Sampling", ICCV Workshops 2023).
+"""TIS: Transformer Input Sampling (Englebert et al., "Explaining through Transformer Input
+Sampling", ICCV Workshops 2023; code: ``aenglebert/Transformer_Input_Sampling``).
 
 RISE's idea with the transformer's own input: instead of masking pixels, TIS runs the model on
 subsets of its patch tokens (dropped from the sequence, not filled), and the subsets come from
