@@ -329,6 +329,16 @@ _SPECS = [
         "RISE, random 7x7-grid masks (p = 0.5), seed 0",
     ),
     MethodSpec(
+        "tis",
+        "captum_gradmask.methods.tis",
+        "TransformerInputSampling",
+        # The authors' 1024 token sets each hold half the patch tokens, so their cost is close
+        # to 512 full forward passes: within the benchmark's per-method budget as it is.
+        {},
+        "Transformer Input Sampling: 1024 k-means token sets of half the patches; "
+        "1 + 1024 forwards of half length",
+    ),
+    MethodSpec(
         "diffmask",
         "captum_gradmask.methods.diffmask",
         "VisionDiffMask",

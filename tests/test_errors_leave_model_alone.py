@@ -138,6 +138,7 @@ NO_BACKWARD = {
     "vit-reciprocam-1x1",
     "rise",
     "diffmask",
+    "tis",
 }
 ONE_FORWARD = {
     "rollout",

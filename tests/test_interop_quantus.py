@@ -25,6 +25,7 @@ CHEAP = {
     "smoothgrad": {"nt_samples": 3},
     "kernel-shap": {"n_samples": 12},
     "rise": {"n_masks": 16},
+    "tis": {"n_masks": 16},
 }
 
 

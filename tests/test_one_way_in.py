@@ -22,6 +22,7 @@ SMALL = {
     "kernel-shap": {"n_samples": 8},
     "rise": {"n_masks": 8},
     "libragrad-ig": {"n_steps": 2},
+    "tis": {"n_masks": 8},
 }
 # Methods that run the model from its tokens (the adapter's token interface) and never call
 # the forward function; fast GradMask calls it in its gradient pass only.
@@ -33,6 +34,7 @@ TOKEN_ONLY = {
     "libragrad-ixg",
     "libragrad-ig",
     "libragrad-fullgrad",
+    "tis",
 }
 
 

@@ -10,6 +10,7 @@ from .libragrad import LibraGrad
 from .reciprocam import ViTReciproCAM
 from .rise import RISE, generate_masks
 from .rollout import AttentionRollout
+from .tis import TransformerInputSampling
 
 __all__ = [
     "RISE",
@@ -18,6 +19,7 @@ __all__ = [
     "DiffMaskGate",
     "GateConfig",
     "LibraGrad",
+    "TransformerInputSampling",
     "ViTReciproCAM",
     "VisionDiffMask",
     "VisionDiffMaskTrainer",
