@@ -310,5 +310,20 @@ def tiny_open_clip(pool: str = "tok") -> nn.Module:
     vision = CLIPVisionCfg(
         layers=3, width=24, head_width=8, patch_size=14, image_size=28, pool_type=pool
     )
-    text = CLIPTextCfg(context_length=8, vocab_size=50, width=24, heads=3, layers=1)
+    # the packaged tokenizer's vocabulary and context, so real prompts can be tokenized
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=24, heads=3, layers=1)
     return CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text).eval()
+
+
+def tiny_clip_model(siglip: bool = False) -> nn.Module:
+    """A Hugging Face ``CLIPModel`` / ``SiglipModel`` (image tower as FAMILY_VISION, 50-token
+    vocabulary)."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    text = {**FAMILY_TEXT, "vocab_size": 50, "max_position_embeddings": 16}
+    text.update(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    if siglip:
+        return SiglipModel(SiglipConfig(vision_config=FAMILY_VISION, text_config=text)).eval()
+    config = CLIPConfig(vision_config=FAMILY_VISION, text_config=text, projection_dim=8)
+    return CLIPModel(config).eval()
