@@ -316,14 +316,41 @@ def tiny_open_clip(pool: str = "tok") -> nn.Module:
 
 
 def tiny_clip_model(siglip: bool = False) -> nn.Module:
-    """A Hugging Face ``CLIPModel`` / ``SiglipModel`` (image tower as FAMILY_VISION, 50-token
+    """A Hugging Face ``CLIPModel`` / ``SiglipModel`` (image tower as FAMILY_VISION, 64-token
     vocabulary)."""
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
     torch.manual_seed(0)
-    text = {**FAMILY_TEXT, "vocab_size": 50, "max_position_embeddings": 16}
+    text = {**FAMILY_TEXT, "vocab_size": 64, "max_position_embeddings": 16}
     text.update(bos_token_id=0, eos_token_id=2, pad_token_id=1)
     if siglip:
         return SiglipModel(SiglipConfig(vision_config=FAMILY_VISION, text_config=text)).eval()
     config = CLIPConfig(vision_config=FAMILY_VISION, text_config=text, projection_dim=8)
     return CLIPModel(config).eval()
+
+
+def save_zero_shot_checkpoint(folder, siglip: bool = False):
+    """Save a tiny CLIP / SigLIP model with a processor whose tokenizer is a hand-made
+    character-level CLIP BPE vocabulary (no tokenizer files can be fetched here); returns
+    ``folder``."""
+    import json
+    import string
+    from pathlib import Path
+
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_clip_model(siglip=siglip)
+    model.save_pretrained(folder)
+    letters = list(string.ascii_lowercase)
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    vocab += [".", ".</w>", ",</w>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
