@@ -38,12 +38,15 @@ from torch import Tensor, nn
 from ._utils import extract_logits
 
 __all__ = [
+    "FAMILY_NOTES",
     "AttentionLayer",
+    "FamilyNote",
     "Projection",
     "ResolvedModel",
     "Tap",
     "TokenInterface",
     "ViTAdapter",
+    "families_table",
     "get_adapter",
     "image_feature_adapter",
     "register_adapter",
@@ -1325,3 +1328,102 @@ register_adapter("hf-clip", _is_hf_clip_like, _build_hf_clip_like)
 register_adapter("torchvision-vit", _is_torchvision_vit, _build_torchvision_vit)
 register_adapter("open-clip-vit", _is_open_clip_visual, _build_open_clip_visual)
 register_adapter("open-clip-model", _is_open_clip_model, _refuse_open_clip_model)
+
+
+# --- the families table (docs/models.md is generated from it and tested against it) ------------
+
+
+@dataclass(frozen=True)
+class FamilyNote:
+    """One registered adapter, as docs/models.md describes it."""
+
+    classes: str
+    prefix_tokens: str
+    fast_mode: str
+    verified: str
+
+
+_REFERENCE = "GradMask = independent reference at 1e-5 (random weights)"
+#: Every registered adapter name (``register_adapter``) with its row of the families table.
+FAMILY_NOTES: dict[str, FamilyNote] = {
+    "hf-vit": FamilyNote(
+        "HF `ViTForImageClassification`, `DeiTForImageClassification(WithTeacher)`, "
+        "`Dinov2ForImageClassification`, `Dinov2WithRegistersForImageClassification` "
+        "(4.x and 5.x layouts)",
+        "CLS (+ distillation) (+ registers)",
+        "yes (padded; grouped for Dinov2's CLS + patch-mean head)",
+        f"{_REFERENCE}; real ViT-Tiny",
+    ),
+    "hf-clip": FamilyNote(
+        "HF `CLIPVisionModel`, `CLIPVisionModelWithProjection`, `CLIPForImageClassification`, "
+        "`SiglipVisionModel` (attention-pooling head), `SiglipForImageClassification`",
+        "CLIP: 1 (CLS); SigLIP: 0",
+        "yes (padded for CLS-pooled towers; grouped for pooling heads)",
+        _REFERENCE,
+    ),
+    "timm-vit": FamilyNote(
+        "timm `VisionTransformer` and its variants (DeiT, DeiT III, `*_dinov2`, "
+        "`*_reg4_dinov2`, `*_clip_*`, `*_siglip_*`, global-average-pool), "
+        "`VisionTransformerDistilled`",
+        "`model.num_prefix_tokens`",
+        "yes (padded with CLS pooling; grouped otherwise)",
+        f"{_REFERENCE}; real ViT-Tiny",
+    ),
+    "timm-eva": FamilyNote(
+        "timm `Eva` (`eva02_*`, `eva_*`): fused or separate projections, rotary embeddings",
+        "`model.num_prefix_tokens`",
+        "refused with rotary embeddings (computed for the whole grid); yes without",
+        f"{_REFERENCE}; tapped attention = the model's eager attention",
+    ),
+    "timm-beit": FamilyNote(
+        "timm `Beit` (`beit_*`, `beitv2_*`): relative position bias",
+        "1 (CLS)",
+        "refused with relative position bias (indexed over the whole grid); yes without",
+        f"{_REFERENCE}; tapped attention = the model's eager attention",
+    ),
+    "torchvision-vit": FamilyNote(
+        "torchvision `VisionTransformer` (`vit_b_16`, ...): `nn.MultiheadAttention`",
+        "1 (CLS)",
+        "yes (grouped)",
+        f"{_REFERENCE}; tapped attention = the module's own weights",
+    ),
+    "open-clip-vit": FamilyNote(
+        "OpenCLIP `VisionTransformer` (`model.visual`): `nn.MultiheadAttention`",
+        "1 (CLS)",
+        "yes (grouped)",
+        _REFERENCE,
+    ),
+    "zero-shot": FamilyNote(
+        "`ZeroShotClassifier` over HF `CLIPModel`, `SiglipModel` or an OpenCLIP `CLIP`",
+        "as its image tower",
+        "as its image tower",
+        f"{_REFERENCE}; logits = the model's `logits_per_image`",
+    ),
+    "open-clip-model": FamilyNote(
+        "OpenCLIP `CLIP` (image-text)", "-", "-", "refused: wrap it in `ZeroShotClassifier`"
+    ),
+    "windowed": FamilyNote(
+        "Swin, ConvNeXt, PVT, Hiera, MViT, MaxViT (windowed or hierarchical)",
+        "-",
+        "-",
+        "refused: no global attention over one patch grid",
+    ),
+}
+
+
+def families_table() -> str:
+    """The families table of docs/models.md: one row per built-in adapter of
+    :data:`FAMILY_NOTES` (a test checks it names every registered adapter).
+
+    Example::
+
+        >>> from captum_gradmask.adapters import families_table
+        >>> families_table().splitlines()[0]
+        '| adapter | models | prefix tokens | fast mode | how verified |'
+    """
+    rows = ["| adapter | models | prefix tokens | fast mode | how verified |"]
+    rows.append("|---|---|---|---|---|")
+    for name, note in FAMILY_NOTES.items():
+        cells = (f"`{name}`", note.classes, note.prefix_tokens, note.fast_mode, note.verified)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
