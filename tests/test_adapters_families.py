@@ -205,11 +205,13 @@ def test_attention_methods_and_captum_run(name: str) -> None:
     images = _images(size)
     grid = (size // patch, size // patch)
     row = "cls" if prefix else "mean"
-    if prefix:
-        rollout = AttentionRollout(model).attribute_grid(images, row=row)
-        chefer = CheferGAE(model).attribute_grid(images, target=0, row=row)
-        assert rollout.shape == chefer.shape == (2, *grid)
-        assert torch.isfinite(chefer).all() and (rollout > 0).all()
+    rollout = AttentionRollout(model).attribute_grid(images, row=row)
+    chefer = CheferGAE(model).attribute_grid(images, target=0, row=row)
+    assert rollout.shape == chefer.shape == (2, *grid)
+    assert torch.isfinite(chefer).all() and (rollout > 0).all()
+    if not prefix:
+        with pytest.raises(ValueError, match="row='mean'"):
+            AttentionRollout(model).attribute_grid(images)
     ig = integrated_gradients(model).attribute(images, target=0)
     assert ig.shape[0] == 2 and torch.isfinite(ig).all()
     assert _replaced_forwards(model) == []
@@ -291,3 +293,16 @@ def test_image_text_models_point_to_zero_shot() -> None:
     model = CLIPModel(CLIPConfig(vision_config=FAMILY_VISION, text_config=FAMILY_TEXT))
     with pytest.raises(ValueError, match="ZeroShotClassifier"):
         get_adapter(model)
+
+
+def test_mean_row_is_the_mean_of_all_token_rows() -> None:
+    from captum_gradmask.methods._attention import patch_row
+
+    matrix = torch.rand(2, 5, 5)
+    torch.testing.assert_close(
+        patch_row(matrix, 1, "mean", (2, 2)), matrix.mean(1)[:, 1:].reshape(2, 2, 2)
+    )
+    torch.testing.assert_close(
+        patch_row(matrix[:, 1:, 1:], 0, "mean", (2, 2)),
+        matrix[:, 1:, 1:].mean(1).reshape(2, 2, 2),
+    )

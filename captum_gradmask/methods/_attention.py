@@ -209,7 +209,7 @@ def _check_context(
         )
 
 
-RowChoice = Literal["cls", "prefix_mean"]
+RowChoice = Literal["cls", "prefix_mean", "mean"]
 
 
 def patch_row(matrix: Tensor, prefix_tokens: int, row: RowChoice, grid: tuple[int, int]) -> Tensor:
@@ -217,20 +217,26 @@ def patch_row(matrix: Tensor, prefix_tokens: int, row: RowChoice, grid: tuple[in
 
     ``matrix`` is ``(B, T, T)`` (rollout or relevance matrix). ``row="cls"`` takes row 0 (the
     CLS token); ``row="prefix_mean"`` averages the rows of all prefix tokens (CLS and
-    distillation for DeiT). The prefix columns are dropped.
+    distillation for DeiT); ``row="mean"`` averages the rows of all tokens (models without a
+    CLS token, whose head pools every token: SigLIP). The prefix columns are dropped.
     """
     check_row(row)
     check_token_count(matrix.shape[-1], prefix_tokens, grid)
+    if row == "mean":
+        return matrix.mean(1)[:, prefix_tokens:].reshape(-1, *grid)
     if prefix_tokens < 1:
-        raise ValueError("attention maps need at least one prefix (CLS) token to read a row of")
+        raise ValueError(
+            f"`row`={row!r} reads the row of a prefix (CLS) token, and this model has none; "
+            "use row='mean' (the mean of all token rows) for models that pool every token"
+        )
     rows = matrix[:, :1] if row == "cls" else matrix[:, :prefix_tokens]
     return rows.mean(1)[:, prefix_tokens:].reshape(-1, *grid)
 
 
 def check_row(row: Any) -> None:
     """Raise unless ``row`` is a :data:`RowChoice`."""
-    if row not in ("cls", "prefix_mean"):
-        raise ValueError(f"`row` must be 'cls' or 'prefix_mean', got {row!r}")
+    if row not in ("cls", "prefix_mean", "mean"):
+        raise ValueError(f"`row` must be 'cls', 'prefix_mean' or 'mean', got {row!r}")
 
 
 class AttentionMapAttribution(PatchAttribution):
