@@ -550,11 +550,17 @@ def _build_hf(model: Any) -> ViTAdapter:
 
     def embed(images: Tensor) -> Tensor:
         if not optional:
-            return embeddings(images)
-        return embeddings(images, interpolate_pos_encoding=needs_interpolation(images))
+            return _first(embeddings(images))
+        # BEiT-style embeddings also return the patch grid
+        return _first(embeddings(images, interpolate_pos_encoding=needs_interpolation(images)))
+
+    pooler = getattr(base, "pooler", None)
+    mean_pooled = getattr(pooler, "layernorm", None) is not None  # BEiT / Data2Vec mean pooling
 
     def head(tokens: Tensor) -> Tensor:
         tokens = base.layernorm(tokens)
+        if mean_pooled:
+            return model.classifier(pooler(tokens))
         if hasattr(model, "distillation_classifier"):  # DeiT with teacher: mean of both heads
             return (
                 model.cls_classifier(tokens[:, 0]) + model.distillation_classifier(tokens[:, 1])
@@ -572,14 +578,24 @@ def _build_hf(model: Any) -> ViTAdapter:
     patch = config.patch_size
     # Padded token sets need a head that reads the prefix tokens alone (Dinov2 averages patches).
     padding_mask = None
-    if not config.model_type.startswith("dinov2"):
+    if not config.model_type.startswith("dinov2") and not mean_pooled:
         padding_mask = _hf_padding_mask(config, layers)
+    tokens, reason = TokenInterface(embed, blocks, head, padding_mask), None
+    if getattr(config, "use_relative_position_bias", False) or getattr(
+        config, "use_shared_relative_position_bias", False
+    ):
+        tokens = None
+        reason = (
+            "its relative position bias is indexed over the whole patch grid, so patch tokens "
+            "cannot run apart from their positions (use mode='exact')"
+        )
     return ViTAdapter(
         forward=forward,
         layers=[_hf_attention_layer(layer, config.num_attention_heads) for layer in layers],
         patch_size=(patch, patch) if isinstance(patch, int) else tuple(patch),
         prefix_tokens=prefix,
-        tokens=TokenInterface(embed, blocks, head, padding_mask),
+        tokens=tokens,
+        no_tokens_reason=reason,
         cam_layer=getattr(layers[-1], "layernorm_before", None),
         model=model,
         name=f"hf-{config.model_type}",
@@ -1348,10 +1364,11 @@ _REFERENCE = "GradMask = independent reference at 1e-5 (random weights)"
 FAMILY_NOTES: dict[str, FamilyNote] = {
     "hf-vit": FamilyNote(
         "HF `ViTForImageClassification`, `DeiTForImageClassification(WithTeacher)`, "
-        "`Dinov2ForImageClassification`, `Dinov2WithRegistersForImageClassification` "
+        "`Dinov2ForImageClassification`, `Dinov2WithRegistersForImageClassification`, "
+        "`BeitForImageClassification`, `Data2VecVisionForImageClassification` "
         "(4.x and 5.x layouts)",
         "CLS (+ distillation) (+ registers)",
-        "yes (padded; grouped for Dinov2's CLS + patch-mean head)",
+        "yes (padded; grouped for patch-mean heads); refused with BEiT's relative position bias",
         f"{_REFERENCE}; real ViT-Tiny",
     ),
     "hf-clip": FamilyNote(

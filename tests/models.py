@@ -354,3 +354,13 @@ def save_zero_shot_checkpoint(folder, siglip: bool = False):
     images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def tiny_hf_beit(relative: bool = False) -> nn.Module:
+    """HF BEiT with its default mean-pooling head (optionally relative position bias)."""
+    from transformers import BeitConfig, BeitForImageClassification
+
+    torch.manual_seed(0)
+    config = BeitConfig(**FAMILY_VISION, num_labels=7, use_relative_position_bias=relative)
+    model = BeitForImageClassification(config)
+    return _spread(model, model.classifier)

@@ -17,6 +17,7 @@ from captum_gradmask.methods.captum_baselines import integrated_gradients
 from references.gradmask import reference_gradmask
 
 from .models import (
+    tiny_hf_beit,
     tiny_hf_clip_vision,
     tiny_hf_dinov2,
     tiny_open_clip,
@@ -51,6 +52,7 @@ FAMILIES = {
     ),
     "hf-dinov2-registers": (tiny_hf_dinov2, "hf5", 5, 14, 28, True),
     "hf-dinov2": (lambda: tiny_hf_dinov2(registers=0), "hf5", 1, 14, 28, True),
+    "hf-beit-mean-pool": (tiny_hf_beit, "hf5", 1, 14, 28, True),
     "timm-eva02-fused": (tiny_timm_eva, "timm-eva", 1, 14, 28, False),
     "timm-eva02-separate": (lambda: tiny_timm_eva(fused=False), "timm-eva", 1, 14, 28, False),
     "timm-eva-no-rope": (lambda: tiny_timm_eva(rope=False), "timm-eva", 1, 14, 28, True),
