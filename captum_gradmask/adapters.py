@@ -378,7 +378,8 @@ def resolve_model(
     - an ``adapter`` beside the module it wraps (``model is adapter.model``): the adapter as
       it is (its forward already knows how to call that module);
     - an ``adapter`` beside any other callable: a *new* adapter whose forward is ``model``
-      (``dataclasses.replace``), so every method explains ``model`` itself.
+      (``dataclasses.replace``), so every method explains ``model`` itself (run inside the
+      adapter's ``attention_context`` when it has one, so its taps still record).
 
     With ``required=False`` (black-box methods such as RISE), a callable that no registered
     adapter recognises resolves to itself with no adapter. Neither argument is changed.
