@@ -174,3 +174,16 @@ def test_bad_arguments_are_refused_clearly() -> None:
         ZeroShotClassifier.from_text_embeddings(model, torch.randn(8))
     with pytest.raises(ValueError, match="not a supported image-text model"):
         ZeroShotClassifier.from_text_embeddings(nn.Linear(2, 2), torch.randn(3, 8))
+
+
+def test_metrics_take_the_classifier_as_a_model() -> None:
+    from captum_gradmask.metrics import rise_deletion
+
+    model = tiny_clip_model()
+    classifier = ZeroShotClassifier.from_text_embeddings(model, torch.randn(3, 8))
+    images = _images()
+    maps = GradMaskAttribution(classifier).attribute_grid(images, target=2)
+    saliency = maps.repeat_interleave(14, 1).repeat_interleave(14, 2)
+    curve = rise_deletion(classifier, images, saliency, target=2)
+    probabilities = torch.softmax(classifier(images), dim=-1)[:, 2]
+    torch.testing.assert_close(curve.probabilities[:, 0], probabilities, atol=1e-5, rtol=1e-5)
