@@ -308,3 +308,14 @@ def test_mean_row_is_the_mean_of_all_token_rows() -> None:
         patch_row(matrix[:, 1:, 1:], 0, "mean", (2, 2)),
         matrix[:, 1:, 1:].mean(1).reshape(2, 2, 2),
     )
+
+
+def test_eva02_non_square_images_with_dynamic_size() -> None:
+    """Rotary embeddings for a 2 x 3 grid, as the model computes them for that size."""
+    model = tiny_timm_eva(dynamic_img_size=True)
+    images = torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(2))
+    ours = GradMaskAttribution(model).attribute_grid(images, layers="all")
+    assert ours.shape == (2, 2, 3)
+    for i in range(2):
+        ref = reference_gradmask(model, images[i], "timm-eva", 4, prefix=1, patch=14, layers="all")
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=1e-6)
