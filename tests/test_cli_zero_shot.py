@@ -3,6 +3,8 @@ explanations of saved random-weight CLIP and SigLIP checkpoints."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -84,3 +86,20 @@ def test_explain_dataset_with_labels_records_them(checkpoint, tmp_path, capsys) 
     assert stored.attrs["model"]["labels"] == ["a dog", "a cat"]
     maps = stored.maps[:]
     assert maps.shape == (3, 2, 2) and np.isfinite(maps).all() and maps.max() > 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None,
+    reason="open_clip_torch is not installed (pip install captum-gradmask[open-clip])",
+)
+def test_explain_open_clip_with_its_packaged_tokenizer(tmp_path, capsys) -> None:
+    """A random ViT-B-32 (no weights can be fetched here) with OpenCLIP's own tokenizer."""
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(
+        image
+    )
+    command = ["explain", str(image), "--model", "open_clip:ViT-B-32", "--labels", "a dog,a cat"]
+    command += ["--method", "chefer-gae", "--target", "0", "--save-map", str(tmp_path / "m.npy")]
+    assert main([*command, "--out", str(tmp_path / "m.png"), "--quiet"]) == 0
+    assert "explained class 0 (a dog)" in capsys.readouterr().out
+    assert np.load(tmp_path / "m.npy").shape == (7, 7)
