@@ -31,6 +31,10 @@ needs_open_clip = pytest.mark.skipif(
     reason="open_clip_torch is not installed (pip install captum-gradmask[open-clip])",
 )
 
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed"
+)
+
 
 def _open_clip_visual() -> nn.Module:
     return tiny_open_clip().visual
@@ -57,7 +61,14 @@ FAMILIES = {
     "timm-eva02-separate": (lambda: tiny_timm_eva(fused=False), "timm-eva", 1, 14, 28, False),
     "timm-eva-no-rope": (lambda: tiny_timm_eva(rope=False), "timm-eva", 1, 14, 28, True),
     "timm-beit": (tiny_timm_beit, "timm-beit", 1, 16, 32, False),
-    "torchvision-vit": (tiny_torchvision_vit, "torchvision", 1, 14, 28, True),
+    "torchvision-vit": (
+        pytest.param(tiny_torchvision_vit, marks=needs_torchvision),
+        "torchvision",
+        1,
+        14,
+        28,
+        True,
+    ),
     "open-clip-visual": (
         pytest.param(_open_clip_visual, marks=needs_open_clip),
         "open-clip",
@@ -186,7 +197,13 @@ def _model_probabilities(model: nn.Module, name: str, images: torch.Tensor) -> l
 
 
 @pytest.mark.parametrize(
-    "name", ["timm-eva02-fused", "timm-eva02-separate", "timm-beit", "torchvision-vit"]
+    "name",
+    [
+        "timm-eva02-fused",
+        "timm-eva02-separate",
+        "timm-beit",
+        pytest.param("torchvision-vit", marks=needs_torchvision),
+    ],
 )
 def test_tapped_probabilities_are_the_models_own(name: str) -> None:
     """Rotary and relative position terms included: rollout and Chefer read these."""
@@ -264,6 +281,7 @@ def test_attention_is_restored_after_an_error() -> None:
     assert _replaced_forwards(model) == []
 
 
+@needs_torchvision
 def test_replacement_forward_runs_inside_the_attention_context() -> None:
     """A callable beside the adapter is what is explained, with the taps still installed."""
     model = tiny_torchvision_vit()
