@@ -153,7 +153,8 @@ def zero_shot_labels(args: argparse.Namespace) -> list[str] | None:
     return labels
 
 
-def _add_zero_shot(parser: argparse.ArgumentParser) -> None:
+def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--labels``, ``--labels-file`` and ``--template`` (read by :func:`zero_shot_labels`)."""
     group = parser.add_argument_group(
         "zero-shot", "explain a CLIP-like model's match of the image to text prompts"
     )
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_zero_shot(p)
+    add_zero_shot_arguments(p)
     p.set_defaults(handler=explain)
     _add_dataset_commands(commands)
     return parser
@@ -326,7 +327,7 @@ def _add_dataset_commands(commands: Any) -> None:
     p.add_argument("--device", default=device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_zero_shot(p)
+    add_zero_shot_arguments(p)
     p.set_defaults(handler=_explain_dataset_command)
 
     p = commands.add_parser("evaluate", help="run metrics over the maps of a store")

@@ -89,7 +89,8 @@ class ZeroShotClassifier(nn.Module):
         model: a Hugging Face ``CLIPModel`` / ``SiglipModel`` or an OpenCLIP ``CLIP`` model.
         labels: the class names, in logit order.
         processor: turns text into model inputs: a Hugging Face processor or tokenizer
-            (``processor(text=[...], return_tensors="pt", padding=...)``) or an OpenCLIP
+            (``processor(text=[...], return_tensors="pt", padding=..., truncation=True)``) or
+            an OpenCLIP
             tokenizer (``processor([...]) -> token ids``).
         templates: prompt templates with ``"{}"`` for the label; each label's embedding is the
             normalised mean of its normalised template embeddings (CLIP's ImageNet recipe,
@@ -250,7 +251,7 @@ def _text_encoder(model: nn.Module, family: str, processor: Any) -> Callable[[li
     padding = "max_length" if family == "hf-siglip" else True
 
     def embed(prompts: list[str]) -> Tensor:
-        inputs = processor(text=prompts, return_tensors="pt", padding=padding)
+        inputs = processor(text=prompts, return_tensors="pt", padding=padding, truncation=True)
         inputs = {k: v.to(device) for k, v in inputs.items() if k != "pixel_values"}
         out = model.get_text_features(**inputs)
         return out if isinstance(out, Tensor) else out.pooler_output

@@ -30,7 +30,9 @@ class TokenIds:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def __call__(self, text: list[str], return_tensors: str, padding: object) -> dict:
+    def __call__(
+        self, text: list[str], return_tensors: str, padding: object, truncation: bool = False
+    ) -> dict:
         assert return_tensors == "pt"
         self.calls.append(list(text))
         ids = torch.ones(len(text), 12, dtype=torch.long)  # 1 pads
