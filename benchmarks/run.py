@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import report
 from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, REPO, synchronize
+from captum_gradmask.cli import add_zero_shot_arguments, zero_shot_labels
 from captum_gradmask.data import class_names, load_imagenet_sample
 from captum_gradmask.gradmask import AMP_DTYPES
 from captum_gradmask.metrics import (
@@ -73,6 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--weights", default=None, help="timm weights file (.safetensors/.pth) for timm:<arch>"
     )
+    # a CLIP-like model as a zero-shot classifier: the 1000 ImageNet class names, in order
+    add_zero_shot_arguments(parser)
     parser.add_argument(
         "--data",
         default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None,
@@ -405,7 +408,10 @@ def run(args: argparse.Namespace) -> Path:
     (output / "maps").mkdir(parents=True, exist_ok=True)
     results = output / "results.jsonl"
 
-    model, preprocess = load_model(args.model, weights=args.weights)
+    labels = zero_shot_labels(args)
+    model, preprocess = load_model(
+        args.model, weights=args.weights, labels=labels, templates=args.template
+    )
     model = model.to(device)
     records = load_imagenet_sample(args.data, limit=args.images)
     names = _split(args.methods, method_names(), "methods")

@@ -34,6 +34,9 @@ DEFAULT_METHOD = "gradmask-m4"
 def class_names(model: torch.nn.Module) -> dict[int, str]:
     """Readable class names: a Hugging Face config's ``id2label``, else timm's ImageNet names
     when the model has an ImageNet head, else none."""
+    labels = getattr(model, "labels", None)  # a zero-shot classifier's prompts
+    if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
+        return dict(enumerate(labels))
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     if id2label:
@@ -126,6 +129,48 @@ def _with_amp_dtype(settings: dict[str, Any], flag: str | None) -> dict[str, Any
     return settings
 
 
+def zero_shot_labels(args: argparse.Namespace) -> list[str] | None:
+    """The labels of ``--labels`` (comma-separated) or ``--labels-file`` (one a line), or
+    ``None`` when neither is given."""
+    if args.labels is not None and args.labels_file is not None:
+        raise ValueError("give --labels or --labels-file, not both")
+    if args.labels is not None:
+        labels = [label.strip() for label in args.labels.split(",")]
+        source = f"--labels {args.labels!r}"
+    elif args.labels_file is not None:
+        path = Path(args.labels_file)
+        if not path.is_file():
+            raise ValueError(f"--labels-file {str(path)!r} is not a file")
+        labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        labels = [label for label in labels if label]
+        source = f"--labels-file {str(path)!r}"
+    else:
+        if args.template:
+            raise ValueError("--template is for zero-shot models: give --labels or --labels-file")
+        return None
+    if not labels or not all(labels):
+        raise ValueError(f"{source} must name at least one non-empty label")
+    return labels
+
+
+def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--labels``, ``--labels-file`` and ``--template`` (read by :func:`zero_shot_labels`)."""
+    group = parser.add_argument_group(
+        "zero-shot", "explain a CLIP-like model's match of the image to text prompts"
+    )
+    group.add_argument(
+        "--labels", default=None, help='comma-separated prompts: "a dog,a cat,a car"'
+    )
+    group.add_argument("--labels-file", default=None, help="a text file with one prompt a line")
+    group.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help='prompt template with {} for the label, e.g. "a photo of a {}." (repeat to '
+        "average several, as CLIP's ImageNet recipe)",
+    )
+
+
 def _add_amp_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amp-dtype",
@@ -146,7 +191,14 @@ def explain(args: argparse.Namespace) -> int:
         print(f"error: IMAGE {str(image_path)!r} is not a file", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    model, preprocess = load_model(args.model, weights=args.weights)
+    try:
+        labels = zero_shot_labels(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model, preprocess = load_model(
+        args.model, weights=args.weights, labels=labels, templates=args.template
+    )
     model = model.to(device)
     images = preprocess.preprocess(image_path)[None].to(device)
     method = build_method(args.method, model, **_method_settings(args))
@@ -206,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="Hugging Face hub id or checkpoint folder, or timm:<architecture> (with --weights)",
+        help="Hugging Face hub id or checkpoint folder, timm:<architecture> (with --weights), "
+        "or open_clip:<architecture> (with --labels; --weights: a pretrained tag or file)",
     )
     p.add_argument("--weights", default=None, help="timm: a local .safetensors/.pth weights file")
     p.add_argument(
@@ -235,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_zero_shot_arguments(p)
     p.set_defaults(handler=explain)
     _add_dataset_commands(commands)
     return parser
@@ -273,6 +327,7 @@ def _add_dataset_commands(commands: Any) -> None:
     p.add_argument("--device", default=device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_zero_shot_arguments(p)
     p.set_defaults(handler=_explain_dataset_command)
 
     p = commands.add_parser("evaluate", help="run metrics over the maps of a store")
@@ -346,7 +401,10 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
         device = _run_device(args.device, args.threads)
         options = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
         target = _target_policy(args.target)
-        model, preprocess = load_model(args.model, weights=args.weights)
+        labels = zero_shot_labels(args)
+        model, preprocess = load_model(
+            args.model, weights=args.weights, labels=labels, templates=args.template
+        )
         images = open_source(args.source, preprocess, limit=args.limit)
         result = explain_dataset(
             images,
@@ -361,6 +419,7 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
             model_info={
                 "spec": _recorded_spec(args.model),
                 "weights": _recorded_spec(args.weights),
+                **({"labels": labels, "templates": args.template} if labels else {}),
             },
             show_progress=not args.quiet,
         )
@@ -401,7 +460,9 @@ def _evaluate_command(args: argparse.Namespace) -> int:
                 "and --source"
             )
         weights = args.weights if args.model else args.weights or recorded.get("weights")
-        model, preprocess = load_model(spec, weights=weights)
+        labels = None if args.model else recorded.get("labels")  # a zero-shot store's prompts
+        templates = recorded.get("templates") if labels else None
+        model, preprocess = load_model(spec, weights=weights, labels=labels, templates=templates)
         images = open_source(source, preprocess, limit=len(stored))
         summary = evaluate_store(
             args.store,

@@ -15,6 +15,14 @@ One spelling for every source (the benchmark runner and the CLI use it as ``--mo
 ``timm:vit_tiny_patch16_224`` + ``weights=F``    the architecture with weights from a local
                                                  ``.safetensors`` / ``.pth`` / ``.bin`` file
                                                  (nothing is downloaded)
+``path/or/hub-id`` + ``labels=[...]``             a Hugging Face ``CLIPModel`` / ``SiglipModel``
+                                                 (``AutoModel``, ``AutoProcessor``) as a
+                                                 :class:`~captum_gradmask.zero_shot.
+                                                 ZeroShotClassifier` over the labels
+``open_clip:ViT-B-32`` + ``labels=[...]``        an OpenCLIP model (``weights``: a pretrained
+                                                 tag such as ``laion2b_s34b_b79k`` or a local
+                                                 file) as a zero-shot classifier; needs the
+                                                 ``open-clip`` extra
 ===============================================  ==============================================
 
 A ``.safetensors`` / ``.pth`` path given as ``model`` is an error that says to name the timm
@@ -54,6 +62,7 @@ from captum_gradmask.data import preprocess_image
 __all__ = ["PreprocessConfig", "load_model"]
 
 TIMM_PREFIX = "timm:"
+OPEN_CLIP_PREFIX = "open_clip:"
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _PIL_RESAMPLE = {
     int(Image.Resampling.NEAREST): "nearest",
@@ -96,6 +105,8 @@ def load_model(
     *,
     weights: str | Path | None = None,
     local_files_only: bool = False,
+    labels: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
     **model_kwargs: Any,
 ) -> tuple[nn.Module, PreprocessConfig]:
     """Load an image classifier in eval mode and its preprocessing settings.
@@ -107,6 +118,11 @@ def load_model(
         weights: for timm, a local ``.safetensors`` / ``.pth`` / ``.bin`` file with the
             state dict (then nothing is downloaded). Not used for Hugging Face.
         local_files_only: Hugging Face: never reach the hub.
+        labels: class names for a zero-shot classifier: ``model`` is then an image-text
+            model (Hugging Face CLIP/SigLIP, or ``"open_clip:<architecture>"``) wrapped in a
+            :class:`~captum_gradmask.zero_shot.ZeroShotClassifier` over these prompts.
+        templates: prompt templates with ``"{}"`` for the label, averaged per label (zero-shot
+            only; ``None``: the labels are the prompts).
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``num_classes``)
             or to ``from_pretrained``.
 
@@ -119,6 +135,22 @@ def load_model(
             ``weights`` given for a Hugging Face model.
     """
     spec = str(model)
+    if templates is not None and labels is None:
+        raise ValueError("`templates` are for zero-shot classifiers: give `labels` too")
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        if labels is None:
+            raise ValueError(
+                f"`model` {spec!r} is an OpenCLIP image-text model: give `labels` (command line: "
+                "--labels or --labels-file) to explain it as a zero-shot classifier"
+            )
+        return _load_open_clip(spec[len(OPEN_CLIP_PREFIX) :], weights, labels, templates)
+    if labels is not None:
+        if spec.startswith(TIMM_PREFIX) or weights is not None:
+            raise ValueError(
+                "`labels` make a zero-shot classifier of a Hugging Face CLIP/SigLIP checkpoint "
+                "or an 'open_clip:<architecture>' model; a timm classifier has its own classes"
+            )
+        return _load_zero_shot_huggingface(spec, local_files_only, labels, templates)
     if spec.startswith(TIMM_PREFIX):
         name = spec[len(TIMM_PREFIX) :]
         if not name:
@@ -178,7 +210,64 @@ def _load_huggingface(
     )
 
 
-def _processor_size(processor: Any, network: nn.Module) -> tuple[int, int]:
+def _load_zero_shot_huggingface(
+    spec: str, local_files_only: bool, labels: Sequence[str], templates: Sequence[str] | None
+) -> tuple[nn.Module, PreprocessConfig]:
+    from transformers import AutoModel, AutoProcessor
+
+    from .zero_shot import ZeroShotClassifier
+
+    path = Path(spec).expanduser()
+    if (path.is_absolute() or spec.startswith((".", "~")) or path.exists()) and not (
+        path / "config.json"
+    ).is_file():
+        raise FileNotFoundError(
+            f"`model` {spec!r} is not a Hugging Face checkpoint folder (no config.json there)"
+        )
+    source = str(path) if path.exists() else spec
+    network = AutoModel.from_pretrained(source, local_files_only=local_files_only).eval()
+    processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+    classifier = ZeroShotClassifier(network, labels, processor, templates=templates).eval()
+    images = getattr(processor, "image_processor", processor)
+    vision = getattr(network.config, "vision_config", network.config)
+    return classifier, PreprocessConfig(
+        size=_processor_size(images, vision),
+        mean=_triple(getattr(images, "image_mean", None) or (0.5, 0.5, 0.5)),
+        std=_triple(getattr(images, "image_std", None) or (0.5, 0.5, 0.5)),
+        resample=_resample_name(getattr(images, "resample", None)),
+        source="huggingface",
+    )
+
+
+def _load_open_clip(
+    name: str, weights: str | Path | None, labels: Sequence[str], templates: Sequence[str] | None
+) -> tuple[nn.Module, PreprocessConfig]:
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError(
+            "OpenCLIP models need open_clip_torch: pip install captum-gradmask[open-clip]"
+        ) from error
+    from .zero_shot import ZeroShotClassifier
+
+    if not name:
+        raise ValueError("`model` 'open_clip:' needs an architecture, e.g. 'open_clip:ViT-B-32'")
+    network = open_clip.create_model(name, pretrained=None if weights is None else str(weights))
+    network.eval()
+    classifier = ZeroShotClassifier(
+        network, labels, open_clip.get_tokenizer(name), templates=templates
+    ).eval()
+    config = getattr(network.visual, "preprocess_cfg", {}) or {}
+    return classifier, PreprocessConfig(
+        size=_pair(network.visual.image_size),
+        mean=_triple(config.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=_triple(config.get("std", open_clip.OPENAI_DATASET_STD)),
+        resample=str(config.get("interpolation", "bicubic")),
+        source="open_clip",
+    )
+
+
+def _processor_size(processor: Any, network: Any) -> tuple[int, int]:
     size = getattr(processor, "size", None)
     get = size.get if hasattr(size, "get") else (lambda key, default=None: default)
     height, width = get("height"), get("width")
@@ -189,7 +278,8 @@ def _processor_size(processor: Any, network: nn.Module) -> tuple[int, int]:
         return int(side), int(side)
     if isinstance(size, int):
         return size, size
-    return _pair(getattr(network.config, "image_size", 224))
+    config = getattr(network, "config", network)
+    return _pair(getattr(config, "image_size", 224))
 
 
 def _load_timm(

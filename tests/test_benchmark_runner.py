@@ -256,3 +256,20 @@ def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_
     scores = adcc(model, image, maps, record.label, explanation_func=explain, batch_size=16)
     assert row["adcc"] == pytest.approx(scores.summary()["adcc"], rel=1e-5)
     assert row["average_drop"] == pytest.approx(scores.summary()["average_drop"], rel=1e-5)
+
+
+def test_runner_takes_a_zero_shot_classifier(tmp_path: Path) -> None:
+    """A CLIP checkpoint with one prompt per dataset class (class i = line i) and a template."""
+    from .models import save_zero_shot_checkpoint
+
+    data = _tiny_dataset(tmp_path / "data")
+    model = save_zero_shot_checkpoint(tmp_path / "clip")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"thing {'abcdefg'[i]}" for i in range(7)))
+    argv = _argv(data, model, tmp_path / "out", methods="gradmask-m1,rollout")
+    argv = [a for a in argv if a not in ("all",)]
+    argv[argv.index("--metrics") + 1 : argv.index("--metrics") + 1] = ["notebook"]
+    main([*argv, "--labels-file", str(labels), "--template", "a photo of a {}."])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
+    assert {row["method"] for row in rows} == {"gradmask-m1", "rollout"}
+    assert {row["label"] for row in rows} == {2, 5}

@@ -47,3 +47,20 @@ def test_methods_doc_holds_the_registry_settings_table() -> None:
         "docs/methods.md's settings table is out of date: paste "
         "captum_gradmask.registry.settings_table() between its markers"
     )
+
+
+def test_models_doc_holds_the_families_table() -> None:
+    import captum_gradmask.zero_shot  # noqa: F401  (registers its adapter)
+    from captum_gradmask.adapters import _REGISTRY, FAMILY_NOTES, families_table
+
+    registered = {name for name, _, _ in _REGISTRY}
+    assert registered == set(FAMILY_NOTES), (
+        "every registered adapter needs a row in FAMILY_NOTES (docs/models.md's table)"
+    )
+    text = (ROOT / "docs" / "models.md").read_text()
+    block = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", text, re.S)
+    assert block is not None, "docs/models.md lost its generated families table"
+    assert block.group(1) == families_table(), (
+        "docs/models.md's families table is out of date: paste "
+        "captum_gradmask.adapters.families_table() between its markers"
+    )

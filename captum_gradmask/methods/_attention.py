@@ -9,7 +9,9 @@ would change the user's model. Instead:
 
 - forward hooks on the query, key and value projections record ``Q``, ``K`` and ``V``; ``A`` is
   recomputed from ``Q`` and ``K`` per head (layers whose ``qk_normalized`` is True are refused:
-  their attention does not follow from the projection outputs);
+  their attention does not follow from the projection outputs), or read where the adapter
+  taps it (``AttentionLayer.probabilities``: adapters that run an equivalent of the model's
+  attention, rotary or relative position terms included);
 - a forward pre-hook on the output projection records its input, the attention context
   ``C_h = A_h V_h`` with the heads concatenated. Since ``C_h = A_h V_h`` is linear in ``A_h``,
   the gradient of the target logit ``y`` with respect to ``A_h`` is exactly
@@ -72,7 +74,7 @@ class AttentionPass:
 def check_attention_layers(adapter: ViTAdapter, what: str, need_output: bool) -> None:
     """Raise a clear error when attention cannot be recomputed for ``adapter``'s layers."""
     for index, layer in enumerate(adapter.layers):
-        if layer.qk_normalized:
+        if layer.qk_normalized and layer.probabilities is None:
             raise ValueError(
                 f"{what} recomputes attention as softmax(Q K^T / sqrt(d)) from the query and key "
                 f"projections, but layer {index} of adapter {adapter.name!r} normalises Q and K "
@@ -110,8 +112,11 @@ def attention_pass(
         p.module for layer in layers for p in (layer.query, layer.key, layer.value)
     )
     output_modules = [layer.output for layer in layers if layer.output is not None]
+    probability_modules = [
+        layer.probabilities for layer in layers if layer.probabilities is not None
+    ]
     with (
-        recorded(projection_modules) as outputs,
+        recorded(projection_modules + probability_modules) as outputs,
         recorded(output_modules, inputs=True) as contexts,
         torch.set_grad_enabled(with_gradients),
     ):
@@ -125,7 +130,7 @@ def attention_pass(
                 f"{tuple(logits.shape)}"
             )
         targets = resolve_targets(target, logits)
-        check_recorded(projection_modules, outputs)
+        check_recorded(projection_modules + probability_modules, outputs)
         check_recorded(output_modules, contexts)
         context_list = [
             contexts[id(layer.output)] if layer.output is not None else None for layer in layers
@@ -144,8 +149,11 @@ def attention_pass(
         query = _heads(layer.query.select(outputs[id(layer.query.module)]), layer.num_heads)
         key = _heads(layer.key.select(outputs[id(layer.key.module)]), layer.num_heads)
         value = _heads(layer.value.select(outputs[id(layer.value.module)]), layer.num_heads)
-        scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
-        probs = torch.softmax(scores, dim=-1)
+        if layer.probabilities is not None:  # the model's own (position terms included)
+            probs = outputs[id(layer.probabilities)].detach().float()
+        else:
+            scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+            probs = torch.softmax(scores, dim=-1)
         context = context_list[index]
         if context is not None:
             _check_context(probs, value, context.detach(), index, adapter.name)
@@ -201,7 +209,7 @@ def _check_context(
         )
 
 
-RowChoice = Literal["cls", "prefix_mean"]
+RowChoice = Literal["cls", "prefix_mean", "mean"]
 
 
 def patch_row(matrix: Tensor, prefix_tokens: int, row: RowChoice, grid: tuple[int, int]) -> Tensor:
@@ -209,20 +217,26 @@ def patch_row(matrix: Tensor, prefix_tokens: int, row: RowChoice, grid: tuple[in
 
     ``matrix`` is ``(B, T, T)`` (rollout or relevance matrix). ``row="cls"`` takes row 0 (the
     CLS token); ``row="prefix_mean"`` averages the rows of all prefix tokens (CLS and
-    distillation for DeiT). The prefix columns are dropped.
+    distillation for DeiT); ``row="mean"`` averages the rows of all tokens (models without a
+    CLS token, whose head pools every token: SigLIP). The prefix columns are dropped.
     """
     check_row(row)
     check_token_count(matrix.shape[-1], prefix_tokens, grid)
+    if row == "mean":
+        return matrix.mean(1)[:, prefix_tokens:].reshape(-1, *grid)
     if prefix_tokens < 1:
-        raise ValueError("attention maps need at least one prefix (CLS) token to read a row of")
+        raise ValueError(
+            f"`row`={row!r} reads the row of a prefix (CLS) token, and this model has none; "
+            "use row='mean' (the mean of all token rows) for models that pool every token"
+        )
     rows = matrix[:, :1] if row == "cls" else matrix[:, :prefix_tokens]
     return rows.mean(1)[:, prefix_tokens:].reshape(-1, *grid)
 
 
 def check_row(row: Any) -> None:
     """Raise unless ``row`` is a :data:`RowChoice`."""
-    if row not in ("cls", "prefix_mean"):
-        raise ValueError(f"`row` must be 'cls' or 'prefix_mean', got {row!r}")
+    if row not in ("cls", "prefix_mean", "mean"):
+        raise ValueError(f"`row` must be 'cls', 'prefix_mean' or 'mean', got {row!r}")
 
 
 class AttentionMapAttribution(PatchAttribution):

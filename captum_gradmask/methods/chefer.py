@@ -79,7 +79,8 @@ class CheferGAE(AttentionMapAttribution, GradientAttribution):
             additional_forward_args: extra positional arguments for the model's forward.
             row: which query row of the relevance matrix is the map: ``"cls"`` (default, the
                 paper: the CLS token) or ``"prefix_mean"`` (the mean of the rows of all prefix
-                tokens, e.g. CLS and distillation for DeiT distilled).
+                tokens, e.g. CLS and distillation for DeiT distilled) or ``"mean"`` (the mean
+                of all token rows, for models without a CLS token such as SigLIP).
             internal_batch_size: images per forward/backward pass (``None``: all at once).
             show_progress: show a progress bar over the batches.
 

@@ -81,7 +81,9 @@ class AttentionRollout(AttentionMapAttribution):
                 option follows the popular ``vit-explain`` variant.
             row: which query row of the rollout matrix is the map: ``"cls"`` (default, the
                 CLS token, row 0) or ``"prefix_mean"`` (the mean of the rows of all prefix
-                tokens: CLS and distillation for DeiT distilled, plus registers if any).
+                tokens: CLS and distillation for DeiT distilled, plus registers if any) or
+                ``"mean"`` (the mean of all token rows, for models without a CLS token such
+                as SigLIP).
             internal_batch_size: images per forward pass (``None``: all at once); bounds the
                 memory taken by the ``layers x heads x T x T`` attention tensors.
             show_progress: show a progress bar over the batches.
