@@ -168,12 +168,8 @@ def explain(args: argparse.Namespace) -> int:
         print(f"  {c:5d}  {p:7.2%}  {names.get(c, '')}")
     target = int(top.indices[0]) if args.target is None else args.target
 
-    if getattr(method, "has_grid", False):
-        saved = method.attribute_grid(images, target=target)
-        attribution = upsample_grid(saved, tuple(images.shape[-2:]), images.shape[1])
-    else:
-        attribution = method.attribute(images, target=target)
-        saved = attribution.sum(dim=1)
+    saved = method.attribute_grid(images, target=target)
+    attribution = upsample_grid(saved, tuple(images.shape[-2:]), 1)
     label = names.get(target, str(target))
     out = save_heatmap(
         images[0].cpu(),
@@ -194,7 +190,7 @@ def explain(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``captum-gradmask`` argument parser."""
-    from .registry import method_names
+    from .registry import DEPRECATED_NAMES, method_names
 
     parser = argparse.ArgumentParser(
         prog="captum-gradmask", description="GradMask explanations for Vision Transformers."
@@ -212,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
-        choices=method_names(),
+        choices=method_names() + list(DEPRECATED_NAMES),
         metavar="METHOD",
         help=f"a registered method (default {DEFAULT_METHOD}): {', '.join(method_names())}",
     )

@@ -106,9 +106,10 @@ class RunSummary:
 
 
 def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
-    """One map per image from a registry method: ``(B, h, w)`` when the method has an
-    ``attribute_grid`` (patch-grid methods, with the registered settings), else its pixel
-    attributions ``(B, C, H, W)`` summed over channels, ``(B, H, W)``.
+    """One map per image: ``method.attribute_grid`` (a registry method, or any of the
+    library's methods: the patch grid ``(B, h, w)``, or ``(B, H, W)`` for pixel-level
+    methods); a Captum attribution object built by the user gives its attributions summed
+    over the channels.
 
     Example::
 
@@ -125,9 +126,8 @@ def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
         >>> attribution_grid(build_method("saliency", model), images, target).shape
         torch.Size([2, 32, 32])
     """
-    inner = getattr(method, "method", method)
-    if hasattr(inner, "attribute_grid"):
-        return inner.attribute_grid(inputs, target=target, **getattr(method, "settings", {}))
+    if hasattr(method, "attribute_grid"):
+        return method.attribute_grid(inputs, target)
     attributions = method.attribute(inputs, target=target)
     if isinstance(attributions, tuple):
         attributions = attributions[0]
@@ -378,8 +378,5 @@ def _check_target(target: Any) -> str | int:
 
 
 def _map_shape(method: Any, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    inner = getattr(method, "method", method)
-    adapter = getattr(inner, "adapter", None)
-    if hasattr(inner, "attribute_grid") and adapter is not None:
-        return tuple(adapter.grid(tuple(input_shape[1:])))
-    return tuple(input_shape[1:])
+    size = (int(input_shape[-2]), int(input_shape[-1]))
+    return tuple(method.grid_size(size)) if hasattr(method, "grid_size") else size

@@ -116,11 +116,11 @@ def test_runner_end_to_end_and_resume(
     before = (output / "results.jsonl").read_text()
     main(_argv(data, model, output))
     assert (output / "results.jsonl").read_text() == before
-    argv = _argv(data, model, output, methods="saliency,inputxgradient")
+    argv = _argv(data, model, output, methods="saliency,input-x-gradient")
     argv[argv.index("--metrics") + 1] = "pointing"
     main(argv)
     rows = report.load_rows(output / "results.jsonl")
-    assert len(rows) == 8 and sum(r["method"] == "inputxgradient" for r in rows) == 2
+    assert len(rows) == 8 and sum(r["method"] == "input-x-gradient" for r in rows) == 2
 
 
 def test_predicted_target_and_truncated_line(setup: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,0 +1,87 @@
+"""One vocabulary: registry names, the one type ``build_method`` returns, keyword options in
+signatures and the errors a misspelled keyword gives."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from captum_gradmask import GradMaskAttribution
+from captum_gradmask.registry import ConfiguredMethod, build_method, method_names
+
+from .models import tiny_hf_vit
+
+
+def test_registry_names_are_lowercase_words_joined_by_hyphens() -> None:
+    for name in method_names():
+        assert name == name.lower() and " " not in name and "_" not in name, name
+    assert "input-x-gradient" in method_names() and "inputxgradient" not in method_names()
+
+
+def test_a_former_name_still_builds_with_a_deprecation_warning() -> None:
+    model = tiny_hf_vit()
+    with pytest.warns(DeprecationWarning, match="'input-x-gradient'"):
+        method = build_method("inputxgradient", model)
+    assert method.name == "input-x-gradient"
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if n != "diffmask"])
+def test_build_method_returns_one_type_with_attribute_and_attribute_grid(name: str) -> None:
+    model = tiny_hf_vit()
+    small = {"rise": {"n_masks": 4}, "kernel-shap": {"n_samples": 8}}.get(name, {})
+    method = build_method(name, model, **small)
+    assert type(method) is ConfiguredMethod
+    images = torch.randn(2, 3, 32, 32)
+    grid = method.attribute_grid(images, target=[1, 2])
+    assert grid.shape == (2, *method.grid_size((32, 32)))
+    expected = (32, 32) if method.pixel_level else (4, 4)
+    assert tuple(grid.shape[1:]) == expected
+    assert method.attribute(images, target=[1, 2]).shape == images.shape
+
+
+def test_pixel_level_grid_is_the_channel_sum_of_the_attributions() -> None:
+    method = build_method("saliency", tiny_hf_vit())
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(
+        method.attribute_grid(images, target=3), method.attribute(images, target=3).sum(1)
+    )
+
+
+def test_attribute_lists_the_methods_keyword_options() -> None:
+    parameters = inspect.signature(GradMaskAttribution.attribute).parameters
+    assert list(parameters)[:4] == ["self", "inputs", "target", "additional_forward_args"]
+    for option in ("masks_per_layer", "fill_value", "perturbations_per_eval",
+                   "internal_batch_size", "show_progress"):  # fmt: skip
+        assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY
+    assert "options" not in parameters
+
+
+@pytest.mark.parametrize("call", ["attribute", "attribute_grid"])
+def test_a_misspelled_keyword_names_the_method_and_the_valid_keywords(call: str) -> None:
+    gradmask = GradMaskAttribution(tiny_hf_vit())
+    with pytest.raises(TypeError) as error:
+        getattr(gradmask, call)(torch.randn(1, 3, 32, 32), mask_per_layer=2)
+    message = str(error.value)
+    assert f"GradMaskAttribution.{call}()" in message and "'mask_per_layer'" in message
+    assert "did you mean 'masks_per_layer'" in message and "perturbations_per_eval" in message
+
+
+def test_captum_methods_take_additional_forward_args() -> None:
+    model = tiny_hf_vit()
+    calls: list[int] = []
+
+    def forward(images: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        calls.append(images.shape[0])
+        return model(images).logits * scale[:, None]
+
+    from captum_gradmask.adapters import get_adapter
+
+    method = build_method("saliency", forward, adapter=get_adapter(model))
+    images = torch.randn(2, 3, 32, 32)
+    scale = torch.tensor([1.0, 2.0])
+    single = method.attribute(images, target=1, additional_forward_args=(torch.ones(2),))
+    doubled = method.attribute(images, target=1, additional_forward_args=(scale,))
+    torch.testing.assert_close(doubled[1], 2 * single[1])
+    torch.testing.assert_close(doubled[0], single[0])
