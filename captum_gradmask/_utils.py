@@ -7,6 +7,7 @@ Nothing here knows about a particular architecture: model-specific knowledge liv
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "forward_logits",
     "preserved_model_state",
     "recorded",
+    "renamed_keyword",
     "resolve_targets",
     "slice_args",
     "slice_target",
@@ -271,6 +273,35 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     return value
+
+
+def renamed_keyword(value: Any, default: Any, old_value: Any, new: str, old: str) -> Any:
+    """The value of keyword ``new``, accepting its former name ``old`` for one release.
+
+    ``old_value`` (``None`` when not given) wins with a ``DeprecationWarning`` naming ``new``;
+    giving both with different values is an error.
+
+    Example::
+
+        >>> import warnings
+        >>> from captum_gradmask._utils import renamed_keyword
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     renamed_keyword(64, 64, 8, "perturbations_per_eval", "batch_size")
+        8
+        >>> str(caught[0].message)
+        '`batch_size` is deprecated; use `perturbations_per_eval` (the same meaning)'
+    """
+    if old_value is None:
+        return value
+    warnings.warn(
+        f"`{old}` is deprecated; use `{new}` (the same meaning)", DeprecationWarning, stacklevel=3
+    )
+    if value is not None and value != default and value != old_value:
+        raise ValueError(
+            f"give `{new}` ({value!r}) or the deprecated `{old}` ({old_value!r}), not both"
+        )
+    return old_value
 
 
 def check_index(value: Any, count: int, name: str, what: str) -> int:

@@ -225,7 +225,7 @@ def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_
     with torch.no_grad():
         probability = float(model_probabilities(model, image)[record.label])
     assert row["target_probability"] == pytest.approx(probability, rel=1e-6)
-    options = dict(batch_size=16)
+    options = dict(perturbations_per_eval=16)
     curves = {
         ties: gradmask_notebook_deletion(model, image, maps, record.label, ties=ties, **options)
         for ties in ("stable", "reference")
@@ -253,6 +253,8 @@ def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_
     def explain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return method.attribute(x, target=t)
 
-    scores = adcc(model, image, maps, record.label, explanation_func=explain, batch_size=16)
+    scores = adcc(
+        model, image, maps, record.label, explanation_func=explain, internal_batch_size=16
+    )
     assert row["adcc"] == pytest.approx(scores.summary()["adcc"], rel=1e-5)
     assert row["average_drop"] == pytest.approx(scores.summary()["average_drop"], rel=1e-5)

@@ -85,3 +85,50 @@ def test_captum_methods_take_additional_forward_args() -> None:
     doubled = method.attribute(images, target=1, additional_forward_args=(scale,))
     torch.testing.assert_close(doubled[1], 2 * single[1])
     torch.testing.assert_close(doubled[0], single[0])
+
+
+def test_metrics_take_the_patch_size_from_the_models_adapter() -> None:
+    from captum_gradmask.metrics import deletion, patch_infidelity
+
+    model = tiny_hf_vit(image_size=112, patch_size=14)  # 8x8 patches; a 16 grid would be 7x7
+    images = torch.randn(1, 3, 112, 112)
+    grid = torch.rand(1, 8, 8)
+    curve = deletion(model, images, grid, target=0, level="patch", perturbations_per_eval=65)
+    assert curve.fractions.shape == (65,)  # one point per patch of the 8x8 grid, and 0
+    torch.testing.assert_close(curve.fractions[1], torch.tensor(1 / 64))
+    explicit = deletion(model, images, grid, target=0, level="patch", patch_size=14)
+    torch.testing.assert_close(curve.auc, explicit.auc)
+    assert patch_infidelity(model, images, grid, target=0, n_perturb_samples=2).values.shape == (1,)
+
+
+def test_metrics_without_an_adapter_need_the_patch_size() -> None:
+    from captum_gradmask.metrics import deletion, patch_infidelity
+
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    images, grid = torch.rand(1, 3, 8, 8), torch.rand(1, 2, 2)
+    with pytest.raises(ValueError, match="`patch_size` is needed"):
+        deletion(linear, images, grid, target=0, level="patch")
+    with pytest.raises(ValueError, match="`patch_size` is needed"):
+        patch_infidelity(linear, images, grid, target=0)
+    assert deletion(linear, images, grid, target=0, level="patch", patch_size=4).auc.shape == (1,)
+
+
+def test_metric_batch_knobs_have_one_name_and_the_old_one_warns() -> None:
+    from captum_gradmask.metrics import adcc, deletion
+
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    images, maps = torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8)
+    new = deletion(linear, images, maps, target=0, perturbations_per_eval=5)
+    with pytest.warns(DeprecationWarning, match="use `perturbations_per_eval`"):
+        old = deletion(linear, images, maps, target=0, batch_size=5)
+    torch.testing.assert_close(new.auc, old.auc)
+    with pytest.raises(ValueError, match="not both"):
+        deletion(linear, images, maps, target=0, batch_size=5, perturbations_per_eval=7)
+
+    def explain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x.sum(1)
+
+    new_adcc = adcc(linear, images, maps, 0, explanation_func=explain, internal_batch_size=1)
+    with pytest.warns(DeprecationWarning, match="use `internal_batch_size`"):
+        old_adcc = adcc(linear, images, maps, 0, explanation_func=explain, batch_size=1)
+    torch.testing.assert_close(new_adcc.adcc, old_adcc.adcc)

@@ -22,6 +22,7 @@ from captum_gradmask._utils import (
     preserved_model_state,
     resolve_targets,
 )
+from captum_gradmask.adapters import get_adapter
 
 __all__ = [
     "ChannelReduction",
@@ -30,8 +31,10 @@ __all__ = [
     "batched_logits",
     "check_batch_size",
     "check_choice",
+    "check_explanation_func",
     "class_probabilities",
     "progress",
+    "resolve_patch_size",
     "select_args",
     "target_probabilities",
 ]
@@ -102,6 +105,15 @@ def attribution_map(
     if (grid_h, grid_w) != (height, width):
         attr = F.interpolate(attr, size=(height, width), mode="nearest")
     return attr[:, 0].expand(batch, height, width)
+
+
+def check_explanation_func(explanation_func: Any) -> None:
+    """Raise ``TypeError`` unless ``explanation_func`` is a callable."""
+    if not callable(explanation_func):
+        raise TypeError(
+            "`explanation_func` must be a callable (inputs, target) -> attributions, got "
+            f"{type(explanation_func).__name__}"
+        )
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -176,5 +188,29 @@ def progress(iterable: Iterator[Any] | list[Any], show: bool, desc: str, total: 
     return tqdm(iterable, desc=desc, total=total)
 
 
-def check_batch_size(batch_size: Any) -> int:
-    return check_positive_int(batch_size, "batch_size")
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
+    return check_positive_int(batch_size, name)
+
+
+def resolve_patch_size(
+    forward_func: Any, patch_size: int | tuple[int, int] | None
+) -> tuple[int, int]:
+    """``(ph, pw)``: ``patch_size`` when given, else the patch size of ``forward_func``'s
+    adapter (:func:`~captum_gradmask.adapters.get_adapter`); never a default that fits one
+    architecture.
+
+    Raises:
+        ValueError: ``patch_size`` is not positive, or is ``None`` and ``forward_func`` is not a
+            model an adapter recognises.
+    """
+    if patch_size is None:
+        try:
+            return get_adapter(forward_func).patch_size
+        except ValueError:
+            raise ValueError(
+                f"`patch_size` is needed: `forward_func` (a {type(forward_func).__name__}) is not "
+                "a ViT the library recognises, so its patch size is unknown; pass "
+                "patch_size=<the model's patch side> (e.g. 16 for ViT-B/16, 14 for DINOv2)"
+            ) from None
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    return check_positive_int(ph, "patch_size"), check_positive_int(pw, "patch_size")

@@ -56,13 +56,15 @@ class PresetOptions(TypedDict, total=False):
     - ``ties``: ``"reference"`` (default: the reference code's order), ``"stable"`` or
       ``"random"`` (see :func:`rank_units`);
     - ``tie_samples``, ``seed``: random tie orders averaged with ``ties="random"``;
-    - ``batch_size``: perturbed images per forward call (default 64);
+    - ``perturbations_per_eval``: perturbed images per forward call (default 64;
+      ``batch_size`` is its deprecated name);
     - ``additional_forward_args``, ``channel_reduction``, ``show_progress``.
     """
 
     ties: TiePolicy
     tie_samples: int
     seed: int
+    perturbations_per_eval: int
     batch_size: int
     additional_forward_args: Any
     channel_reduction: ChannelReduction
@@ -137,7 +139,7 @@ def rise_insertion(
     Args:
         forward_func, inputs, attributions, target: as in :func:`perturbation_curve`.
         **options: :class:`PresetOptions` (``ties``, ``tie_samples``, ``seed``,
-            ``batch_size``, ``additional_forward_args``, ``channel_reduction``,
+            ``perturbations_per_eval``, ``additional_forward_args``, ``channel_reduction``,
             ``show_progress``).
 
     Returns:
