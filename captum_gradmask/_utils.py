@@ -112,6 +112,11 @@ def unpack_inputs(inputs: Tensor | tuple[Tensor, ...], name: str = "inputs") -> 
             f"`{name}` must have shape (batch, channels, height, width); got shape "
             f"{tuple(inputs.shape)}"
         )
+    if inputs.shape[1] not in (1, 3) and inputs.shape[-1] in (1, 3):
+        raise ValueError(
+            f"`{name}` of shape {tuple(inputs.shape)} looks channels-last (batch, height, width, "
+            f"channels); give (batch, channels, height, width): `{name}.permute(0, 3, 1, 2)`"
+        )
     if not inputs.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {inputs.dtype}")
     if inputs.shape[0] == 0:

@@ -168,6 +168,8 @@ class ViTAdapter:
             the last block); Grad-CAM's default layer.
         model: the wrapped module, if any (its mode is managed during attribution).
         name: a label for messages.
+        image_size: the one ``(H, W)`` the model accepts (a timm model built without
+            ``dynamic_img_size``), or ``None`` when any multiple of the patch size works.
     """
 
     forward: Callable[..., Any]
@@ -178,6 +180,7 @@ class ViTAdapter:
     cam_layer: nn.Module | None = field(default=None, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
     name: str = "custom"
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -216,6 +219,13 @@ class ViTAdapter:
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of an image of ``image_size = (H, W)``; checks divisibility."""
         height, width = int(image_size[0]), int(image_size[1])
+        if self.image_size is not None and (height, width) != tuple(self.image_size):
+            fixed_h, fixed_w = self.image_size
+            raise ValueError(
+                f"`inputs` image size {height}x{width} is not the {fixed_h}x{fixed_w} the model "
+                "was built for; resize the images, or build the model for any size (timm: "
+                "timm.create_model(..., dynamic_img_size=True))"
+            )
         ph, pw = self.patch_size
         if height % ph or width % pw or height < ph or width < pw:
             raise ValueError(
@@ -586,6 +596,8 @@ def _build_timm(model: Any) -> ViTAdapter:
         for block in model.blocks
     ]
     patch = model.patch_embed.patch_size
+    strict = getattr(model.patch_embed, "strict_img_size", False)
+    fixed = getattr(model.patch_embed, "img_size", None) if strict else None
     return ViTAdapter(
         forward=model,
         layers=[_timm_attention_layer(block) for block in model.blocks],
@@ -595,6 +607,7 @@ def _build_timm(model: Any) -> ViTAdapter:
         cam_layer=getattr(model.blocks[-1], "norm1", None),
         model=model,
         name=f"timm-{type(model).__name__}",
+        image_size=None if fixed is None else (int(fixed[0]), int(fixed[1])),
     )
 
 

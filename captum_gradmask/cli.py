@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,19 +96,44 @@ def _method_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
     known = method_settings(args.method)
-    for name, value in (("masks_per_layer", args.masks_per_layer), ("mode", args.mode)):
+    for name in ("masks_per_layer", "mode", "gate"):
+        value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
-    if args.batch_size is not None:
+    if args.perturbations_per_eval is not None:
         if "perturbations_per_eval" not in known:
             raise ValueError(
-                f"`--batch-size` sets perturbations_per_eval, which method {args.method!r} does "
-                "not have; use --method-option"
+                f"--perturbations-per-eval: method {args.method!r} does not batch perturbed "
+                f"copies (its settings: {', '.join(sorted(known)) or 'none'})"
             )
-        settings["perturbations_per_eval"] = args.batch_size
-    if args.gate is not None:
-        settings["gate"] = args.gate
+        settings["perturbations_per_eval"] = args.perturbations_per_eval
     return settings
+
+
+def _check_device(name: str) -> torch.device:
+    """``--device`` as a torch device, or a one-line error when it is not usable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
+def _check_out(path: str | None, flag: str) -> None:
+    """Refuse an output file whose folder does not exist before any work is done."""
+    if path is None:
+        return
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{flag} {path!r}: the folder {str(folder)!r} does not exist; create it first"
+        )
 
 
 def _with_amp_dtype(settings: dict[str, Any], flag: str | None) -> dict[str, Any]:
@@ -126,6 +152,17 @@ def _with_amp_dtype(settings: dict[str, Any], flag: str | None) -> dict[str, Any
     return settings
 
 
+def _add_perturbations_per_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--perturbations-per-eval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="masked or perturbed copies of an image per forward pass, for the methods that "
+        "batch them (GradMask, ViT-ReciproCAM, occlusion, ...; default: the method's)",
+    )
+
+
 def _add_amp_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amp-dtype",
@@ -139,17 +176,29 @@ def _add_amp_dtype(parser: argparse.ArgumentParser) -> None:
 def explain(args: argparse.Namespace) -> int:
     """Run the ``explain`` command; returns the exit code."""
     from .models import load_model
-    from .registry import build_method
+    from .registry import build_method, method_label
 
     image_path = Path(args.image)
     if not image_path.is_file():
         print(f"error: IMAGE {str(image_path)!r} is not a file", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    if args.batch_size is not None:
+        print(
+            "warning: explain's --batch-size is deprecated (it set the perturbed copies per "
+            "forward pass): use --perturbations-per-eval",
+            file=sys.stderr,
+        )
+        if args.perturbations_per_eval is None:
+            args.perturbations_per_eval = args.batch_size
+    _check_out(args.out, "--out")
+    _check_out(args.save_map, "--save-map")
+    device = _check_device(args.device)
+    settings = _method_settings(args)
     model, preprocess = load_model(args.model, weights=args.weights)
     model = model.to(device)
     images = preprocess.preprocess(image_path)[None].to(device)
-    method = build_method(args.method, model, **_method_settings(args))
+    method = build_method(args.method, model, **settings)
+    label_method = method_label(method.name, settings)
 
     with torch.no_grad():
         probabilities = torch.softmax(extract_logits(model(images)).float(), dim=-1)[0]
@@ -179,9 +228,9 @@ def explain(args: argparse.Namespace) -> int:
         mean=preprocess.mean,
         std=preprocess.std,
         sign="positive" if float(attribution.min()) >= 0 else "absolute_value",
-        title=f"{args.method}: {label} (class {target})",
+        title=f"{label_method}: {label} (class {target})",
     )
-    print(f"explained class {target} ({label}) with {args.method}; heatmap written to {out}")
+    print(f"explained class {target} ({label}) with {label_method}; heatmap written to {out}")
     if args.save_map:
         np.save(args.save_map, saved[0].detach().cpu().numpy())
         print(f"map {tuple(saved.shape[1:])} written to {args.save_map}")
@@ -221,14 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gate", default=None, help="diffmask: the trained gate's folder")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: top-1)")
-    p.add_argument("--out", default="gradmask.png", help="PNG with the heatmap over the image")
+    p.add_argument(
+        "--out",
+        default="gradmask.png",
+        help="the PNG of the heatmap over the image (default: gradmask.png in the current folder)",
+    )
     p.add_argument("--style", choices=STYLES, default="blended", help="figure style")
     p.add_argument("--save-map", default=None, help="also save the raw map as .npy")
     p.add_argument("--masks-per-layer", type=int, default=None, help="GradMask's m")
     p.add_argument("--mode", choices=("exact", "fast"), default=None, help="GradMask's mode")
     _add_amp_dtype(p)
-    p.add_argument("--batch-size", type=int, default=None, help="perturbed images per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_perturbations_per_eval(p)
+    p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=explain)
@@ -259,6 +315,7 @@ def _add_dataset_commands(commands: Any) -> None:
         help="a method setting (repeatable), e.g. perturbations_per_eval=64 or mode=fast",
     )
     _add_amp_dtype(p)
+    _add_perturbations_per_eval(p)
     p.add_argument(
         "--target", default="predicted", help="'predicted' (default), 'label' or a class index"
     )
@@ -280,8 +337,14 @@ def _add_dataset_commands(commands: Any) -> None:
     p.add_argument("--name", default="metrics", help="the store's sub-group for the columns")
     p.add_argument("--out", default=None, help="folder for rows.csv, summary.json/.md")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument(
+        "--perturbations-per-eval",
+        type=int,
+        default=64,
+        help="perturbed images per forward pass inside the metrics (default 64)",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
-    p.add_argument("--device", default=device)
+    p.add_argument("--device", default=device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_evaluate_command)
@@ -289,7 +352,9 @@ def _add_dataset_commands(commands: Any) -> None:
     p = commands.add_parser("show", help="write one stored map as a PNG")
     p.add_argument("store", help="a store made by explain-dataset")
     p.add_argument("index", type=int, help="the image's row in the store")
-    p.add_argument("--out", default="map.png", help="the PNG to write")
+    p.add_argument(
+        "--out", default="map.png", help="the PNG to write (default: map.png in the current folder)"
+    )
     p.set_defaults(handler=_show_command)
 
 
@@ -305,7 +370,7 @@ def _run_device(name: str, threads: int | None) -> torch.device:
     """The device of this process (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    device = torch.device(name)
+    device = _check_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -340,7 +405,7 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
 
     def run() -> int:
         device = _run_device(args.device, args.threads)
-        options = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
+        options = _method_settings(args)
         target = _target_policy(args.target)
         model, preprocess = load_model(args.model, weights=args.weights)
         images = open_source(args.source, preprocess, limit=args.limit)
@@ -368,11 +433,15 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
             )
             sys.stdout.flush()
         if result.rank == 0:
-            rate = result.written / result.seconds if result.seconds else 0.0
+            seconds = result.run_seconds
+            rate = result.run_written / seconds if seconds else 0.0
+            many = result.world_size > 1
+            by = f" by {result.world_size} processes" if many else ""
+            skipped = "" if many else f", {result.failed} skipped"
             print(
-                f"{result.done} of {result.total} images done in {args.out}; this process "
-                f"wrote {result.written} ({result.failed} skipped) in {result.seconds:.1f} s "
-                f"({rate:.2f} images/s)"
+                f"{result.done} of {result.total} images done in {args.out}; "
+                f"{result.run_written} written{by} in {seconds:.1f} s ({rate:.2f} images/s"
+                f"{skipped})"
             )
         return 0
 
@@ -406,6 +475,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
             metrics=args.metrics,
             name=args.name,
             batch_size=args.batch_size,
+            perturbations_per_eval=args.perturbations_per_eval,
             num_workers=args.workers,
             show_progress=not args.quiet,
         )
@@ -423,6 +493,7 @@ def _show_command(args: argparse.Namespace) -> int:
     from .evaluation import save_stored_map
 
     def run() -> int:
+        _check_out(args.out, "--out")
         out = save_stored_map(args.store, args.index, args.out)
         print(f"map {args.index} of {args.store} written to {out}")
         return 0
@@ -433,11 +504,18 @@ def _show_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``captum-gradmask`` console script."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        try:
+            return args.handler(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+
+def _print_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """A library warning as one line on stderr (no source line)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The library bakes in no data path: pass the folder (benchmarks and tests pass th
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +148,24 @@ def class_names(root: str | Path, short: bool = True) -> list[str]:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB (grayscale and CMYK files are converted)."""
+    """Open an image as RGB (grayscale and CMYK files are converted; an alpha channel is
+    dropped with a warning)."""
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return _rgb(image, str(path))
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    """``image`` as RGB; warns when transparency is dropped (transparent pixels keep the colour
+    stored under them, which the model then sees)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        warnings.warn(
+            f"{name} has an alpha channel (mode {image.mode}); it is dropped and transparent "
+            "pixels keep the colour stored under them: flatten the image onto a background "
+            "first if that matters",
+            UserWarning,
+            stacklevel=3,
+        )
+    return image.convert("RGB")
 
 
 def preprocess_image(
@@ -177,10 +193,19 @@ def preprocess_image(
         >>> preprocess_image(Image.new("RGB", (500, 375), (255, 0, 128))).shape
         torch.Size([3, 224, 224])
     """
-    pil = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    pil = load_image(image) if isinstance(image, (str, Path)) else _rgb(image, "the image")
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if height < 1 or width < 1:
         raise ValueError(f"`size` must be positive, got {size!r}")
+    if 2 * pil.height < height or 2 * pil.width < width:
+        name = str(image) if isinstance(image, (str, Path)) else "the image"
+        warnings.warn(
+            f"{name} is {pil.width}x{pil.height} pixels, less than half the model's "
+            f"{width}x{height} input: it is upscaled, and the prediction and its explanation "
+            "may mean little",
+            UserWarning,
+            stacklevel=2,
+        )
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(
             f"`mean` and `std` must have 3 values and `std` be positive; got {mean!r}, {std!r}"

@@ -39,7 +39,7 @@ from captum_gradmask import _sharding
 from captum_gradmask._utils import check_positive_int, preserved_model_state, renamed_keyword
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint
-from captum_gradmask.registry import AttributionMethod, build_method
+from captum_gradmask.registry import AttributionMethod, build_method, method_label
 from captum_gradmask.stats import bootstrap_ci
 from captum_gradmask.store import StoredMaps, StoreMismatch, files_digest, open_maps, require_zarr
 
@@ -373,19 +373,28 @@ def save_stored_map(store: str | Path, index: int, out: str | Path) -> Path:
     store's source and preprocessing are known and the file is there, else the map alone.
 
     Raises:
-        ValueError: the row has no map (not done yet, or skipped: the message says why).
+        ValueError: ``index`` is not a row of the store, or the row has no map (not done yet,
+            or skipped: the message says why).
     """
     from captum_gradmask._ops import upsample_grid
     from captum_gradmask.models import PreprocessConfig
     from captum_gradmask.viz import save_heatmap_overlay
 
     maps = open_maps(store)
+    count = len(maps)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(
+            f"`index` {index!r} is not a row of {str(store)!r}: it holds {count} images, rows "
+            f"0..{count - 1}"
+        )
     row = maps[index]
     if row["error"]:
         raise ValueError(f"image {index} ({row['file']}) was skipped: {row['error']}")
     if not row["done"]:
         raise ValueError(f"image {index} ({row['file']}) has no map yet; resume the run")
-    title = f"{maps.attrs.get('method')}: {row['file']} (class {row['target']})"
+    identity = maps.attrs.get("identity", {})
+    method = method_label(str(maps.attrs.get("method")), identity.get("settings", {}))
+    title = f"{method}: {row['file']} (class {row['target']})"
     saliency = torch.from_numpy(row["map"])
     image_path = _source_file(maps.attrs.get("source"), row["file"])
     preprocess = maps.attrs.get("preprocess")

@@ -53,12 +53,14 @@ from captum_gradmask.adapters import ViTAdapter
 __all__ = [
     "DEPRECATED_NAMES",
     "METHODS",
+    "PERFORMANCE_SETTINGS",
     "AttributionMethod",
     "ConfiguredMethod",
     "MethodSpec",
     "MethodUnavailable",
     "build_method",
     "canonical_name",
+    "method_label",
     "method_names",
     "method_settings",
     "settings_table",
@@ -380,6 +382,41 @@ def canonical_name(name: str) -> str:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; registered methods are: {', '.join(METHODS)}")
     return name
+
+
+#: Settings that change speed or memory, never the maps: left out of labels, and a resumed
+#: dataset run may change them (GradMask's ``compile`` changes the maps by float rounding
+#: only, ~1e-6).
+PERFORMANCE_SETTINGS = frozenset(
+    {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
+)
+
+
+def method_label(name: str, settings: Mapping[str, Any]) -> str:
+    """The method's name with the settings that differ from its registered ones (batching
+    left out), for consoles, figures and tables.
+
+    Example::
+
+        >>> from captum_gradmask.registry import method_label
+        >>> method_label("gradmask-m4", {"mode": "fast", "perturbations_per_eval": 64})
+        'gradmask-m4 (mode=fast)'
+        >>> method_label("gradmask-m4", {"masks_per_layer": 4})
+        'gradmask-m4'
+    """
+    try:
+        registered = METHODS[name].settings if name in METHODS else {}
+    except MethodUnavailable:
+        registered = {}
+    missing = object()
+    shown = [
+        f"{key}={str(value).replace('torch.', '')}"
+        for key, value in settings.items()
+        if key not in PERFORMANCE_SETTINGS
+        and key != "gate"
+        and registered.get(key, missing) not in (value, "heads")
+    ]
+    return f"{name} ({', '.join(shown)})" if shown else name
 
 
 def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
