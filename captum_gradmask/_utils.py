@@ -19,6 +19,7 @@ __all__ = [
     "check_finite",
     "check_index",
     "check_no_args",
+    "check_number",
     "check_positive_int",
     "check_recorded",
     "check_target",
@@ -32,7 +33,7 @@ __all__ = [
     "recorded",
     "renamed_keyword",
     "resolve_targets",
-    "slice_args",
+    "select_args",
     "slice_target",
     "unique_modules",
     "unpack_inputs",
@@ -226,13 +227,28 @@ def slice_target(target: TargetType, batch: slice) -> TargetType:
     return target[batch]
 
 
-def slice_args(additional_forward_args: Any, batch: slice, batch_size: int) -> tuple[Any, ...]:
-    """Extra forward arguments for the images in ``batch`` (batch-first tensors are sliced)."""
-    args = expand_additional_args(additional_forward_args, 1)
-    return tuple(
-        a[batch] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
-        for a in args
-    )
+def select_args(
+    additional_forward_args: Any, rows: slice | Tensor, batch_size: int
+) -> tuple[Any, ...]:
+    """Extra forward arguments for the images ``rows`` (a slice or an index tensor) of a batch
+    of ``batch_size``: tensors whose first dimension is the batch follow their images, the
+    other arguments are passed as they are.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask._utils import select_args
+        >>> scale, flag = torch.tensor([1.0, 2.0, 3.0]), True
+        >>> select_args((scale, flag), torch.tensor([2, 0]), 3)
+        (tensor([3., 1.]), True)
+    """
+
+    def pick(arg: Any) -> Any:
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch_size:
+            return arg[rows.to(arg.device) if isinstance(rows, Tensor) else rows]
+        return arg
+
+    return tuple(pick(a) for a in _as_args(additional_forward_args))
 
 
 def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
@@ -271,6 +287,13 @@ def chunks(total: int, size: int) -> Iterator[slice]:
         raise ValueError(f"chunk size must be a positive int, got {size}")
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
+
+
+def check_number(value: Any, name: str) -> float:
+    """Return ``value`` if it is a real number (not a bool), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    return value
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -52,7 +52,7 @@ from ._utils import (
     check_target,
     chunks,
     preserved_model_state,
-    slice_args,
+    select_args,
     slice_target,
     unpack_inputs,
 )
@@ -186,7 +186,7 @@ class PatchAttribution(Attribution):
                     compute(
                         images[batch],
                         slice_target(target, batch),
-                        slice_args(additional_forward_args, batch, count),
+                        select_args(additional_forward_args, batch, count),
                     )
                 )
         if isinstance(parts[0], tuple):

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from captum_gradmask import _sharding
+from captum_gradmask._ops import reduce_channels
 from captum_gradmask._utils import check_positive_int, forward_logits, preserved_model_state
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.registry import PERFORMANCE_SETTINGS, AttributionMethod, build_method
@@ -130,7 +131,7 @@ def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
     attributions = method.attribute(inputs, target=target)
     if isinstance(attributions, tuple):
         attributions = attributions[0]
-    return attributions.sum(dim=1)
+    return reduce_channels(attributions, "sum")[:, 0]
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -34,20 +34,19 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captum_gradmask._ops import ChannelReduction, check_channel_reduction, reduce_channels
 from captum_gradmask._utils import extract_logits
 from captum_gradmask.adapters import ViTAdapter
 from captum_gradmask.registry import AttributionMethod, build_method
 
 __all__ = ["LogitsModel", "clear_quantus_cache", "quantus_explain"]
 
-ChannelReduction = Literal["sum", "abs_sum", "none"]
-_REDUCTIONS = ("sum", "abs_sum", "none")
 
 #: Keywords that Quantus metrics or Quantus's own explain functions pass or accept; they mean
 #: nothing here and are ignored without a warning.
@@ -169,10 +168,7 @@ def quantus_explain(
         ...     channel_reduction="none").shape
         (1, 3, 32, 32)
     """
-    if channel_reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"`channel_reduction` must be one of {_REDUCTIONS}, got {channel_reduction!r}"
-        )
+    check_channel_reduction(channel_reduction)
     if method_settings is not None and not isinstance(method_settings, Mapping):
         raise TypeError(
             f"`method_settings` must be a dict of settings of {method!r}, got "
@@ -200,11 +196,7 @@ def quantus_explain(
     attributions = built.attribute(images, target=target)
     if isinstance(attributions, tuple):
         attributions = attributions[0]
-    attributions = attributions.detach().float()
-    if channel_reduction == "sum":
-        attributions = attributions.sum(dim=1, keepdim=True)
-    elif channel_reduction == "abs_sum":
-        attributions = attributions.abs().sum(dim=1, keepdim=True)
+    attributions = reduce_channels(attributions.detach().float(), channel_reduction)
     return attributions.cpu().numpy().astype(np.float32, copy=False)
 
 

@@ -80,7 +80,13 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
-from captum_gradmask._ops import gaussian_blur, grid_to_tokens, patch_feature_mask, tokens_to_grid
+from captum_gradmask._ops import (
+    gaussian_blur,
+    grid_to_tokens,
+    patch_feature_mask,
+    reduce_channels,
+    tokens_to_grid,
+)
 from captum_gradmask._utils import (
     TargetType,
     _as_args,
@@ -89,7 +95,7 @@ from captum_gradmask._utils import (
     extract_logits,
     preserved_model_state,
     resolve_targets,
-    slice_args,
+    select_args,
     unpack_inputs,
 )
 from captum_gradmask.adapters import ViTAdapter, resolve_model
@@ -192,7 +198,7 @@ class CaptumBaseline:
                     self._attribute(
                         images[one],
                         targets[one],
-                        slice_args(additional_forward_args, one, count),
+                        select_args(additional_forward_args, one, count),
                     )
                     for one in chunks(count, 1)
                 ]
@@ -211,7 +217,8 @@ class CaptumBaseline:
         """One ``(B, H, W)`` map per image: :meth:`attribute` summed over the channels (the
         "grid" of a pixel-level method is the input's pixel grid)."""
         attributions = self.attribute(inputs, target, additional_forward_args)
-        return (attributions[0] if isinstance(attributions, tuple) else attributions).sum(1)
+        attributions = attributions[0] if isinstance(attributions, tuple) else attributions
+        return reduce_channels(attributions, "sum")[:, 0]
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """The ``(H, W)`` of :meth:`attribute_grid`'s maps: the image size."""

@@ -7,20 +7,21 @@ Kept private: the public API is what :mod:`captum_gradmask.metrics` exports.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_gradmask._ops import ChannelReduction, check_channel_reduction, reduce_channels
 from captum_gradmask._utils import (
-    _as_args,
     check_finite,
     check_positive_int,
     chunks,
     forward_logits,
     preserved_model_state,
     resolve_targets,
+    select_args,
 )
 from captum_gradmask.adapters import get_adapter
 
@@ -35,12 +36,10 @@ __all__ = [
     "class_probabilities",
     "progress",
     "resolve_patch_size",
-    "select_args",
     "target_probabilities",
 ]
 
 ProbabilityFn = Callable[[Tensor], Tensor]
-ChannelReduction = Literal["sum", "abs_sum"]
 _REDUCTIONS = ("sum", "abs_sum")
 
 
@@ -65,10 +64,7 @@ def attribution_map(
     """
     if not isinstance(attributions, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(attributions).__name__}")
-    if channel_reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"`channel_reduction` must be one of {_REDUCTIONS}, got {channel_reduction!r}"
-        )
+    check_channel_reduction(channel_reduction, _REDUCTIONS)
     batch, channels, height, width = inputs.shape
     shape = tuple(attributions.shape)
     if attributions.dim() == 2:
@@ -97,11 +93,7 @@ def attribution_map(
     attr = attr.detach().to(device=inputs.device)
     attr = attr.float() if not attr.is_floating_point() else attr
     check_finite(attr, name)
-    if attr.shape[1] > 1:
-        attr = attr.abs() if channel_reduction == "abs_sum" else attr
-        attr = attr.sum(dim=1, keepdim=True)
-    elif channel_reduction == "abs_sum":
-        attr = attr.abs()
+    attr = reduce_channels(attr, channel_reduction, _REDUCTIONS)
     if (grid_h, grid_w) != (height, width):
         attr = F.interpolate(attr, size=(height, width), mode="nearest")
     return attr[:, 0].expand(batch, height, width)
@@ -120,17 +112,6 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
     return value
-
-
-def select_args(additional_forward_args: Any, index: Tensor, batch: int) -> tuple[Any, ...]:
-    """Pick the rows ``index`` of per-example tensor arguments (first dimension = batch)."""
-
-    def pick(arg: Any) -> Any:
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch:
-            return arg[index.to(arg.device)]
-        return arg
-
-    return tuple(pick(a) for a in _as_args(additional_forward_args))
 
 
 def class_probabilities(logits: Tensor, probability_fn: ProbabilityFn | None) -> Tensor:

@@ -31,6 +31,7 @@ from captum_gradmask._utils import (
     forward_logits,
     preserved_model_state,
     renamed_keyword,
+    select_args,
     unpack_inputs,
 )
 from captum_gradmask.metrics._common import (
@@ -42,7 +43,6 @@ from captum_gradmask.metrics._common import (
     class_probabilities,
     progress,
     resolve_patch_size,
-    select_args,
     target_probabilities,
 )
 
