@@ -138,12 +138,17 @@ def check_finite(tensor: Tensor, name: str = "inputs") -> None:
 
 
 def format_target(
-    target: TargetType, batch_size: int, num_classes: int, device: torch.device
+    target: TargetType,
+    batch_size: int,
+    num_classes: int | None,
+    device: torch.device | None = None,
+    name: str = "target",
 ) -> Tensor:
-    """Turn Captum-style targets into a ``(batch,)`` long tensor, checking the range.
+    """Turn Captum-style targets into a ``(batch,)`` long tensor, checking the range (when
+    ``num_classes`` is known).
 
     ``target`` may be an int (same class for every example), a sequence or 1-D tensor with one
-    class per example, or a 0-d tensor.
+    class per example, or a 0-d tensor; ``name`` is the argument named in errors.
     """
     if isinstance(target, Tensor):
         if target.dim() == 0:
@@ -152,23 +157,27 @@ def format_target(
             target = target.tolist()
         else:
             raise ValueError(
-                f"`target` must be an int, a list or a 1-D tensor of class indices; got a tensor "
+                f"`{name}` must be an int, a list or a 1-D tensor of class indices; got a tensor "
                 f"of shape {tuple(target.shape)}"
             )
     if isinstance(target, bool) or not isinstance(target, (int, Sequence)):
         raise TypeError(
-            f"`target` must be an int, a list or a 1-D tensor of class indices; got {target!r}"
+            f"`{name}` must be an int, a list or a 1-D tensor of class indices; got {target!r}"
         )
     targets = [target] * batch_size if isinstance(target, int) else list(target)
     if len(targets) != batch_size:
         raise ValueError(
-            f"`target` has {len(targets)} entries but the batch has {batch_size} images; "
+            f"`{name}` has {len(targets)} entries but the batch has {batch_size} images; "
             "give one class per image or a single int"
         )
     for t in targets:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_classes:
+        if num_classes is None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise ValueError(f"`{name}` value {t!r} is not a class index (an int >= 0)")
+        if num_classes is not None and (
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_classes
+        ):
             raise ValueError(
-                f"`target` value {t!r} is out of range: the model has {num_classes} classes, "
+                f"`{name}` value {t!r} is out of range: the model has {num_classes} classes, "
                 f"valid targets are 0..{num_classes - 1}"
             )
     return torch.tensor(targets, dtype=torch.long, device=device)

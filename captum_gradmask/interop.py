@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_gradmask._ops import ChannelReduction, check_channel_reduction, reduce_channels
-from captum_gradmask._utils import extract_logits
+from captum_gradmask._utils import extract_logits, format_target
 from captum_gradmask.adapters import ViTAdapter
 from captum_gradmask.registry import AttributionMethod, build_method
 
@@ -228,15 +228,9 @@ def _targets(targets: Any, batch: int, device: torch.device) -> Tensor:
     target = torch.as_tensor(np.asarray(targets) if not isinstance(targets, Tensor) else targets)
     if target.is_floating_point() and not bool((target == target.round()).all()):
         raise ValueError(f"`targets` must be class indices, got {target.tolist()!r}")
-    target = target.long().flatten().to(device)
-    if target.numel() == 1:
-        target = target.expand(batch)
-    if target.numel() != batch:
-        raise ValueError(
-            f"`targets` has {target.numel()} entries but `inputs` has {batch} images; give one "
-            "class per image (or one for all)"
-        )
-    return target
+    target = target.long().flatten()
+    single = int(target[0]) if target.numel() == 1 else target
+    return format_target(single, batch, None, device, name="targets")
 
 
 def _method(
