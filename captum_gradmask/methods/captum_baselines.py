@@ -284,15 +284,15 @@ def integrated_gradients(
     adapter: ViTAdapter | None = None,
     *,
     n_steps: int = 50,
-    internal_batch_size: int = 25,
     baseline: float = 0.0,
+    internal_batch_size: int = 25,
 ) -> CaptumBaseline:
     """Captum ``IntegratedGradients`` from a constant baseline (0 = the normalisation mean).
 
     Args:
         n_steps: integration points (Gauss-Legendre).
-        internal_batch_size: interpolated images per forward/backward pass.
         baseline: the baseline value in normalised space.
+        internal_batch_size: interpolated images per forward/backward pass.
     """
     adapter, forward, module = _setup(model, adapter)
     settings = {
@@ -387,8 +387,8 @@ def occlusion(
     model: Any,
     adapter: ViTAdapter | None = None,
     *,
-    perturbations_per_eval: int = 32,
     baseline: float = 0.0,
+    perturbations_per_eval: int = 32,
 ) -> CaptumBaseline:
     """Captum ``Occlusion`` with one window per ViT patch (window = stride = patch).
 
@@ -441,8 +441,8 @@ def feature_ablation(
     model: Any,
     adapter: ViTAdapter | None = None,
     *,
-    perturbations_per_eval: int = 32,
     baseline: float = 0.0,
+    perturbations_per_eval: int = 32,
 ) -> CaptumBaseline:
     """Captum ``FeatureAblation`` with one feature per patch (:func:`patch_feature_mask`)."""
     adapter, forward, module = _setup(model, adapter)
@@ -494,15 +494,15 @@ def kernel_shap(
     adapter: ViTAdapter | None = None,
     *,
     n_samples: int = 256,
-    perturbations_per_eval: int = 32,
     baseline: float = 0.0,
+    perturbations_per_eval: int = 32,
 ) -> CaptumBaseline:
     """Captum ``KernelShap`` with one feature per patch, baseline 0.
 
     Args:
         n_samples: sampled coalitions per image (forward passes).
-        perturbations_per_eval: coalitions per forward pass.
         baseline: value of an absent patch in normalised space.
+        perturbations_per_eval: coalitions per forward pass.
     """
     adapter, forward, module = _setup(model, adapter)
     explainer = KernelShap(forward)
