@@ -506,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
+        # this package's deprecations (old method names, old keywords) are shown to the user
+        warnings.filterwarnings("default", category=DeprecationWarning, module="captum_gradmask")
         try:
             return args.handler(args)
         except (ValueError, FileNotFoundError) as error:

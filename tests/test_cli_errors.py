@@ -112,3 +112,14 @@ def test_timm_at_another_size_and_channels_last_name_the_fix() -> None:
         gradmask.attribute(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match=r"channels-last.*permute\(0, 3, 1, 2\)"):
         gradmask.attribute(torch.randn(1, 32, 32, 3))
+
+
+def test_a_former_method_name_runs_and_says_the_new_one(checkpoint, tmp_path, capsys) -> None:
+    folder, image = checkpoint
+    command = ["explain", str(image), "--model", str(folder), "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "x.png"), "--method", "inputxgradient"]) == 0
+    captured = capsys.readouterr()
+    assert "with input-x-gradient" in captured.out
+    assert "warning: method name 'inputxgradient' is deprecated; use 'input-x-gradient'" in (
+        captured.err
+    )
