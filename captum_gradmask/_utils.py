@@ -7,6 +7,8 @@ Nothing here knows about a particular architecture: model-specific knowledge liv
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -18,6 +20,7 @@ __all__ = [
     "TargetType",
     "check_finite",
     "check_index",
+    "check_keywords",
     "check_no_args",
     "check_number",
     "check_positive_int",
@@ -303,6 +306,40 @@ def check_number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a number, got {value!r}")
     return value
+
+
+def check_keywords(
+    method: str, valid: Callable[..., Any] | Sequence[str], keywords: Any, skip: int = 0
+) -> None:
+    """Raise ``TypeError`` naming ``method`` and its valid keywords when ``keywords`` holds a
+    name that is not valid (a close spelling is suggested). ``valid`` is the names, or a
+    function whose keyword parameters they are (after the first ``skip`` parameters; ``self``
+    and ``inputs`` are never keywords).
+
+    Example::
+
+        >>> from captum_gradmask._utils import check_keywords
+        >>> def grid(inputs, *, masks=4): ...
+        >>> check_keywords("f", grid, {"mask": 2})
+        Traceback (most recent call last):
+        TypeError: f() has no keyword 'mask' (did you mean 'masks'?); its keywords are: masks
+    """
+    if callable(valid):
+        parameters = list(inspect.signature(valid).parameters.values())[skip:]
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in parameters if p.kind in kinds]
+    else:
+        names = list(valid)
+    names = [name for name in names if name not in ("self", "inputs")]
+    for name in keywords:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"{method}() has no keyword {name!r}{hint}; its keywords are: {', '.join(names)}"
+            )
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -34,7 +34,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 from ._ops import upsample_grid
 from ._utils import (
     TargetType,
+    check_keywords,
     check_positive_int,
     check_target,
     chunks,
@@ -58,7 +58,7 @@ from ._utils import (
 )
 from .adapters import ViTAdapter, resolve_model
 
-__all__ = ["GridFn", "PatchAttribution", "check_keywords"]
+__all__ = ["GridFn", "PatchAttribution"]
 
 #: ``compute(images, target, additional_forward_args)`` for one batch of images: a tensor, or
 #: a tuple of tensors, with the batch first.
@@ -192,32 +192,6 @@ class PatchAttribution(Attribution):
         if isinstance(parts[0], tuple):
             return tuple(torch.cat(column) for column in zip(*parts, strict=True))
         return torch.cat(parts)
-
-
-def check_keywords(method: str, function: Callable[..., Any], keywords: Any, skip: int = 0) -> None:
-    """Raise ``TypeError`` naming ``method`` and its valid keywords when ``keywords`` holds a
-    name that ``function`` does not take (a close spelling is suggested).
-
-    Example::
-
-        >>> from captum_gradmask.base import check_keywords
-        >>> def grid(inputs, *, masks=4): ...
-        >>> check_keywords("f", grid, {"mask": 2})
-        Traceback (most recent call last):
-        TypeError: f() has no keyword 'mask' (did you mean 'masks'?); its keywords are: masks
-    """
-    parameters = list(inspect.signature(function).parameters.values())[skip:]
-    if any(p.kind == p.VAR_KEYWORD for p in parameters):
-        return
-    valid = [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    valid = [name for name in valid if name not in ("self", "inputs")]
-    for name in keywords:
-        if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(
-                f"{method}() has no keyword {name!r}{hint}; its keywords are: {', '.join(valid)}"
-            )
 
 
 def _keywords_checked(grid_fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -132,3 +132,16 @@ def test_metric_batch_knobs_have_one_name_and_the_old_one_warns() -> None:
     with pytest.warns(DeprecationWarning, match="use `internal_batch_size`"):
         old_adcc = adcc(linear, images, maps, 0, explanation_func=explain, batch_size=1)
     torch.testing.assert_close(new_adcc.adcc, old_adcc.adcc)
+
+
+def test_a_misspelled_metric_keyword_names_the_function_called() -> None:
+    from captum_gradmask.metrics import deletion, insertion, rise_deletion
+
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    images, maps = torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8)
+    for metric, name in ((insertion, "insertion"), (deletion, "deletion")):
+        with pytest.raises(TypeError, match=rf"^{name}\(\) has no keyword 'n_step' "
+                           r"\(did you mean 'n_steps'\?\); its keywords are: .*level"):  # fmt: skip
+            metric(linear, images, maps, 0, n_step=4)
+    with pytest.raises(TypeError, match=r"rise_deletion\(\) has no keyword 'n_steps'; its keyw"):
+        rise_deletion(linear, images, maps, 0, n_steps=4)

@@ -12,6 +12,7 @@ The published protocols are in :mod:`captum_gradmask.metrics.insertion_deletion`
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from torch import Tensor
 from captum_gradmask._ops import gaussian_blur, pixel_masks
 from captum_gradmask._utils import (
     TargetType,
+    check_keywords,
     check_positive_int,
     chunks,
     forward_logits,
@@ -498,6 +500,14 @@ def perturbation_curve(
     )
 
 
+#: The keywords :func:`insertion` and :func:`deletion` pass on (all but ``mode``, theirs).
+_CURVE_KEYWORDS = tuple(
+    name
+    for name, parameter in inspect.signature(perturbation_curve).parameters.items()
+    if parameter.kind is parameter.KEYWORD_ONLY and name != "mode"
+)
+
+
 def insertion(
     forward_func: Callable[..., Any],
     inputs: Tensor | tuple[Tensor, ...],
@@ -510,7 +520,8 @@ def insertion(
     """Insertion curve: start from ``baseline`` and put back the most important units first.
 
     Higher AUC is better. Takes every keyword of :func:`perturbation_curve` except ``mode``;
-    the default baseline is the RISE blur (kernel 11, sigma 5).
+    the default baseline is the RISE blur (kernel 11, sigma 5). A misspelled keyword names this
+    function and the valid ones.
 
     Examples::
 
@@ -523,6 +534,7 @@ def insertion(
         >>> curve.probabilities.shape
         torch.Size([2, 9])
     """
+    check_keywords("insertion", _CURVE_KEYWORDS, kwargs)
     return perturbation_curve(
         forward_func, inputs, attributions, target, mode="insertion", baseline=baseline, **kwargs
     )
@@ -540,7 +552,7 @@ def deletion(
     """Deletion curve: replace the most important units by ``baseline`` first.
 
     Lower AUC is better. Takes every keyword of :func:`perturbation_curve` except ``mode``;
-    the default baseline is zeros.
+    the default baseline is zeros. A misspelled keyword names this function and the valid ones.
 
     Examples::
 
@@ -552,6 +564,7 @@ def deletion(
         >>> curve.fractions.tolist()
         [0.0, 0.25, 0.5, 0.75, 1.0]
     """
+    check_keywords("deletion", _CURVE_KEYWORDS, kwargs)
     return perturbation_curve(
         forward_func, inputs, attributions, target, mode="deletion", baseline=baseline, **kwargs
     )

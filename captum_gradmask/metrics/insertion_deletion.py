@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from torch import Tensor
 
-from captum_gradmask._utils import TargetType, unpack_inputs
+from captum_gradmask._utils import TargetType, check_keywords, unpack_inputs
 from captum_gradmask.metrics._common import ChannelReduction
 from captum_gradmask.metrics.curves import (
     PerturbationCurve,
@@ -101,13 +101,8 @@ def _preset(
     target: TargetType,
     options: dict[str, Any],
 ) -> PerturbationCurve:
-    unknown = sorted(set(options) - set(PresetOptions.__annotations__))
-    if unknown:
-        raise TypeError(
-            f"{protocol}_{mode}() got unexpected keyword(s) {unknown}; valid: "
-            f"{sorted(PresetOptions.__annotations__)} (the protocol fixes the others; use "
-            "perturbation_curve to change them)"
-        )
+    # the protocol fixes the other keywords; perturbation_curve changes them
+    check_keywords(f"{protocol}_{mode}", list(PresetOptions.__annotations__), options)
     images, _ = unpack_inputs(inputs)
     return perturbation_curve(
         forward_func,
