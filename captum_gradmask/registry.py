@@ -38,10 +38,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,6 +101,8 @@ class ConfiguredMethod:
         settings: the method's settings (shown in tables and records).
         call_settings: the keyword arguments passed on every call (default ``settings``;
             empty for Captum factories, which took their settings when built).
+        context: optional ``context()`` returning a context manager every call runs inside
+            (e.g. backward rules that change the gradients the method reads).
     """
 
     def __init__(
@@ -108,11 +112,13 @@ class ConfiguredMethod:
         settings: dict[str, Any] | None = None,
         *,
         call_settings: dict[str, Any] | None = None,
+        context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.name = name
         self.method = method
         self.settings = dict(settings or {})
         self._call_settings = self.settings if call_settings is None else dict(call_settings)
+        self._context = context or contextlib.nullcontext
 
     @property
     def adapter(self) -> ViTAdapter | None:
@@ -132,7 +138,10 @@ class ConfiguredMethod:
     ) -> Tensor | tuple[Tensor]:
         """Attributions of ``inputs`` for ``target`` with the fixed settings, in the inputs'
         shape and form."""
-        return self.method.attribute(inputs, target, additional_forward_args, **self._call_settings)
+        with self._context():
+            return self.method.attribute(
+                inputs, target, additional_forward_args, **self._call_settings
+            )
 
     def attribute_grid(
         self,
@@ -142,9 +151,10 @@ class ConfiguredMethod:
     ) -> Tensor:
         """The ``(B, h, w)`` map of each image with the fixed settings: the patch grid, or
         the pixel grid (channels summed) for pixel-level methods."""
-        return self.method.attribute_grid(
-            inputs, target, additional_forward_args, **self._call_settings
-        )
+        with self._context():
+            return self.method.attribute_grid(
+                inputs, target, additional_forward_args, **self._call_settings
+            )
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """The ``(h, w)`` of :meth:`attribute_grid`'s maps for images of ``image_size``."""
@@ -419,6 +429,10 @@ def method_label(name: str, settings: Mapping[str, Any]) -> str:
     return f"{name} ({', '.join(shown)})" if shown else name
 
 
+def _spec(name: str) -> MethodSpec:
+    return METHODS[canonical_name(name)]
+
+
 def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
     """The settings :func:`build_method` uses for ``name``, with ``overrides`` applied.
 
@@ -432,7 +446,7 @@ def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
         (500, 8)
     """
     name = canonical_name(name)
-    settings = METHODS[name].settings
+    settings = _spec(name).settings
     unknown = sorted(set(overrides) - set(settings) - ({"gate"} if name == "diffmask" else set()))
     if unknown:
         raise ValueError(
@@ -465,7 +479,7 @@ def build_method(
             gate.
     """
     name = canonical_name(name)
-    spec = METHODS[name]
+    spec = _spec(name)
     settings = method_settings(name, **overrides)
     implementation = spec.implementation()
     if not spec.is_class:

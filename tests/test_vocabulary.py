@@ -145,3 +145,22 @@ def test_a_misspelled_metric_keyword_names_the_function_called() -> None:
             metric(linear, images, maps, 0, n_step=4)
     with pytest.raises(TypeError, match=r"rise_deletion\(\) has no keyword 'n_steps'; its keyw"):
         rise_deletion(linear, images, maps, 0, n_steps=4)
+
+
+def test_a_configured_method_can_run_every_call_inside_a_context() -> None:
+    import contextlib
+
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def rules():
+        entered.append("in")
+        yield
+
+    built = build_method("saliency", tiny_hf_vit())
+    ruled = ConfiguredMethod(built.name, built.method, built.settings, call_settings={},
+                             context=rules)  # fmt: skip
+    images = torch.randn(1, 3, 32, 32)
+    ruled.attribute(images, target=1)
+    ruled.attribute_grid(images, target=1)
+    assert entered == ["in", "in"]
