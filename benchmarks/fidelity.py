@@ -51,10 +51,10 @@ def measure(args: argparse.Namespace) -> None:
         scores: dict[str, Any] = {}
         for mode, grid in maps.items():
             scores[f"{mode}_insertion"] = rise_insertion(
-                model, images, grid, targets, batch_size=args.metric_batch
+                model, images, grid, targets, perturbations_per_eval=args.metric_batch
             ).auc.tolist()
             scores[f"{mode}_deletion"] = rise_deletion(
-                model, images, grid, targets, batch_size=args.metric_batch
+                model, images, grid, targets, perturbations_per_eval=args.metric_batch
             ).auc.tolist()
             for tolerance in (0, 15):
                 result = pointing_game(

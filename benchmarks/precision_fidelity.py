@@ -119,7 +119,10 @@ def image_row(
         row[f"{name}_max_rel_error"] = float((grid - reference).abs().max()) / scale
     insertion, deletion = PRESETS[args.preset]
     options = dict(
-        ties="random", tie_samples=args.tie_samples, seed=args.seed, batch_size=args.metric_batch
+        ties="random",
+        tie_samples=args.tie_samples,
+        seed=args.seed,
+        perturbations_per_eval=args.metric_batch,
     )
     for name, grid in maps.items():
         row[f"{name}_insertion"] = float(insertion(model, image, grid, target, **options).auc[0])

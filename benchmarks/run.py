@@ -254,7 +254,7 @@ def _image_metrics(
             out[f"pointing_{tolerance}"] = float(game.hits[0])
     if "adcc" in groups:
         summary = adcc(
-            model, image, attributions, target, explanation_func=explain, batch_size=batch
+            model, image, attributions, target, explanation_func=explain, internal_batch_size=batch
         ).summary()
         for key in ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"):
             out[key] = summary[key]
@@ -265,15 +265,15 @@ def _image_metrics(
                 image,
                 attributions,
                 target,
-                patch_size=_patch_size(model),
                 seed=args.seed,
             ).values[0]
         )
         out["sensitivity"] = float(
             sensitivity(
-                explain,
+                model,
                 image,
                 target,
+                explanation_func=explain,
                 n_perturb_samples=args.sensitivity_samples,
                 seed=args.seed,
             ).values[0]
@@ -293,7 +293,7 @@ def tie_scores(
     """One preset's AUC under each tie policy: ``key`` (random ties, mean over
     ``args.tie_samples`` orders), ``key_stable``, ``key_reference``, and ``key_tie_spread``
     (largest minus smallest AUC over the stable, reference and sampled orders)."""
-    options = dict(batch_size=args.batch_size)
+    options = dict(perturbations_per_eval=args.batch_size)
     stable = preset(model, image, attributions, target, ties="stable", **options)
     reference = preset(model, image, attributions, target, ties="reference", **options)
     random = preset(
@@ -313,12 +313,6 @@ def tie_scores(
         f"{key}_reference": aucs[1],
         f"{key}_tie_spread": max(aucs) - min(aucs),
     }
-
-
-def _patch_size(model: torch.nn.Module) -> int:
-    from captum_gradmask.adapters import get_adapter
-
-    return int(get_adapter(model).patch_size[0])
 
 
 # The arguments that change the value of a row: a folder's rows must share them.

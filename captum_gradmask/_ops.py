@@ -9,7 +9,7 @@ token/grid reshapes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +18,57 @@ from torch import Tensor
 from captum_gradmask._utils import check_positive_int
 
 __all__ = [
+    "CHANNEL_REDUCTIONS",
+    "ChannelReduction",
     "boxes_to_mask",
+    "check_channel_reduction",
     "gaussian_blur",
     "grid_to_tokens",
     "patch_feature_mask",
     "pixel_masks",
+    "reduce_channels",
     "resize_boxes",
     "tokens_to_grid",
     "upsample_grid",
 ]
+
+#: How attributions ``(B, C, H, W)`` become one map per image: ``"sum"`` (signed),
+#: ``"abs_sum"`` (sum of absolute values), or ``"none"`` (channels kept).
+ChannelReduction = Literal["sum", "abs_sum", "none"]
+CHANNEL_REDUCTIONS: tuple[str, ...] = ("sum", "abs_sum", "none")
+
+
+def check_channel_reduction(
+    reduction: Any, allowed: Sequence[str] = CHANNEL_REDUCTIONS
+) -> ChannelReduction:
+    """``reduction`` if it is one of ``allowed``, else a ``ValueError`` naming them."""
+    if reduction not in allowed:
+        raise ValueError(f"`channel_reduction` must be one of {tuple(allowed)}, got {reduction!r}")
+    return reduction
+
+
+def reduce_channels(
+    attributions: Tensor,
+    reduction: ChannelReduction = "sum",
+    allowed: Sequence[str] = CHANNEL_REDUCTIONS,
+) -> Tensor:
+    """``(B, C, H, W)`` attributions to ``(B, 1, H, W)`` by ``reduction`` (``"none"``: as they
+    are); ``allowed`` names the reductions the caller accepts.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask._ops import reduce_channels
+        >>> reduce_channels(torch.tensor([[[[1.0]], [[-3.0]]]]), "abs_sum").flatten().tolist()
+        [4.0]
+    """
+    check_channel_reduction(reduction, allowed)
+    if reduction == "none":
+        return attributions
+    if reduction == "abs_sum":
+        attributions = attributions.abs()
+    return attributions.sum(dim=1, keepdim=True)
+
 
 BoxesLike = Tensor | Sequence[Sequence[float]]
 SizeLike = tuple[int, int]

@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from typing import Any
@@ -117,6 +118,14 @@ def shard(
     done = np.asarray(done, dtype=bool)
     starts = range(0, len(done), chunk_size)
     pending = [c for c, s in enumerate(starts) if not done[s : s + chunk_size].all()]
+    if rank == 0 and 0 < len(pending) < world:
+        warnings.warn(
+            f"{len(pending)} chunk(s) of {chunk_size} images left for {world} processes: "
+            f"{world - len(pending)} process(es) will have nothing to do; a smaller "
+            "--chunk-size (chunk_size=) spreads the images over more processes",
+            UserWarning,
+            stacklevel=2,
+        )
     mine = pending[rank::world]
     batches = []
     for chunk in mine:
@@ -174,6 +183,21 @@ def barrier(world: int, device: torch.device) -> None:
             dist.barrier(device_ids=[device.index or 0])
         else:
             dist.barrier()
+
+
+def run_totals(world: int, device: torch.device, written: int, seconds: float) -> tuple[int, float]:
+    """``(rows written by all ranks, the slowest rank's seconds)``: the run's throughput, not
+    one process's."""
+    if world == 1:
+        return written, seconds
+    import torch.distributed as dist
+
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    count = torch.tensor([float(written)], device=on)
+    longest = torch.tensor([float(seconds)], device=on)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return int(count.item()), float(longest.item())
 
 
 def rank0_first(

@@ -7,6 +7,9 @@ Nothing here knows about a particular architecture: model-specific knowledge liv
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +20,9 @@ __all__ = [
     "TargetType",
     "check_finite",
     "check_index",
+    "check_keywords",
     "check_no_args",
+    "check_number",
     "check_positive_int",
     "check_recorded",
     "check_target",
@@ -29,8 +34,9 @@ __all__ = [
     "forward_logits",
     "preserved_model_state",
     "recorded",
+    "renamed_keyword",
     "resolve_targets",
-    "slice_args",
+    "select_args",
     "slice_target",
     "unique_modules",
     "unpack_inputs",
@@ -110,6 +116,11 @@ def unpack_inputs(inputs: Tensor | tuple[Tensor, ...], name: str = "inputs") -> 
             f"`{name}` must have shape (batch, channels, height, width); got shape "
             f"{tuple(inputs.shape)}"
         )
+    if inputs.shape[1] not in (1, 3) and inputs.shape[-1] in (1, 3):
+        raise ValueError(
+            f"`{name}` of shape {tuple(inputs.shape)} looks channels-last (batch, height, width, "
+            f"channels); give (batch, channels, height, width): `{name}.permute(0, 3, 1, 2)`"
+        )
     if not inputs.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {inputs.dtype}")
     if inputs.shape[0] == 0:
@@ -130,12 +141,17 @@ def check_finite(tensor: Tensor, name: str = "inputs") -> None:
 
 
 def format_target(
-    target: TargetType, batch_size: int, num_classes: int, device: torch.device
+    target: TargetType,
+    batch_size: int,
+    num_classes: int | None,
+    device: torch.device | None = None,
+    name: str = "target",
 ) -> Tensor:
-    """Turn Captum-style targets into a ``(batch,)`` long tensor, checking the range.
+    """Turn Captum-style targets into a ``(batch,)`` long tensor, checking the range (when
+    ``num_classes`` is known).
 
     ``target`` may be an int (same class for every example), a sequence or 1-D tensor with one
-    class per example, or a 0-d tensor.
+    class per example, or a 0-d tensor; ``name`` is the argument named in errors.
     """
     if isinstance(target, Tensor):
         if target.dim() == 0:
@@ -144,23 +160,27 @@ def format_target(
             target = target.tolist()
         else:
             raise ValueError(
-                f"`target` must be an int, a list or a 1-D tensor of class indices; got a tensor "
+                f"`{name}` must be an int, a list or a 1-D tensor of class indices; got a tensor "
                 f"of shape {tuple(target.shape)}"
             )
     if isinstance(target, bool) or not isinstance(target, (int, Sequence)):
         raise TypeError(
-            f"`target` must be an int, a list or a 1-D tensor of class indices; got {target!r}"
+            f"`{name}` must be an int, a list or a 1-D tensor of class indices; got {target!r}"
         )
     targets = [target] * batch_size if isinstance(target, int) else list(target)
     if len(targets) != batch_size:
         raise ValueError(
-            f"`target` has {len(targets)} entries but the batch has {batch_size} images; "
+            f"`{name}` has {len(targets)} entries but the batch has {batch_size} images; "
             "give one class per image or a single int"
         )
     for t in targets:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_classes:
+        if num_classes is None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise ValueError(f"`{name}` value {t!r} is not a class index (an int >= 0)")
+        if num_classes is not None and (
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_classes
+        ):
             raise ValueError(
-                f"`target` value {t!r} is out of range: the model has {num_classes} classes, "
+                f"`{name}` value {t!r} is out of range: the model has {num_classes} classes, "
                 f"valid targets are 0..{num_classes - 1}"
             )
     return torch.tensor(targets, dtype=torch.long, device=device)
@@ -219,13 +239,28 @@ def slice_target(target: TargetType, batch: slice) -> TargetType:
     return target[batch]
 
 
-def slice_args(additional_forward_args: Any, batch: slice, batch_size: int) -> tuple[Any, ...]:
-    """Extra forward arguments for the images in ``batch`` (batch-first tensors are sliced)."""
-    args = expand_additional_args(additional_forward_args, 1)
-    return tuple(
-        a[batch] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
-        for a in args
-    )
+def select_args(
+    additional_forward_args: Any, rows: slice | Tensor, batch_size: int
+) -> tuple[Any, ...]:
+    """Extra forward arguments for the images ``rows`` (a slice or an index tensor) of a batch
+    of ``batch_size``: tensors whose first dimension is the batch follow their images, the
+    other arguments are passed as they are.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask._utils import select_args
+        >>> scale, flag = torch.tensor([1.0, 2.0, 3.0]), True
+        >>> select_args((scale, flag), torch.tensor([2, 0]), 3)
+        (tensor([3., 1.]), True)
+    """
+
+    def pick(arg: Any) -> Any:
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch_size:
+            return arg[rows.to(arg.device) if isinstance(rows, Tensor) else rows]
+        return arg
+
+    return tuple(pick(a) for a in _as_args(additional_forward_args))
 
 
 def resolve_targets(target: TargetType, logits: Tensor) -> Tensor:
@@ -266,11 +301,81 @@ def chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
+def check_number(value: Any, name: str) -> float:
+    """Return ``value`` if it is a real number (not a bool), else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    return value
+
+
+def check_keywords(
+    method: str, valid: Callable[..., Any] | Sequence[str], keywords: Any, skip: int = 0
+) -> None:
+    """Raise ``TypeError`` naming ``method`` and its valid keywords when ``keywords`` holds a
+    name that is not valid (a close spelling is suggested). ``valid`` is the names, or a
+    function whose keyword parameters they are (after the first ``skip`` parameters; ``self``
+    and ``inputs`` are never keywords).
+
+    Example::
+
+        >>> from captum_gradmask._utils import check_keywords
+        >>> def grid(inputs, *, masks=4): ...
+        >>> check_keywords("f", grid, {"mask": 2})
+        Traceback (most recent call last):
+        TypeError: f() has no keyword 'mask' (did you mean 'masks'?); its keywords are: masks
+    """
+    if callable(valid):
+        parameters = list(inspect.signature(valid).parameters.values())[skip:]
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in parameters if p.kind in kinds]
+    else:
+        names = list(valid)
+    names = [name for name in names if name not in ("self", "inputs")]
+    for name in keywords:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"{method}() has no keyword {name!r}{hint}; its keywords are: {', '.join(names)}"
+            )
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """Return ``value`` if it is a positive int, else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     return value
+
+
+def renamed_keyword(value: Any, default: Any, old_value: Any, new: str, old: str) -> Any:
+    """The value of keyword ``new``, accepting its former name ``old`` for one release.
+
+    ``old_value`` (``None`` when not given) wins with a ``DeprecationWarning`` naming ``new``;
+    giving both with different values is an error.
+
+    Example::
+
+        >>> import warnings
+        >>> from captum_gradmask._utils import renamed_keyword
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     renamed_keyword(64, 64, 8, "perturbations_per_eval", "batch_size")
+        8
+        >>> str(caught[0].message)
+        '`batch_size` is deprecated; use `perturbations_per_eval` (the same meaning)'
+    """
+    if old_value is None:
+        return value
+    warnings.warn(
+        f"`{old}` is deprecated; use `{new}` (the same meaning)", DeprecationWarning, stacklevel=3
+    )
+    if value is not None and value != default and value != old_value:
+        raise ValueError(
+            f"give `{new}` ({value!r}) or the deprecated `{old}` ({old_value!r}), not both"
+        )
+    return old_value
 
 
 def check_index(value: Any, count: int, name: str, what: str) -> int:

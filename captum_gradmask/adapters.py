@@ -194,6 +194,8 @@ class ViTAdapter:
             and BEiT). ``forward`` already enters it; :func:`resolve_model` wraps a
             replacement forward in it.
         no_tokens_reason: why ``tokens`` is ``None`` (shown by :meth:`require_tokens`).
+        image_size: the one ``(H, W)`` the model accepts (a timm model built without
+            ``dynamic_img_size``), or ``None`` when any multiple of the patch size works.
     """
 
     forward: Callable[..., Any]
@@ -208,6 +210,7 @@ class ViTAdapter:
         default=None, repr=False
     )
     no_tokens_reason: str | None = None
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -248,6 +251,13 @@ class ViTAdapter:
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid ``(h, w)`` of an image of ``image_size = (H, W)``; checks divisibility."""
         height, width = int(image_size[0]), int(image_size[1])
+        if self.image_size is not None and (height, width) != tuple(self.image_size):
+            fixed_h, fixed_w = self.image_size
+            raise ValueError(
+                f"`inputs` image size {height}x{width} is not the {fixed_h}x{fixed_w} the model "
+                "was built for; resize the images, or build the model for any size (timm: "
+                "timm.create_model(..., dynamic_img_size=True))"
+            )
         ph, pw = self.patch_size
         if height % ph or width % pw or height < ph or width < pw:
             raise ValueError(
@@ -668,6 +678,8 @@ def _build_timm(model: Any) -> ViTAdapter:
         for block in model.blocks
     ]
     patch = model.patch_embed.patch_size
+    strict = getattr(model.patch_embed, "strict_img_size", False)
+    fixed = getattr(model.patch_embed, "img_size", None) if strict else None
     return ViTAdapter(
         forward=model,
         layers=[_timm_attention_layer(block) for block in model.blocks],
@@ -683,6 +695,7 @@ def _build_timm(model: Any) -> ViTAdapter:
         cam_layer=getattr(model.blocks[-1], "norm1", None),
         model=model,
         name=f"timm-{type(model).__name__}",
+        image_size=None if fixed is None else (int(fixed[0]), int(fixed[1])),
     )
 
 

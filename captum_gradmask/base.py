@@ -34,6 +34,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -45,11 +47,12 @@ from tqdm.auto import tqdm
 from ._ops import upsample_grid
 from ._utils import (
     TargetType,
+    check_keywords,
     check_positive_int,
     check_target,
     chunks,
     preserved_model_state,
-    slice_args,
+    select_args,
     slice_target,
     unpack_inputs,
 )
@@ -96,6 +99,18 @@ class PatchAttribution(Attribution):
         self.model = resolved.module
         super().__init__(resolved.forward)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each method writes one ``attribute_grid`` with its options as keyword parameters;
+        # ``attribute`` gets the same signature (so ``help()`` lists them) and both refuse a
+        # misspelled keyword naming the method and its valid keywords.
+        super().__init_subclass__(**kwargs)
+        grid_fn = cls.__dict__.get("attribute_grid")
+        if grid_fn is None or hasattr(grid_fn, "__wrapped__"):
+            return
+        cls.attribute_grid = _keywords_checked(grid_fn)  # type: ignore[method-assign]
+        if "attribute" not in cls.__dict__:
+            cls.attribute = _input_shaped(grid_fn)  # type: ignore[method-assign]
+
     def attribute(  # type: ignore[override]
         self,
         inputs: Tensor | tuple[Tensor],
@@ -107,7 +122,8 @@ class PatchAttribution(Attribution):
 
         The map of :meth:`attribute_grid` (same arguments and keyword options), each grid
         cell's score repeated over its pixels (nearest upsampling) and the channels, so
-        Captum's metrics and visualisers take it as it is.
+        Captum's metrics and visualisers take it as it is. Each method's own ``attribute``
+        lists its keyword options in its signature.
         """
         images, is_tuple = unpack_inputs(inputs)
         grid_map = self.attribute_grid(images, target, additional_forward_args, **options)
@@ -124,6 +140,14 @@ class PatchAttribution(Attribution):
         """The ``(B, h, w)`` map of each image; implemented by each method."""
         raise NotImplementedError
 
+    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The ``(h, w)`` of :meth:`attribute_grid`'s maps for images of ``image_size``: the
+        patch grid, or the image size itself for pixel-level methods (RISE)."""
+        size = (int(image_size[0]), int(image_size[1]))
+        if self.pixel_level or self.adapter is None:
+            return size
+        return self.adapter.grid(size)
+
     # --- plumbing for subclasses ---------------------------------------------------------
 
     def _prepare(
@@ -132,8 +156,7 @@ class PatchAttribution(Attribution):
         """Checked images and their grid (the patch grid; the image size for pixel-level
         methods)."""
         images, _ = unpack_inputs(inputs)
-        size = (int(images.shape[-2]), int(images.shape[-1]))
-        grid = size if self.pixel_level or self.adapter is None else self.adapter.grid(size)
+        grid = self.grid_size(tuple(images.shape[-2:]))
         check_target(target, images.shape[0])
         return images, grid
 
@@ -163,9 +186,49 @@ class PatchAttribution(Attribution):
                     compute(
                         images[batch],
                         slice_target(target, batch),
-                        slice_args(additional_forward_args, batch, count),
+                        select_args(additional_forward_args, batch, count),
                     )
                 )
         if isinstance(parts[0], tuple):
             return tuple(torch.cat(column) for column in zip(*parts, strict=True))
         return torch.cat(parts)
+
+
+def _keywords_checked(grid_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``attribute_grid`` refusing unknown keywords with :func:`check_keywords`'s message."""
+
+    @functools.wraps(grid_fn)
+    def attribute_grid(self: PatchAttribution, *args: Any, **options: Any) -> Any:
+        check_keywords(f"{type(self).__name__}.attribute_grid", grid_fn, options, skip=1)
+        return grid_fn(self, *args, **options)
+
+    return attribute_grid
+
+
+def _input_shaped(grid_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A method's ``attribute``: its ``attribute_grid`` map upsampled to the inputs' shape,
+    with ``attribute_grid``'s signature."""
+
+    def attribute(
+        self: PatchAttribution,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        **options: Any,
+    ) -> Tensor | tuple[Tensor]:
+        check_keywords(f"{type(self).__name__}.attribute", grid_fn, options, skip=1)
+        return PatchAttribution.attribute(self, inputs, target, additional_forward_args, **options)
+
+    signature = inspect.signature(grid_fn)
+    attribute.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        return_annotation="Tensor | tuple[Tensor]"
+    )
+    attribute.__doc__ = (
+        "Attributions with the shape (and tensor-or-tuple form) of ``inputs``: the map of "
+        ":meth:`attribute_grid` (same arguments and keyword options), each grid cell's score "
+        "repeated over its pixels (nearest upsampling) and the channels, so Captum's metrics "
+        "and visualisers take it as it is."
+    )
+    attribute.__qualname__ = grid_fn.__qualname__.rsplit(".", 1)[0] + ".attribute"
+    attribute.__module__ = grid_fn.__module__
+    return attribute

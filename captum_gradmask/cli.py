@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,19 +99,44 @@ def _method_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
     known = method_settings(args.method)
-    for name, value in (("masks_per_layer", args.masks_per_layer), ("mode", args.mode)):
+    for name in ("masks_per_layer", "mode", "gate"):
+        value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
-    if args.batch_size is not None:
+    if args.perturbations_per_eval is not None:
         if "perturbations_per_eval" not in known:
             raise ValueError(
-                f"`--batch-size` sets perturbations_per_eval, which method {args.method!r} does "
-                "not have; use --method-option"
+                f"--perturbations-per-eval: method {args.method!r} does not batch perturbed "
+                f"copies (its settings: {', '.join(sorted(known)) or 'none'})"
             )
-        settings["perturbations_per_eval"] = args.batch_size
-    if args.gate is not None:
-        settings["gate"] = args.gate
+        settings["perturbations_per_eval"] = args.perturbations_per_eval
     return settings
+
+
+def _check_device(name: str) -> torch.device:
+    """``--device`` as a torch device, or a one-line error when it is not usable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
+def _check_out(path: str | None, flag: str) -> None:
+    """Refuse an output file whose folder does not exist before any work is done."""
+    if path is None:
+        return
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{flag} {path!r}: the folder {str(folder)!r} does not exist; create it first"
+        )
 
 
 def _with_amp_dtype(settings: dict[str, Any], flag: str | None) -> dict[str, Any]:
@@ -171,6 +197,17 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_perturbations_per_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--perturbations-per-eval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="masked or perturbed copies of an image per forward pass, for the methods that "
+        "batch them (GradMask, ViT-ReciproCAM, occlusion, ...; default: the method's)",
+    )
+
+
 def _add_amp_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amp-dtype",
@@ -184,13 +221,24 @@ def _add_amp_dtype(parser: argparse.ArgumentParser) -> None:
 def explain(args: argparse.Namespace) -> int:
     """Run the ``explain`` command; returns the exit code."""
     from .models import load_model
-    from .registry import build_method
+    from .registry import build_method, method_label
 
     image_path = Path(args.image)
     if not image_path.is_file():
         print(f"error: IMAGE {str(image_path)!r} is not a file", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    if args.batch_size is not None:
+        print(
+            "warning: explain's --batch-size is deprecated (it set the perturbed copies per "
+            "forward pass): use --perturbations-per-eval",
+            file=sys.stderr,
+        )
+        if args.perturbations_per_eval is None:
+            args.perturbations_per_eval = args.batch_size
+    _check_out(args.out, "--out")
+    _check_out(args.save_map, "--save-map")
+    device = _check_device(args.device)
+    settings = _method_settings(args)
     try:
         labels = zero_shot_labels(args)
     except ValueError as error:
@@ -201,7 +249,8 @@ def explain(args: argparse.Namespace) -> int:
     )
     model = model.to(device)
     images = preprocess.preprocess(image_path)[None].to(device)
-    method = build_method(args.method, model, **_method_settings(args))
+    method = build_method(args.method, model, **settings)
+    label_method = method_label(method.name, settings)
 
     with torch.no_grad():
         probabilities = torch.softmax(extract_logits(model(images)).float(), dim=-1)[0]
@@ -220,12 +269,8 @@ def explain(args: argparse.Namespace) -> int:
         print(f"  {c:5d}  {p:7.2%}  {names.get(c, '')}")
     target = int(top.indices[0]) if args.target is None else args.target
 
-    if getattr(method, "has_grid", False):
-        saved = method.attribute_grid(images, target=target)
-        attribution = upsample_grid(saved, tuple(images.shape[-2:]), images.shape[1])
-    else:
-        attribution = method.attribute(images, target=target)
-        saved = attribution.sum(dim=1)
+    saved = method.attribute_grid(images, target=target)
+    attribution = upsample_grid(saved, tuple(images.shape[-2:]), 1)
     label = names.get(target, str(target))
     out = save_heatmap(
         images[0].cpu(),
@@ -235,9 +280,9 @@ def explain(args: argparse.Namespace) -> int:
         mean=preprocess.mean,
         std=preprocess.std,
         sign="positive" if float(attribution.min()) >= 0 else "absolute_value",
-        title=f"{args.method}: {label} (class {target})",
+        title=f"{label_method}: {label} (class {target})",
     )
-    print(f"explained class {target} ({label}) with {args.method}; heatmap written to {out}")
+    print(f"explained class {target} ({label}) with {label_method}; heatmap written to {out}")
     if args.save_map:
         np.save(args.save_map, saved[0].detach().cpu().numpy())
         print(f"map {tuple(saved.shape[1:])} written to {args.save_map}")
@@ -246,7 +291,7 @@ def explain(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``captum-gradmask`` argument parser."""
-    from .registry import method_names
+    from .registry import DEPRECATED_NAMES, method_names
 
     parser = argparse.ArgumentParser(
         prog="captum-gradmask", description="GradMask explanations for Vision Transformers."
@@ -265,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
-        choices=method_names(),
+        choices=method_names() + list(DEPRECATED_NAMES),
         metavar="METHOD",
         help=f"a registered method (default {DEFAULT_METHOD}): {', '.join(method_names())}",
     )
@@ -278,14 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gate", default=None, help="diffmask: the trained gate's folder")
     p.add_argument("--target", type=int, default=None, help="class to explain (default: top-1)")
-    p.add_argument("--out", default="gradmask.png", help="PNG with the heatmap over the image")
+    p.add_argument(
+        "--out",
+        default="gradmask.png",
+        help="the PNG of the heatmap over the image (default: gradmask.png in the current folder)",
+    )
     p.add_argument("--style", choices=STYLES, default="blended", help="figure style")
     p.add_argument("--save-map", default=None, help="also save the raw map as .npy")
     p.add_argument("--masks-per-layer", type=int, default=None, help="GradMask's m")
     p.add_argument("--mode", choices=("exact", "fast"), default=None, help="GradMask's mode")
     _add_amp_dtype(p)
-    p.add_argument("--batch-size", type=int, default=None, help="perturbed images per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_perturbations_per_eval(p)
+    p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
     p.add_argument("--top", type=int, default=5, help="how many predictions to print")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_zero_shot_arguments(p)
@@ -317,6 +369,7 @@ def _add_dataset_commands(commands: Any) -> None:
         help="a method setting (repeatable), e.g. perturbations_per_eval=64 or mode=fast",
     )
     _add_amp_dtype(p)
+    _add_perturbations_per_eval(p)
     p.add_argument(
         "--target", default="predicted", help="'predicted' (default), 'label' or a class index"
     )
@@ -339,8 +392,14 @@ def _add_dataset_commands(commands: Any) -> None:
     p.add_argument("--name", default="metrics", help="the store's sub-group for the columns")
     p.add_argument("--out", default=None, help="folder for rows.csv, summary.json/.md")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument(
+        "--perturbations-per-eval",
+        type=int,
+        default=64,
+        help="perturbed images per forward pass inside the metrics (default 64)",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
-    p.add_argument("--device", default=device)
+    p.add_argument("--device", default=device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_evaluate_command)
@@ -348,7 +407,9 @@ def _add_dataset_commands(commands: Any) -> None:
     p = commands.add_parser("show", help="write one stored map as a PNG")
     p.add_argument("store", help="a store made by explain-dataset")
     p.add_argument("index", type=int, help="the image's row in the store")
-    p.add_argument("--out", default="map.png", help="the PNG to write")
+    p.add_argument(
+        "--out", default="map.png", help="the PNG to write (default: map.png in the current folder)"
+    )
     p.set_defaults(handler=_show_command)
 
 
@@ -364,7 +425,7 @@ def _run_device(name: str, threads: int | None) -> torch.device:
     """The device of this process (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    device = torch.device(name)
+    device = _check_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -399,7 +460,7 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
 
     def run() -> int:
         device = _run_device(args.device, args.threads)
-        options = _with_amp_dtype(parse_options(args.method_option), args.amp_dtype)
+        options = _method_settings(args)
         target = _target_policy(args.target)
         labels = zero_shot_labels(args)
         model, preprocess = load_model(
@@ -431,11 +492,15 @@ def _explain_dataset_command(args: argparse.Namespace) -> int:
             )
             sys.stdout.flush()
         if result.rank == 0:
-            rate = result.written / result.seconds if result.seconds else 0.0
+            seconds = result.run_seconds
+            rate = result.run_written / seconds if seconds else 0.0
+            many = result.world_size > 1
+            by = f" by {result.world_size} processes" if many else ""
+            skipped = "" if many else f", {result.failed} skipped"
             print(
-                f"{result.done} of {result.total} images done in {args.out}; this process "
-                f"wrote {result.written} ({result.failed} skipped) in {result.seconds:.1f} s "
-                f"({rate:.2f} images/s)"
+                f"{result.done} of {result.total} images done in {args.out}; "
+                f"{result.run_written} written{by} in {seconds:.1f} s ({rate:.2f} images/s"
+                f"{skipped})"
             )
         return 0
 
@@ -471,6 +536,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
             metrics=args.metrics,
             name=args.name,
             batch_size=args.batch_size,
+            perturbations_per_eval=args.perturbations_per_eval,
             num_workers=args.workers,
             show_progress=not args.quiet,
         )
@@ -488,6 +554,7 @@ def _show_command(args: argparse.Namespace) -> int:
     from .evaluation import save_stored_map
 
     def run() -> int:
+        _check_out(args.out, "--out")
         out = save_stored_map(args.store, args.index, args.out)
         print(f"map {args.index} of {args.store} written to {out}")
         return 0
@@ -498,11 +565,20 @@ def _show_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``captum-gradmask`` console script."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        # this package's deprecations (old method names, old keywords) are shown to the user
+        warnings.filterwarnings("default", category=DeprecationWarning, module="captum_gradmask")
+        try:
+            return args.handler(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+
+def _print_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    """A library warning as one line on stderr (no source line)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

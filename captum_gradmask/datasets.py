@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from captum_gradmask.data import BOX_COLUMNS, read_annotations
 
 if TYPE_CHECKING:
     from captum_gradmask.models import PreprocessConfig
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-_BOX_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 NO_LABEL = -1
 
 
@@ -203,38 +203,20 @@ def _from_folder(root: Path, preprocess: PreprocessConfig, limit: int | None) ->
 
 
 def _from_csv(path: Path, preprocess: PreprocessConfig, limit: int | None) -> ImageFiles:
-    rows: dict[str, tuple[int | None, list[list[int]]]] = {}
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or ())
-        if "file" not in columns:
-            raise ValueError(
-                f"the CSV {str(path)!r} has no 'file' column (columns: {sorted(columns)}); it "
-                "needs 'file' and optionally 'label' and xmin,ymin,xmax,ymax"
-            )
-        has_label = "label" in columns
-        has_boxes = set(_BOX_COLUMNS) <= columns
-        for line, row in enumerate(reader, start=2):
-            file = (row["file"] or "").strip()
-            if not file:
-                continue
-            text = (row.get("label") or "").strip()
-            label = int(text) if text else None
-            if file not in rows:
-                if limit is not None and len(rows) == limit:
-                    break
-                rows[file] = (label, [])
-            elif rows[file][0] != label:
-                raise ValueError(
-                    f"{path}, line {line}: {file!r} has label {label}, but an earlier row gave "
-                    f"{rows[file][0]}; one image has one label"
-                )
-            if has_boxes:
-                rows[file][1].append([int(row[k]) for k in _BOX_COLUMNS])
+    rows, columns = read_annotations(path, limit=limit)
+    has_label = "label" in columns
+    has_boxes = set(BOX_COLUMNS) <= columns
     files = list(rows)
-    labels = [NO_LABEL if rows[f][0] is None else rows[f][0] for f in files] if has_label else None
-    boxes = [torch.tensor(rows[f][1], dtype=torch.long) for f in files] if has_boxes else None
-    return ImageFiles(files, preprocess, labels, path.parent, boxes=boxes, source=path.resolve())
+    labels = [NO_LABEL if rows[f].label is None else rows[f].label for f in files]
+    boxes = [torch.tensor(rows[f].boxes, dtype=torch.long) for f in files]
+    return ImageFiles(
+        files,
+        preprocess,
+        labels if has_label else None,
+        path.parent,
+        boxes=boxes if has_boxes else None,
+        source=path.resolve(),
+    )
 
 
 @dataclass(frozen=True)

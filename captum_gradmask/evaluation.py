@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from captum_gradmask import _sharding
-from captum_gradmask._utils import check_positive_int, preserved_model_state
+from captum_gradmask._utils import check_positive_int, preserved_model_state, renamed_keyword
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint
-from captum_gradmask.registry import AttributionMethod, build_method
+from captum_gradmask.registry import AttributionMethod, build_method, method_label
 from captum_gradmask.stats import bootstrap_ci
 from captum_gradmask.store import StoredMaps, StoreMismatch, files_digest, open_maps, require_zarr
 
@@ -102,10 +102,11 @@ def evaluate_store(
     name: str = "metrics",
     batch_size: int | None = None,
     num_workers: int | None = None,
-    metric_batch_size: int = 64,
+    perturbations_per_eval: int = 64,
     n_resamples: int = 1000,
     seed: int = 0,
     show_progress: bool = True,
+    metric_batch_size: int | None = None,
 ) -> EvaluationSummary:
     """Run the project's metrics over the maps of a store, resumably and sharded like
     :func:`explain_dataset`, into per-image columns of the store's sub-group ``name``.
@@ -126,9 +127,10 @@ def evaluate_store(
         name: the sub-group holding the columns (another name keeps another evaluation).
         batch_size, num_workers: images per step and decoding processes, as in
             :func:`explain_dataset`.
-        metric_batch_size: forward passes per batch inside the metrics.
+        perturbations_per_eval: perturbed images per forward pass inside the metrics.
         n_resamples, seed: the bootstrap of the summary.
         show_progress: a progress bar on rank 0.
+        metric_batch_size: deprecated name of ``perturbations_per_eval``.
 
     Returns:
         An :class:`EvaluationSummary` (means with 95 % CIs over all evaluated rows).
@@ -143,7 +145,10 @@ def evaluate_store(
         dataset, batch_size, num_workers
     )
     groups = _check_metrics(metrics)
-    check_positive_int(metric_batch_size, "metric_batch_size")
+    per_eval = renamed_keyword(
+        perturbations_per_eval, 64, metric_batch_size, "perturbations_per_eval", "metric_batch_size"
+    )
+    check_positive_int(per_eval, "perturbations_per_eval")
     if name in ("maps", "files", "targets", "predicted", "probability", "done", "errors"):
         raise ValueError(f"`name` {name!r} is one of the store's arrays; choose another name")
     maps = open_maps(store)
@@ -196,7 +201,7 @@ def evaluate_store(
         with bar, preserved_model_state(model):
             for batch in loader:
                 values = _evaluate_batch(
-                    maps, dataset, model, explainer, batch, groups, device, metric_batch_size
+                    maps, dataset, model, explainer, batch, groups, device, per_eval
                 )
                 where = batch.indices.numpy()
                 for column in columns:
@@ -253,7 +258,7 @@ def _evaluate_batch(
     batch: ItemBatch,
     groups: list[str],
     device: torch.device,
-    batch_size: int,
+    per_eval: int,
 ) -> dict[str, np.ndarray]:
     from captum_gradmask.metrics import (
         adcc,
@@ -275,6 +280,8 @@ def _evaluate_batch(
     targets = torch.from_numpy(np.asarray(store.targets.oindex[indices])).to(device)
     rows = positions.numpy()
 
+    batching = {"perturbations_per_eval": per_eval}
+
     def put(column: str, values: Tensor) -> None:
         out[column][rows] = values.detach().float().cpu().numpy()
 
@@ -283,13 +290,13 @@ def _evaluate_batch(
             ("insertion_notebook", gradmask_notebook_insertion),
             ("deletion_notebook", gradmask_notebook_deletion),
         ):
-            put(column, metric(model, images, saliency, targets, batch_size=batch_size).auc)
+            put(column, metric(model, images, saliency, targets, **batching).auc)
     if "rise" in groups:
         for column, metric in (
             ("insertion_rise", rise_insertion),
             ("deletion_rise", rise_deletion),
         ):
-            put(column, metric(model, images, saliency, targets, batch_size=batch_size).auc)
+            put(column, metric(model, images, saliency, targets, **batching).auc)
     if "pointing" in groups:
         from PIL import Image
 
@@ -314,7 +321,7 @@ def _evaluate_batch(
             return attribution_grid(explainer, inputs, target)
 
         result = adcc(
-            model, images, saliency, targets, explanation_func=explain, batch_size=batch_size
+            model, images, saliency, targets, explanation_func=explain, internal_batch_size=per_eval
         )
         for column in METRIC_COLUMNS["adcc"]:
             put(column, 100.0 * getattr(result, column).float())
@@ -366,19 +373,28 @@ def save_stored_map(store: str | Path, index: int, out: str | Path) -> Path:
     store's source and preprocessing are known and the file is there, else the map alone.
 
     Raises:
-        ValueError: the row has no map (not done yet, or skipped: the message says why).
+        ValueError: ``index`` is not a row of the store, or the row has no map (not done yet,
+            or skipped: the message says why).
     """
     from captum_gradmask._ops import upsample_grid
     from captum_gradmask.models import PreprocessConfig
     from captum_gradmask.viz import save_heatmap_overlay
 
     maps = open_maps(store)
+    count = len(maps)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(
+            f"`index` {index!r} is not a row of {str(store)!r}: it holds {count} images, rows "
+            f"0..{count - 1}"
+        )
     row = maps[index]
     if row["error"]:
         raise ValueError(f"image {index} ({row['file']}) was skipped: {row['error']}")
     if not row["done"]:
         raise ValueError(f"image {index} ({row['file']}) has no map yet; resume the run")
-    title = f"{maps.attrs.get('method')}: {row['file']} (class {row['target']})"
+    identity = maps.attrs.get("identity", {})
+    method = method_label(str(maps.attrs.get("method")), identity.get("settings", {}))
+    title = f"{method}: {row['file']} (class {row['target']})"
     saliency = torch.from_numpy(row["map"])
     image_path = _source_file(maps.attrs.get("source"), row["file"])
     preprocess = maps.attrs.get("preprocess")

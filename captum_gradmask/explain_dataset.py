@@ -57,9 +57,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from captum_gradmask import _sharding
+from captum_gradmask._ops import reduce_channels
 from captum_gradmask._utils import check_positive_int, forward_logits, preserved_model_state
 from captum_gradmask.datasets import ItemBatch
-from captum_gradmask.registry import AttributionMethod, build_method
+from captum_gradmask.registry import PERFORMANCE_SETTINGS, AttributionMethod, build_method
 from captum_gradmask.store import StoredMaps, create_store, open_maps, require_zarr
 
 __all__ = [
@@ -71,11 +72,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 32
-# Settings that change speed or memory, never the maps: recorded, but a resumed run may differ.
-# (GradMask's `compile` changes the maps by float rounding only, ~1e-6.)
-PERFORMANCE_SETTINGS = frozenset(
-    {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
-)
 _REPORTED_FAILURES = 10  # unreadable images named on the console per process
 
 
@@ -92,6 +88,8 @@ class RunSummary:
         chunks: the chunks this rank worked on.
         seconds: wall-clock seconds of this rank's loop.
         rank, world_size: this process's rank and the number of processes.
+        run_written, run_seconds: rows written by all processes and the slowest process's
+            seconds (``run_written / run_seconds`` is the run's images per second).
     """
 
     store: Path
@@ -103,12 +101,15 @@ class RunSummary:
     seconds: float
     rank: int
     world_size: int
+    run_written: int = 0
+    run_seconds: float = 0.0
 
 
 def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
-    """One map per image from a registry method: ``(B, h, w)`` when the method has an
-    ``attribute_grid`` (patch-grid methods, with the registered settings), else its pixel
-    attributions ``(B, C, H, W)`` summed over channels, ``(B, H, W)``.
+    """One map per image: ``method.attribute_grid`` (a registry method, or any of the
+    library's methods: the patch grid ``(B, h, w)``, or ``(B, H, W)`` for pixel-level
+    methods); a Captum attribution object built by the user gives its attributions summed
+    over the channels.
 
     Example::
 
@@ -125,13 +126,12 @@ def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
         >>> attribution_grid(build_method("saliency", model), images, target).shape
         torch.Size([2, 32, 32])
     """
-    inner = getattr(method, "method", method)
-    if hasattr(inner, "attribute_grid"):
-        return inner.attribute_grid(inputs, target=target, **getattr(method, "settings", {}))
+    if hasattr(method, "attribute_grid"):
+        return method.attribute_grid(inputs, target)
     attributions = method.attribute(inputs, target=target)
     if isinstance(attributions, tuple):
         attributions = attributions[0]
-    return attributions.sum(dim=1)
+    return reduce_channels(attributions, "sum")[:, 0]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -213,9 +213,7 @@ def explain_dataset(
         if isinstance(method, str)
         else method
     )
-    method_name = (
-        method if isinstance(method, str) else getattr(built, "name", type(built).__name__)
-    )
+    method_name = getattr(built, "name", type(built).__name__)
     settings = dict(getattr(built, "settings", {}))
     input_shape = _sharding.input_shape(dataset)
     if isinstance(policy, int):
@@ -286,11 +284,24 @@ def explain_dataset(
                 if failed:
                     bar.set_postfix(skipped=failed, refresh=False)
         seconds = time.perf_counter() - start
+        run_written, run_seconds = _sharding.run_totals(world, device, written, seconds)
         _sharding.barrier(world, device)
         done = int(np.count_nonzero(store.done[:]))
     if failed > _REPORTED_FAILURES:
         print(f"... {failed} images skipped in all; see open_maps(...).failed()", file=sys.stderr)
-    return RunSummary(Path(out), len(store), done, written, failed, chunks, seconds, rank, world)
+    return RunSummary(
+        Path(out),
+        len(store),
+        done,
+        written,
+        failed,
+        chunks,
+        seconds,
+        rank,
+        world,
+        run_written,
+        run_seconds,
+    )
 
 
 def _create_or_resume(
@@ -378,8 +389,5 @@ def _check_target(target: Any) -> str | int:
 
 
 def _map_shape(method: Any, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    inner = getattr(method, "method", method)
-    adapter = getattr(inner, "adapter", None)
-    if hasattr(inner, "attribute_grid") and adapter is not None:
-        return tuple(adapter.grid(tuple(input_shape[1:])))
-    return tuple(input_shape[1:])
+    size = (int(input_shape[-2]), int(input_shape[-1]))
+    return tuple(method.grid_size(size)) if hasattr(method, "grid_size") else size

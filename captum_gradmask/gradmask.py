@@ -24,6 +24,7 @@ from ._ops import pixel_masks
 from ._utils import (
     TargetType,
     check_no_args,
+    check_number,
     check_positive_int,
     check_recorded,
     check_token_count,
@@ -32,6 +33,7 @@ from ._utils import (
     preserved_model_state,
     recorded,
     resolve_targets,
+    select_args,
     unique_modules,
     unpack_inputs,
 )
@@ -245,15 +247,9 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             (torch.Size([2, 24, 4, 4]), torch.Size([2, 24, 16]))
         """
         images, grid = self._prepare(inputs, target)
-        check_positive_int(masks_per_layer, "masks_per_layer")
+        _check_masks_per_layer(masks_per_layer, self.adapter.hidden_size)
         selected = self._select_layers(layers)
         rules = _gradient_rules(gradient_rules, self.model, self.adapter)
-        hidden = self.adapter.hidden_size
-        if hidden is not None and hidden % masks_per_layer:
-            raise ValueError(
-                f"`masks_per_layer`={masks_per_layer} does not divide the hidden size {hidden}; "
-                f"valid values are the divisors of {hidden}"
-            )
 
         def compute(
             batch: Tensor, batch_target: TargetType, args: tuple[Any, ...]
@@ -352,8 +348,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             raise ValueError(
                 f"`fast_batching` must be 'auto', 'pad' or 'group', got {fast_batching!r}"
             )
-        if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)):
-            raise ValueError(f"`fill_value` must be a number, got {fill_value!r}")
+        check_number(fill_value, "fill_value")
         if mode == "exact":
             return fast_batching
         self.adapter.require_tokens("mode='fast'")
@@ -447,7 +442,7 @@ class GradMaskAttribution(PatchAttribution, GradientAttribution):
             with torch.inference_mode():
                 keep = pixel_masks(flat_masks[rows], self.adapter.patch_size)
                 masked = torch.where(keep, images[owners[rows]], fill)
-                extra = _index_args(extra_all, rows)
+                extra = select_args(extra_all, rows, flat_masks.shape[0])
                 count = masked.shape[0]
                 if compile and count < batch_size:
                     masked, extra = _pad_batch(masked, extra, batch_size)
@@ -547,11 +542,7 @@ def _group_scores(
     """Steps 4-6 of the algorithm: channel-group sums, clamp, prefix dropped: ``(B, M, N)``."""
     stacked = torch.stack(gradients, dim=1)  # (B, S, T, D)
     batch, sources, tokens, hidden = stacked.shape
-    if hidden % masks_per_layer:
-        raise ValueError(
-            f"`masks_per_layer`={masks_per_layer} does not divide the hidden size {hidden}; "
-            f"valid values are the divisors of {hidden}"
-        )
+    _check_masks_per_layer(masks_per_layer, hidden)
     check_token_count(tokens, prefix_tokens, grid)
     scores = stacked.reshape(
         batch, sources, tokens, masks_per_layer, hidden // masks_per_layer
@@ -562,8 +553,14 @@ def _group_scores(
     return scores.reshape(batch, sources * masks_per_layer, -1)
 
 
-def _index_args(args: tuple[Any, ...], batch: slice) -> tuple[Any, ...]:
-    return tuple(a[batch] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+def _check_masks_per_layer(masks_per_layer: Any, hidden: int | None) -> None:
+    """``m`` must be a positive int dividing the projections' width (when known)."""
+    check_positive_int(masks_per_layer, "masks_per_layer")
+    if hidden is not None and hidden % masks_per_layer:
+        raise ValueError(
+            f"`masks_per_layer`={masks_per_layer} does not divide the hidden size {hidden}; "
+            f"valid values are the divisors of {hidden}"
+        )
 
 
 def _pad_batch(masked: Tensor, extra: tuple[Any, ...], size: int) -> tuple[Tensor, tuple[Any, ...]]:

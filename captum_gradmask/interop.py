@@ -34,20 +34,19 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from captum_gradmask._utils import extract_logits
+from captum_gradmask._ops import ChannelReduction, check_channel_reduction, reduce_channels
+from captum_gradmask._utils import extract_logits, format_target
 from captum_gradmask.adapters import ViTAdapter
 from captum_gradmask.registry import AttributionMethod, build_method
 
 __all__ = ["LogitsModel", "clear_quantus_cache", "quantus_explain"]
 
-ChannelReduction = Literal["sum", "abs_sum", "none"]
-_REDUCTIONS = ("sum", "abs_sum", "none")
 
 #: Keywords that Quantus metrics or Quantus's own explain functions pass or accept; they mean
 #: nothing here and are ignored without a warning.
@@ -169,10 +168,7 @@ def quantus_explain(
         ...     channel_reduction="none").shape
         (1, 3, 32, 32)
     """
-    if channel_reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"`channel_reduction` must be one of {_REDUCTIONS}, got {channel_reduction!r}"
-        )
+    check_channel_reduction(channel_reduction)
     if method_settings is not None and not isinstance(method_settings, Mapping):
         raise TypeError(
             f"`method_settings` must be a dict of settings of {method!r}, got "
@@ -200,11 +196,7 @@ def quantus_explain(
     attributions = built.attribute(images, target=target)
     if isinstance(attributions, tuple):
         attributions = attributions[0]
-    attributions = attributions.detach().float()
-    if channel_reduction == "sum":
-        attributions = attributions.sum(dim=1, keepdim=True)
-    elif channel_reduction == "abs_sum":
-        attributions = attributions.abs().sum(dim=1, keepdim=True)
+    attributions = reduce_channels(attributions.detach().float(), channel_reduction)
     return attributions.cpu().numpy().astype(np.float32, copy=False)
 
 
@@ -236,15 +228,9 @@ def _targets(targets: Any, batch: int, device: torch.device) -> Tensor:
     target = torch.as_tensor(np.asarray(targets) if not isinstance(targets, Tensor) else targets)
     if target.is_floating_point() and not bool((target == target.round()).all()):
         raise ValueError(f"`targets` must be class indices, got {target.tolist()!r}")
-    target = target.long().flatten().to(device)
-    if target.numel() == 1:
-        target = target.expand(batch)
-    if target.numel() != batch:
-        raise ValueError(
-            f"`targets` has {target.numel()} entries but `inputs` has {batch} images; give one "
-            "class per image (or one for all)"
-        )
-    return target
+    target = target.long().flatten()
+    single = int(target[0]) if target.numel() == 1 else target
+    return format_target(single, batch, None, device, name="targets")
 
 
 def _method(

@@ -48,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,8 +132,9 @@ def load_model(
 
     Raises:
         FileNotFoundError: a path-like ``model`` or ``weights`` that does not exist.
-        ValueError: a weights file given as ``model`` (name the timm architecture), or
-            ``weights`` given for a Hugging Face model.
+        ValueError: a weights file given as ``model`` (name the timm architecture),
+            ``weights`` given for a Hugging Face model, an unknown timm architecture, or a
+            checkpoint that cannot be fetched (hub unreachable).
     """
     spec = str(model)
     if templates is not None and labels is None:
@@ -186,9 +188,17 @@ def _load_huggingface(
 ) -> tuple[nn.Module, PreprocessConfig]:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    network = AutoModelForImageClassification.from_pretrained(
-        spec, local_files_only=local_files_only, **kwargs
-    ).eval()
+    try:
+        network = AutoModelForImageClassification.from_pretrained(
+            spec, local_files_only=local_files_only, **kwargs
+        ).eval()
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"`model` {spec!r} could not be loaded ({reason}); a hub id needs the hub to be "
+            "reachable (or the checkpoint in the local cache), a local checkpoint is a folder "
+            "with config.json"
+        ) from error
     try:
         processor = AutoImageProcessor.from_pretrained(spec, local_files_only=local_files_only)
     except (OSError, ValueError) as error:
@@ -288,8 +298,21 @@ def _load_timm(
     import timm
     from timm.data import resolve_data_config
 
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ValueError(
+            f"`model` 'timm:{name}' is not a timm architecture{hint} (timm.list_models() lists "
+            "them)"
+        )
     if weights is None:
-        network = timm.create_model(name, pretrained=True, **kwargs)
+        try:
+            network = timm.create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(
+                f"timm could not fetch the pretrained weights of {name!r} ({error}); pass a "
+                "local weights file (weights=..., command line: --weights FILE)"
+            ) from error
     else:
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -1,7 +1,11 @@
 """Attribution methods by name, with the settings the benchmark uses.
 
-``build_method(name, model)`` returns an object whose ``attribute(inputs, target)`` gives
-attributions of the inputs' shape; the benchmark runner and the CLI only go through here. The
+``build_method(name, model)`` returns a :class:`ConfiguredMethod` whose
+``attribute(inputs, target)`` gives attributions of the inputs' shape and whose
+``attribute_grid(inputs, target)`` gives one map per image (the patch grid, or the pixel grid
+for pixel-level methods); the benchmark runner and the CLI only go through here. Names are
+lowercase words joined by hyphens; a former spelling (``inputxgradient``) still works for one
+release, with a ``DeprecationWarning``. The
 comparison methods of :mod:`captum_gradmask.methods` are imported when first built, so a
 missing one raises :class:`MethodUnavailable` (an ``ImportError``) naming its module instead
 of breaking the others.
@@ -34,9 +38,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,13 +53,16 @@ from captum_gradmask._utils import TargetType
 from captum_gradmask.adapters import ViTAdapter
 
 __all__ = [
+    "DEPRECATED_NAMES",
     "METHODS",
+    "PERFORMANCE_SETTINGS",
     "AttributionMethod",
     "ConfiguredMethod",
     "MethodSpec",
     "MethodUnavailable",
-    "RuledMethod",
     "build_method",
+    "canonical_name",
+    "method_label",
     "method_names",
     "method_settings",
     "settings_table",
@@ -73,36 +83,82 @@ class MethodUnavailable(ImportError):
 
 
 class ConfiguredMethod:
-    """A Captum-style attribution object with fixed keyword settings.
+    """A registered method with its settings: the one type :func:`build_method` returns.
 
-    ``attribute(inputs, target)`` calls ``method.attribute(inputs, target=target, **settings)``
-    and, for grid methods, ``attribute_grid(inputs, target)`` their ``(B, h, w)`` map.
+    Every registry method answers the same two calls with its fixed settings:
+
+    - ``attribute(inputs, target, additional_forward_args)``: attributions of the inputs'
+      shape (and tensor-or-tuple form), as Captum's metrics and visualisers take them;
+    - ``attribute_grid(inputs, target, additional_forward_args)``: one ``(B, h, w)`` map per
+      image. For patch-grid methods (GradMask, rollout, Chefer, ViT-ReciproCAM, DiffMask) it
+      is the patch grid; for pixel-level methods (Captum's gradient and perturbation methods,
+      Grad-CAM, RISE) it is the pixel grid ``(B, H, W)``, the attributions summed over the
+      channels. :meth:`grid_size` says which ``(h, w)`` an image size gives.
 
     Args:
         name: the registry name.
-        method: an object with ``attribute(inputs, target=..., **settings)``.
-        settings: keyword arguments for every call.
+        method: the implementation, with ``attribute``, ``attribute_grid`` and ``grid_size``.
+        settings: the method's settings (shown in tables and records).
+        call_settings: the keyword arguments passed on every call (default ``settings``;
+            empty for Captum factories, which took their settings when built).
+        context: optional ``context()`` returning a context manager every call runs inside
+            (e.g. backward rules that change the gradients the method reads).
     """
 
-    def __init__(self, name: str, method: Any, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        method: Any,
+        settings: dict[str, Any] | None = None,
+        *,
+        call_settings: dict[str, Any] | None = None,
+        context: Callable[[], AbstractContextManager[Any]] | None = None,
+    ) -> None:
         self.name = name
         self.method = method
         self.settings = dict(settings or {})
-
-    def attribute(self, inputs: Tensor, target: TargetType = None) -> Any:
-        """Attributions of ``inputs`` for ``target`` with the fixed settings."""
-        return self.method.attribute(inputs, target=target, **self.settings)
+        self._call_settings = self.settings if call_settings is None else dict(call_settings)
+        self._context = context or contextlib.nullcontext
 
     @property
-    def has_grid(self) -> bool:
-        """Whether the method gives one map per image on a grid (:meth:`attribute_grid`)."""
-        return hasattr(self.method, "attribute_grid")
+    def adapter(self) -> ViTAdapter | None:
+        """The model's adapter the method uses (``None`` for a method on a plain function)."""
+        return getattr(self.method, "adapter", None)
 
-    def attribute_grid(self, inputs: Tensor, target: TargetType = None) -> Tensor:
-        """The ``(B, h, w)`` map (patch grid, or pixels for RISE) with the fixed settings."""
-        if not self.has_grid:
-            raise TypeError(f"method {self.name!r} gives pixel attributions only, no grid")
-        return self.method.attribute_grid(inputs, target=target, **self.settings)
+    @property
+    def pixel_level(self) -> bool:
+        """Whether :meth:`attribute_grid` gives pixel maps rather than patch-grid maps."""
+        return bool(self.method.pixel_level)
+
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor | tuple[Tensor]:
+        """Attributions of ``inputs`` for ``target`` with the fixed settings, in the inputs'
+        shape and form."""
+        with self._context():
+            return self.method.attribute(
+                inputs, target, additional_forward_args, **self._call_settings
+            )
+
+    def attribute_grid(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """The ``(B, h, w)`` map of each image with the fixed settings: the patch grid, or
+        the pixel grid (channels summed) for pixel-level methods."""
+        with self._context():
+            return self.method.attribute_grid(
+                inputs, target, additional_forward_args, **self._call_settings
+            )
+
+    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The ``(h, w)`` of :meth:`attribute_grid`'s maps for images of ``image_size``."""
+        return self.method.grid_size(image_size)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
@@ -200,7 +256,7 @@ _SPECS = [
         "saliency", _CAPTUM, "saliency", {}, "absolute gradient (Captum Saliency)", is_class=False
     ),
     MethodSpec(
-        "inputxgradient",
+        "input-x-gradient",
         _CAPTUM,
         "input_x_gradient",
         {},
@@ -349,16 +405,78 @@ _SPECS = [
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
 
+#: Former spellings, accepted with a ``DeprecationWarning`` for one release.
+DEPRECATED_NAMES: dict[str, str] = {"inputxgradient": "input-x-gradient"}
+
 
 def method_names() -> list[str]:
     """All registered names, in the benchmark's column order."""
     return list(METHODS)
 
 
-def _spec(name: str) -> MethodSpec:
+def canonical_name(name: str) -> str:
+    """``name``, or the current name of a deprecated spelling (with a ``DeprecationWarning``).
+
+    Raises:
+        ValueError: an unknown name.
+
+    Example::
+
+        >>> import warnings
+        >>> from captum_gradmask.registry import canonical_name
+        >>> with warnings.catch_warnings(record=True):
+        ...     warnings.simplefilter("always")
+        ...     canonical_name("inputxgradient")
+        'input-x-gradient'
+    """
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(
+            f"method name {name!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3
+        )
+        return new
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; registered methods are: {', '.join(METHODS)}")
-    return METHODS[name]
+    return name
+
+
+#: Settings that change speed or memory, never the maps: left out of labels, and a resumed
+#: dataset run may change them (GradMask's ``compile`` changes the maps by float rounding
+#: only, ~1e-6).
+PERFORMANCE_SETTINGS = frozenset(
+    {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
+)
+
+
+def method_label(name: str, settings: Mapping[str, Any]) -> str:
+    """The method's name with the settings that differ from its registered ones (batching
+    left out), for consoles, figures and tables.
+
+    Example::
+
+        >>> from captum_gradmask.registry import method_label
+        >>> method_label("gradmask-m4", {"mode": "fast", "perturbations_per_eval": 64})
+        'gradmask-m4 (mode=fast)'
+        >>> method_label("gradmask-m4", {"masks_per_layer": 4})
+        'gradmask-m4'
+    """
+    try:
+        registered = METHODS[name].settings if name in METHODS else {}
+    except MethodUnavailable:
+        registered = {}
+    missing = object()
+    shown = [
+        f"{key}={str(value).replace('torch.', '')}"
+        for key, value in settings.items()
+        if key not in PERFORMANCE_SETTINGS
+        and key != "gate"
+        and registered.get(key, missing) not in (value, "heads")
+    ]
+    return f"{name} ({', '.join(shown)})" if shown else name
+
+
+def _spec(name: str) -> MethodSpec:
+    return METHODS[canonical_name(name)]
 
 
 def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
@@ -373,8 +491,8 @@ def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
         >>> method_settings("rise")["n_masks"], method_settings("rise", n_masks=8)["n_masks"]
         (500, 8)
     """
-    spec = _spec(name)
-    settings = spec.settings
+    name = canonical_name(name)
+    settings = _spec(name).settings
     unknown = sorted(set(overrides) - set(settings) - ({"gate"} if name == "diffmask" else set()))
     if unknown:
         raise ValueError(
@@ -408,8 +526,8 @@ def build_method(
             ``gate=``, the trained gate or its folder).
 
     Returns:
-        An object with ``attribute(inputs, target)`` returning attributions of the inputs'
-        shape (a :class:`ConfiguredMethod`, or a Captum baseline with its settings).
+        A :class:`ConfiguredMethod` (``attribute``, ``attribute_grid``, ``grid_size``), for
+        every registered method.
 
     Raises:
         ValueError: unknown ``name`` or setting, or ``gradient_rules`` for a method that
@@ -429,6 +547,7 @@ def build_method(
         >>> ig.attribute(torch.randn(1, 3, 32, 32), target=2).shape
         torch.Size([1, 3, 32, 32])
     """
+    name = canonical_name(name)
     spec = _spec(name)
     if gradient_rules is not None and "gradient_rules" in spec.settings:
         overrides["gradient_rules"] = gradient_rules  # GradMask's own option
@@ -442,38 +561,13 @@ def build_method(
 #: Registered methods whose maps come from gradients of the model (LibraGrad's rules apply).
 _GRADIENT_METHODS = {
     "saliency",
-    "inputxgradient",
+    "input-x-gradient",
     "integrated-gradients",
     "gradient-shap",
     "smoothgrad",
     "layer-gradcam",
     "chefer-gae",
 }
-
-
-class RuledMethod:
-    """A built method whose every ``attribute`` / ``attribute_grid`` call runs inside a
-    backward-rules context (``rules()``); everything else is the method's own."""
-
-    def __init__(self, method: Any, rules: Any) -> None:
-        self.method = method
-        self.rules = rules
-
-    def attribute(self, *args: Any, **kwargs: Any) -> Any:
-        """The method's ``attribute`` under the rules."""
-        with self.rules():
-            return self.method.attribute(*args, **kwargs)
-
-    def attribute_grid(self, *args: Any, **kwargs: Any) -> Any:
-        """The method's ``attribute_grid`` under the rules."""
-        with self.rules():
-            return self.method.attribute_grid(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["method"], name)
-
-    def __repr__(self) -> str:
-        return f"RuledMethod({self.method!r})"
 
 
 def _under_rules(name: str, method: Any, model: Any, adapter: Any, gradient_rules: Any) -> Any:
@@ -487,7 +581,13 @@ def _under_rules(name: str, method: Any, model: Any, adapter: Any, gradient_rule
     from captum_gradmask.rules import libragrad, libragrad_rules
 
     libragrad_rules(model, adapter)  # refuse an unsupported model now, not at the first call
-    return RuledMethod(method, lambda: libragrad(model, adapter))
+    return ConfiguredMethod(
+        method.name,
+        method.method,
+        method.settings,
+        call_settings=method._call_settings,
+        context=lambda: libragrad(model, adapter),
+    )
 
 
 def _build(
@@ -496,7 +596,8 @@ def _build(
     settings = method_settings(name, **overrides)
     implementation = spec.implementation()
     if not spec.is_class:
-        return implementation(model, adapter, **settings)
+        method = implementation(model, adapter, **settings)
+        return ConfiguredMethod(name, method, settings, call_settings={})
     if name == "diffmask":
         gate = settings.pop("gate", None)
         if gate is None:

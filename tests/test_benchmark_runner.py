@@ -116,11 +116,11 @@ def test_runner_end_to_end_and_resume(
     before = (output / "results.jsonl").read_text()
     main(_argv(data, model, output))
     assert (output / "results.jsonl").read_text() == before
-    argv = _argv(data, model, output, methods="saliency,inputxgradient")
+    argv = _argv(data, model, output, methods="saliency,input-x-gradient")
     argv[argv.index("--metrics") + 1] = "pointing"
     main(argv)
     rows = report.load_rows(output / "results.jsonl")
-    assert len(rows) == 8 and sum(r["method"] == "inputxgradient" for r in rows) == 2
+    assert len(rows) == 8 and sum(r["method"] == "input-x-gradient" for r in rows) == 2
 
 
 def test_predicted_target_and_truncated_line(setup: tuple[Path, Path], tmp_path: Path) -> None:
@@ -225,7 +225,7 @@ def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_
     with torch.no_grad():
         probability = float(model_probabilities(model, image)[record.label])
     assert row["target_probability"] == pytest.approx(probability, rel=1e-6)
-    options = dict(batch_size=16)
+    options = dict(perturbations_per_eval=16)
     curves = {
         ties: gradmask_notebook_deletion(model, image, maps, record.label, ties=ties, **options)
         for ties in ("stable", "reference")
@@ -253,7 +253,9 @@ def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_
     def explain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return method.attribute(x, target=t)
 
-    scores = adcc(model, image, maps, record.label, explanation_func=explain, batch_size=16)
+    scores = adcc(
+        model, image, maps, record.label, explanation_func=explain, internal_batch_size=16
+    )
     assert row["adcc"] == pytest.approx(scores.summary()["adcc"], rel=1e-5)
     assert row["average_drop"] == pytest.approx(scores.summary()["average_drop"], rel=1e-5)
 

@@ -17,7 +17,7 @@ from .models import tiny_hf_vit, tiny_timm_vit
 # Small settings: the point here is shapes and definitions, not quality.
 FACTORIES = {
     "saliency": (cb.saliency, {}),
-    "inputxgradient": (cb.input_x_gradient, {}),
+    "input-x-gradient": (cb.input_x_gradient, {}),
     "integrated-gradients": (cb.integrated_gradients, {"n_steps": 4}),
     "gradient-shap": (cb.gradient_shap, {"n_samples": 3, "blur_kernel_size": 3}),
     "smoothgrad": (cb.smoothgrad, {"nt_samples": 3}),
@@ -180,7 +180,7 @@ def test_default_gradcam_layer_choices_and_error() -> None:
 def test_registry_names_and_overrides() -> None:
     expected = {
         "gradmask-m1", "gradmask-m4", "gradmask-mheads", "gradmask-fast", "saliency",
-        "inputxgradient", "integrated-gradients", "gradient-shap", "smoothgrad", "occlusion",
+        "input-x-gradient", "integrated-gradients", "gradient-shap", "smoothgrad", "occlusion",
         "feature-ablation", "kernel-shap", "layer-gradcam", "rollout", "chefer-gae",
         "vit-reciprocam", "vit-reciprocam-1x1", "rise", "diffmask", "gradmask-libragrad",
         "libragrad", "libragrad-ixg", "libragrad-ig", "libragrad-fullgrad", "tis",

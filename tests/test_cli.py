@@ -96,8 +96,8 @@ def test_method_options_are_checked(checkpoint, capsys) -> None:
     code = main(["explain", str(image), "--model", str(folder), "--method-option", "n_mask=3"])
     assert code == 2 and "unknown setting(s) ['n_mask']" in capsys.readouterr().err
     code = main(["explain", str(image), "--model", str(folder), "--method", "rollout",
-                 "--batch-size", "8"])  # fmt: skip
-    assert code == 2 and "perturbations_per_eval" in capsys.readouterr().err
+                 "--perturbations-per-eval", "8"])  # fmt: skip
+    assert code == 2 and "--perturbations-per-eval" in capsys.readouterr().err
     with pytest.raises(ValueError, match="name=value"):
         parse_options(["n_masks"])
 

@@ -186,19 +186,30 @@ def _gradmask_explanation(model: nn.Module) -> Callable[[Tensor, Any], Tensor]:
 
 METRICS: dict[str, Callable[[nn.Module, Tensor, Tensor], Any]] = {
     "insertion": lambda model, images, maps: insertion(
-        model, images, maps, target=1, patch_size=8, n_steps=4, batch_size=3
+        model, images, maps, target=1, patch_size=8, n_steps=4, perturbations_per_eval=3
     ),
     "deletion": lambda model, images, maps: deletion(
-        model, images, maps, target=1, level="patch", patch_size=8, n_steps=4, batch_size=3
+        model, images, maps, target=1, level="patch", n_steps=4, perturbations_per_eval=3
     ),
     "infidelity": lambda model, images, maps: patch_infidelity(
-        model, images, maps, target=1, patch_size=8, n_perturb_samples=4, batch_size=2, seed=0
+        model, images, maps, target=1, n_perturb_samples=4, perturbations_per_eval=2, seed=0
     ),
     "sensitivity": lambda model, images, maps: sensitivity(
-        _gradmask_explanation(model), images, target=1, n_perturb_samples=2, batch_size=2, seed=0
+        model,
+        images,
+        target=1,
+        explanation_func=_gradmask_explanation(model),
+        n_perturb_samples=2,
+        perturbations_per_eval=2,
+        seed=0,
     ),
     "adcc": lambda model, images, maps: adcc(
-        model, images, None, target=1, explanation_func=_gradmask_explanation(model), batch_size=1
+        model,
+        images,
+        None,
+        target=1,
+        explanation_func=_gradmask_explanation(model),
+        internal_batch_size=1,
     ),
 }
 

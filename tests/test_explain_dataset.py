@@ -410,3 +410,32 @@ def test_real_images_killed_half_way_resume_under_torchrun(tmp_path: Path) -> No
         torch.testing.assert_close(
             torch.from_numpy(np.asarray(store.maps[i : i + 1])), expected, atol=1e-5, rtol=0
         )
+
+
+def test_show_a_row_past_the_end_and_a_missing_out_folder_are_one_line_errors(
+    model_and_images, tmp_path: Path, capsys
+) -> None:
+    model, images = model_and_images
+    out = tmp_path / "store.zarr"
+    _run(images, model, out)
+    capsys.readouterr()
+    assert main(["show", str(out), "17", "--out", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds 7 images, rows 0..6" in error
+    missing = tmp_path / "no" / "such" / "x.png"
+    assert main(["show", str(out), "1", "--out", str(missing)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "does not exist" in error and not missing.parent.exists()
+
+
+def test_explain_dataset_says_where_processes_would_idle_and_reports_the_runs_rate(
+    model_and_images, tmp_path: Path, capsys
+) -> None:
+    from captum_gradmask import _sharding
+
+    with pytest.warns(UserWarning, match="2 process\\(es\\) will have nothing to do"):
+        _sharding.shard(np.zeros(4, dtype=bool), 2, 2, rank=0, world=4)
+    model, images = model_and_images
+    summary = _run(images, model, tmp_path / "rate.zarr")
+    assert summary.run_written == summary.written == 7
+    assert summary.run_seconds == summary.seconds > 0

@@ -119,7 +119,7 @@ def test_bad_arguments_are_named() -> None:
     vit, x = tiny_hf_vit(), _images(2)
     with pytest.raises(ValueError, match="unknown method 'gradmask'"):
         quantus_explain(vit, x, np.array([0, 1]), method="gradmask")
-    with pytest.raises(ValueError, match="`targets` has 3 entries but `inputs` has 2"):
+    with pytest.raises(ValueError, match="`targets` has 3 entries but the batch has 2 images"):
         quantus_explain(vit, x, np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="`channel_reduction` must be one of"):
         quantus_explain(vit, x, np.array([0, 1]), channel_reduction="mean")

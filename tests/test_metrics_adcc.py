@@ -99,7 +99,7 @@ def test_attributions_none_uses_explanation_func_and_gradients_work() -> None:
         return saliency.attribute(x, target=t)
 
     images = torch.rand(3, 3, 4, 4)
-    result = adcc(model, images, None, explanation_func=explain, batch_size=2)
+    result = adcc(model, images, None, explanation_func=explain, internal_batch_size=2)
     assert calls == [2, 1, 2, 1]  # the maps on x, then on x * s, in batches of 2
     # A linear model's saliency does not depend on the input: coherence is exactly 1.
     assert result.coherence.tolist() == pytest.approx([1.0, 1.0, 1.0])
@@ -127,5 +127,5 @@ def test_errors() -> None:
         adcc(MeanModel(), images, RAW[None], target=0, explanation_func=None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="explanation_func"):
         adcc(MeanModel(), images, RAW[None], target=0, explanation_func=lambda x, t: [1])
-    with pytest.raises(ValueError, match="batch_size"):
-        adcc(MeanModel(), images, RAW[None], explanation_func=lambda x, t: x, batch_size=0)
+    with pytest.raises(ValueError, match="internal_batch_size"):
+        adcc(MeanModel(), images, RAW[None], explanation_func=lambda x, t: x, internal_batch_size=0)

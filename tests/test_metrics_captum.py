@@ -57,9 +57,10 @@ def test_sensitivity_zero_for_input_independent_saliency() -> None:
     saliency = Saliency(linear)
     images = torch.rand(2, 3, 4, 4)
     flat = sensitivity(
-        lambda x, t: saliency.attribute(x, target=t),
+        linear,
         images,
         target=[0, 2],
+        explanation_func=lambda x, t: saliency.attribute(x, target=t),
         n_perturb_samples=4,
         seed=0,
     ).values
@@ -72,9 +73,10 @@ def test_sensitivity_zero_for_input_independent_saliency() -> None:
 
     square_saliency = Saliency(Square())
     varying = sensitivity(
-        lambda x, t: square_saliency.attribute(x, target=t, abs=False),
+        Square(),
         images,
         target=0,
+        explanation_func=lambda x, t: square_saliency.attribute(x, target=t, abs=False),
         n_perturb_samples=4,
         perturb_radius=0.1,
         seed=0,
@@ -117,16 +119,37 @@ def test_infidelity_three_channels_unnormalized_by_hand() -> None:
     assert none.values.tolist() == pytest.approx([0.0, 0.0], abs=1e-10)
 
 
-def test_batch_size_replaces_max_examples_per_batch() -> None:
+def test_perturbations_per_eval_replaces_batch_size_and_max_examples_per_batch() -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
     images, saliency = torch.rand(2, 3, 4, 4), torch.rand(2, 2, 2)
     kwargs = dict(target=1, patch_size=2, seed=3, n_perturb_samples=4)
-    batched = patch_infidelity(model, images, saliency, batch_size=2, **kwargs)
-    with pytest.warns(DeprecationWarning, match="batch_size"):
-        old = patch_infidelity(model, images, saliency, max_examples_per_batch=2, **kwargs)
-    torch.testing.assert_close(batched.values, old.values)
-    with pytest.raises(ValueError, match="batch_size"):
-        patch_infidelity(model, images, saliency, batch_size=0, **kwargs)
+    batched = patch_infidelity(model, images, saliency, perturbations_per_eval=2, **kwargs)
+    for old_name in ("batch_size", "max_examples_per_batch"):
+        with pytest.warns(DeprecationWarning, match=f"`{old_name}`.*`perturbations_per_eval`"):
+            old = patch_infidelity(model, images, saliency, **{old_name: 2}, **kwargs)
+        torch.testing.assert_close(batched.values, old.values)
+    with pytest.raises(ValueError, match="perturbations_per_eval"):
+        patch_infidelity(model, images, saliency, perturbations_per_eval=0, **kwargs)
+
+
+def test_sensitivity_takes_the_model_first_and_still_accepts_the_old_order() -> None:
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    saliency = Saliency(linear)
+    images = torch.rand(2, 3, 4, 4)
+    seen: list[torch.Tensor] = []
+
+    def explain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return saliency.attribute(x, target=t)
+
+    options = dict(n_perturb_samples=2, seed=0)
+    new = sensitivity(linear, images, None, explanation_func=explain, **options)
+    predicted = linear(images).argmax(1)
+    # a None target is each image's prediction on the clean image, for every perturbed copy
+    assert seen[-1].tolist() == predicted.repeat_interleave(2).tolist()
+    with pytest.warns(DeprecationWarning, match="model first"):
+        old = sensitivity(explain, images, predicted.tolist(), **options)
+    torch.testing.assert_close(new.values, old.values)
 
 
 def test_infidelity_evaluates_a_model_in_eval_mode_and_leaves_its_mode() -> None:

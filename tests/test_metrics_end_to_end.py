@@ -27,7 +27,7 @@ def test_metrics_on_vit_tiny_with_saliency() -> None:
     maps = saliency.attribute(images, target=labels).sum(1)  # (B, 224, 224)
 
     # The map and its inverse in one call (4 curves batched together), 16x16 patches.
-    patch_kwargs = dict(level="patch", patch_size=16, n_steps=4, batch_size=24)
+    patch_kwargs = dict(level="patch", patch_size=16, n_steps=4, perturbations_per_eval=24)
     both = insertion(
         model, images.repeat(2, 1, 1, 1), torch.cat([maps, -maps]), labels * 2, **patch_kwargs
     )

@@ -146,14 +146,14 @@ def test_batched_forwards_and_several_images() -> None:
     model = top_row_model()
     images = torch.stack([torch.ones(1, 4, 4), -torch.ones(1, 4, 4)])
     maps = torch.stack([PERFECT[0], INVERTED[0]])
-    curve = deletion(model, images, maps, target=[0, 1], step_size=4, batch_size=3)
+    curve = deletion(model, images, maps, target=[0, 1], step_size=4, perturbations_per_eval=3)
     # One pass for the targets (2 images), then 2 x 5 perturbed images in batches of 3.
     assert model.batch_sizes == [2, 3, 3, 3, 1]
     s = sig(A)
     assert curve.probabilities[0].tolist() == pytest.approx([s, 0.5, 0.5, 0.5, 0.5])
     # Image 2 is -1 everywhere and tracks class 1: p1 = sigmoid(a * region share).
     assert curve.probabilities[1].tolist() == pytest.approx([s, s, s, s, 0.5])
-    single = deletion(model, images[1:], maps[1:], target=1, step_size=4, batch_size=64)
+    single = deletion(model, images[1:], maps[1:], target=1, step_size=4, perturbations_per_eval=64)
     torch.testing.assert_close(single.probabilities, curve.probabilities[1:])
     assert curve.targets.tolist() == [0, 1]
 
@@ -193,7 +193,7 @@ def test_additional_forward_args_follow_their_image() -> None:
         PERFECT.expand(2, 4, 4),
         target=0,
         step_size=4,
-        batch_size=3,
+        perturbations_per_eval=3,
         additional_forward_args=(scale,),
     )
     assert float(curve.probabilities[0, 0]) == pytest.approx(sig(A))
@@ -309,8 +309,8 @@ def test_argument_errors_name_the_argument() -> None:
         perturbation_curve(model, image, PERFECT, 0, mode="insert")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="level"):
         deletion(model, image, PERFECT, 0, level="token")
-    with pytest.raises(ValueError, match="batch_size"):
-        deletion(model, image, PERFECT, 0, batch_size=0)
+    with pytest.raises(ValueError, match="perturbations_per_eval"):
+        deletion(model, image, PERFECT, 0, perturbations_per_eval=0)
     with pytest.raises(ValueError, match="auc_rule"):
         deletion(model, image, PERFECT, 0, auc_rule="simpson")
     with pytest.raises(ValueError, match="target"):

@@ -133,7 +133,7 @@ def plain_kernel_shap():
 
 CASES = {
     "saliency": (plain_saliency, {}, 0.0),
-    "inputxgradient": (plain_input_x_gradient, {}, 0.0),
+    "input-x-gradient": (plain_input_x_gradient, {}, 0.0),
     "integrated-gradients": (plain_integrated_gradients, {"n_steps": 6}, 0.0),
     "gradient-shap": (plain_gradient_shap, {"n_samples": 4}, 0.0),
     "smoothgrad": (plain_smoothgrad, {"nt_samples": 3}, 0.0),

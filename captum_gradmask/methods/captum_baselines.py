@@ -16,7 +16,7 @@ method                    settings
                           ``abs=True``). The evaluators sum channels, i.e. the L1 norm of the
                           pixel's gradient, which Captum's visualisers also use (Simonyan
                           take the max over channels; the two rank pixels almost alike).
-``inputxgradient``        ``x * d logit / d x`` in the model's (normalised) input space, signed.
+``input-x-gradient``      ``x * d logit / d x`` in the model's (normalised) input space, signed.
 ``integrated-gradients``  Baseline 0 in normalised space (the dataset-mean / grey image, the
                           same "absent" value the perturbation metrics use), ``n_steps=50``
                           (Gauss-Legendre, Captum's default), ``internal_batch_size=25``.
@@ -80,13 +80,22 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
-from captum_gradmask._ops import gaussian_blur, grid_to_tokens, patch_feature_mask, tokens_to_grid
+from captum_gradmask._ops import (
+    gaussian_blur,
+    grid_to_tokens,
+    patch_feature_mask,
+    reduce_channels,
+    tokens_to_grid,
+)
 from captum_gradmask._utils import (
     TargetType,
+    _as_args,
     check_positive_int,
+    chunks,
     extract_logits,
     preserved_model_state,
     resolve_targets,
+    select_args,
     unpack_inputs,
 )
 from captum_gradmask.adapters import ViTAdapter, resolve_model
@@ -159,8 +168,14 @@ class CaptumBaseline:
         method = type(self.attribution).__name__
         return f"{type(self).__name__}({self.name!r}, {method}, {settings})"
 
+    #: The map of :meth:`attribute_grid` is on the input's pixel grid.
+    pixel_level = True
+
     def attribute(
-        self, inputs: Tensor | tuple[Tensor], target: TargetType = None
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
     ) -> Tensor | tuple[Tensor]:
         """Attributions of ``inputs`` (normalised images ``(B, C, H, W)``) for ``target``.
 
@@ -168,36 +183,61 @@ class CaptumBaseline:
             inputs: a tensor or a one-element tuple of one.
             target: an int, one class per image (list or 1-D tensor), or ``None`` for each
                 image's predicted class.
+            additional_forward_args: extra positional arguments of the model's forward
+                (tensors whose first dimension is the batch belong to the images).
 
         Returns:
             Attributions with the inputs' shape and form (tensor or one-element tuple).
         """
         images, is_tuple = unpack_inputs(inputs)
         with preserved_model_state(self.model):
-            targets = self._targets(images, target)
+            targets = self._targets(images, target, additional_forward_args)
             if self.per_image:
+                count = images.shape[0]
                 parts = [
-                    self._attribute(images[i : i + 1], targets[i : i + 1])
-                    for i in range(images.shape[0])
+                    self._attribute(
+                        images[one],
+                        targets[one],
+                        select_args(additional_forward_args, one, count),
+                    )
+                    for one in chunks(count, 1)
                 ]
                 result = torch.cat(parts)
             else:
-                result = self._attribute(images, targets)
+                result = self._attribute(images, targets, _as_args(additional_forward_args))
         result = result.detach()
         return (result,) if is_tuple else result
 
-    def _targets(self, images: Tensor, target: TargetType) -> Tensor:
+    def attribute_grid(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+    ) -> Tensor:
+        """One ``(B, H, W)`` map per image: :meth:`attribute` summed over the channels (the
+        "grid" of a pixel-level method is the input's pixel grid)."""
+        attributions = self.attribute(inputs, target, additional_forward_args)
+        attributions = attributions[0] if isinstance(attributions, tuple) else attributions
+        return reduce_channels(attributions, "sum")[:, 0]
+
+    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The ``(H, W)`` of :meth:`attribute_grid`'s maps: the image size."""
+        return (int(image_size[0]), int(image_size[1]))
+
+    def _targets(self, images: Tensor, target: TargetType, args: Any) -> Tensor:
         # One forward pass checks the targets against the number of classes (or finds the
         # predicted ones).
         with torch.no_grad():
-            logits = self.attribution.forward_func(images)
+            logits = self.attribution.forward_func(images, *_as_args(args))
         return resolve_targets(target, logits)
 
-    def _attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+    def _attribute(self, images: Tensor, targets: Tensor, args: tuple[Any, ...]) -> Tensor:
         settings = dict(self.settings)
         if self.prepare is not None:
             settings.update(self.prepare(images, targets))
-        result = self.attribution.attribute(images, target=targets, **settings)
+        result = self.attribution.attribute(
+            images, target=targets, additional_forward_args=args or None, **settings
+        )
         if self.postprocess is not None:
             result = self.postprocess(result, images)
         return result
@@ -236,7 +276,7 @@ def saliency(model: Any, adapter: ViTAdapter | None = None, *, abs: bool = True)
 def input_x_gradient(model: Any, adapter: ViTAdapter | None = None) -> CaptumBaseline:
     """Captum ``InputXGradient`` in the normalised input space (signed)."""
     adapter, forward, module = _setup(model, adapter)
-    return CaptumBaseline("inputxgradient", InputXGradient(forward), {}, model=module)
+    return CaptumBaseline("input-x-gradient", InputXGradient(forward), {}, model=module)
 
 
 def integrated_gradients(
@@ -244,15 +284,15 @@ def integrated_gradients(
     adapter: ViTAdapter | None = None,
     *,
     n_steps: int = 50,
-    internal_batch_size: int = 25,
     baseline: float = 0.0,
+    internal_batch_size: int = 25,
 ) -> CaptumBaseline:
     """Captum ``IntegratedGradients`` from a constant baseline (0 = the normalisation mean).
 
     Args:
         n_steps: integration points (Gauss-Legendre).
-        internal_batch_size: interpolated images per forward/backward pass.
         baseline: the baseline value in normalised space.
+        internal_batch_size: interpolated images per forward/backward pass.
     """
     adapter, forward, module = _setup(model, adapter)
     settings = {
@@ -347,8 +387,8 @@ def occlusion(
     model: Any,
     adapter: ViTAdapter | None = None,
     *,
-    perturbations_per_eval: int = 32,
     baseline: float = 0.0,
+    perturbations_per_eval: int = 32,
 ) -> CaptumBaseline:
     """Captum ``Occlusion`` with one window per ViT patch (window = stride = patch).
 
@@ -401,8 +441,8 @@ def feature_ablation(
     model: Any,
     adapter: ViTAdapter | None = None,
     *,
-    perturbations_per_eval: int = 32,
     baseline: float = 0.0,
+    perturbations_per_eval: int = 32,
 ) -> CaptumBaseline:
     """Captum ``FeatureAblation`` with one feature per patch (:func:`patch_feature_mask`)."""
     adapter, forward, module = _setup(model, adapter)
@@ -454,15 +494,15 @@ def kernel_shap(
     adapter: ViTAdapter | None = None,
     *,
     n_samples: int = 256,
-    perturbations_per_eval: int = 32,
     baseline: float = 0.0,
+    perturbations_per_eval: int = 32,
 ) -> CaptumBaseline:
     """Captum ``KernelShap`` with one feature per patch, baseline 0.
 
     Args:
         n_samples: sampled coalitions per image (forward passes).
-        perturbations_per_eval: coalitions per forward pass.
         baseline: value of an absent patch in normalised space.
+        perturbations_per_eval: coalitions per forward pass.
     """
     adapter, forward, module = _setup(model, adapter)
     explainer = KernelShap(forward)

@@ -79,7 +79,7 @@ class ViTLayerGradCam(CaptumBaseline):
         self.layer = layer
         self.interpolate_mode = interpolate_mode
 
-    def _attribute(self, images: Tensor, targets: Tensor) -> Tensor:
+    def _attribute(self, images: Tensor, targets: Tensor, args: tuple[Any, ...]) -> Tensor:
         grid = self.adapter.grid(tuple(images.shape[-2:]))
         prefix = self.adapter.prefix_tokens
 
@@ -89,7 +89,9 @@ class ViTLayerGradCam(CaptumBaseline):
 
         handle = self.layer.register_forward_hook(reshape_hook)
         try:
-            cam = self.attribution.attribute(images, target=targets, **self.settings)
+            cam = self.attribution.attribute(
+                images, target=targets, additional_forward_args=args or None, **self.settings
+            )
         finally:
             handle.remove()
         extra = {"align_corners": False} if self.interpolate_mode == "bilinear" else {}

@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 
 from .._utils import (
     TargetType,
+    check_number,
     check_positive_int,
     chunks,
     forward_logits,
     preserved_model_state,
     resolve_targets,
+    select_args,
 )
 from ..base import PatchAttribution
 
@@ -208,12 +210,11 @@ class RISE(PatchAttribution, PerturbationAttribution):
         """
         images, _ = self._prepare(inputs, target)
         check_positive_int(perturbations_per_eval, "perturbations_per_eval")
-        if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)):
-            raise ValueError(f"`fill_value` must be a number, got {fill_value!r}")
+        check_number(fill_value, "fill_value")
         count, _, height, width = images.shape
         sampler = _MaskSampler(n_masks, (height, width), grid_size, p, seed)
         device = images.device
-        extra = _batch_args(additional_forward_args, None, count)
+        extra = select_args(additional_forward_args, slice(None), count)
         fill = torch.as_tensor(fill_value, dtype=images.dtype, device=device)
         saliency = torch.zeros(count, height * width, dtype=torch.float32, device=device)
 
@@ -229,7 +230,7 @@ class RISE(PatchAttribution, PerturbationAttribution):
                 mask_index, owner = pair // count - first_mask, pair % count
                 pair_masks = masks[mask_index][:, None].to(images.dtype)
                 masked = images[owner] * pair_masks + fill * (1 - pair_masks)
-                batch_extra = _batch_args(extra, owner, count)
+                batch_extra = select_args(extra, owner, count)
                 probs = torch.softmax(
                     forward_logits(self.forward_func, masked, batch_extra).float(), dim=-1
                 )
@@ -237,15 +238,3 @@ class RISE(PatchAttribution, PerturbationAttribution):
                 saliency.index_add_(0, owner, confidence * masks[mask_index].flatten(1))
             saliency = saliency / (n_masks * p)
         return saliency.reshape(count, height, width).to(images.dtype).clone()
-
-
-def _batch_args(args: Any, owner: Tensor | None, batch_size: int) -> tuple[Any, ...]:
-    """Extra forward arguments as a tuple; batch-first tensors indexed by ``owner`` (if any)
-    to follow their image."""
-    args = args if isinstance(args, tuple) else () if args is None else (args,)
-    if owner is None:
-        return args
-    return tuple(
-        a[owner] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a
-        for a in args
-    )

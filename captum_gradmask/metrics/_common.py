@@ -7,21 +7,23 @@ Kept private: the public API is what :mod:`captum_gradmask.metrics` exports.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_gradmask._ops import ChannelReduction, check_channel_reduction, reduce_channels
 from captum_gradmask._utils import (
-    _as_args,
     check_finite,
     check_positive_int,
     chunks,
     forward_logits,
     preserved_model_state,
     resolve_targets,
+    select_args,
 )
+from captum_gradmask.adapters import get_adapter
 
 __all__ = [
     "ChannelReduction",
@@ -30,14 +32,14 @@ __all__ = [
     "batched_logits",
     "check_batch_size",
     "check_choice",
+    "check_explanation_func",
     "class_probabilities",
     "progress",
-    "select_args",
+    "resolve_patch_size",
     "target_probabilities",
 ]
 
 ProbabilityFn = Callable[[Tensor], Tensor]
-ChannelReduction = Literal["sum", "abs_sum"]
 _REDUCTIONS = ("sum", "abs_sum")
 
 
@@ -62,10 +64,7 @@ def attribution_map(
     """
     if not isinstance(attributions, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(attributions).__name__}")
-    if channel_reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"`channel_reduction` must be one of {_REDUCTIONS}, got {channel_reduction!r}"
-        )
+    check_channel_reduction(channel_reduction, _REDUCTIONS)
     batch, channels, height, width = inputs.shape
     shape = tuple(attributions.shape)
     if attributions.dim() == 2:
@@ -94,31 +93,25 @@ def attribution_map(
     attr = attr.detach().to(device=inputs.device)
     attr = attr.float() if not attr.is_floating_point() else attr
     check_finite(attr, name)
-    if attr.shape[1] > 1:
-        attr = attr.abs() if channel_reduction == "abs_sum" else attr
-        attr = attr.sum(dim=1, keepdim=True)
-    elif channel_reduction == "abs_sum":
-        attr = attr.abs()
+    attr = reduce_channels(attr, channel_reduction, _REDUCTIONS)
     if (grid_h, grid_w) != (height, width):
         attr = F.interpolate(attr, size=(height, width), mode="nearest")
     return attr[:, 0].expand(batch, height, width)
+
+
+def check_explanation_func(explanation_func: Any) -> None:
+    """Raise ``TypeError`` unless ``explanation_func`` is a callable."""
+    if not callable(explanation_func):
+        raise TypeError(
+            "`explanation_func` must be a callable (inputs, target) -> attributions, got "
+            f"{type(explanation_func).__name__}"
+        )
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
     return value
-
-
-def select_args(additional_forward_args: Any, index: Tensor, batch: int) -> tuple[Any, ...]:
-    """Pick the rows ``index`` of per-example tensor arguments (first dimension = batch)."""
-
-    def pick(arg: Any) -> Any:
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch:
-            return arg[index.to(arg.device)]
-        return arg
-
-    return tuple(pick(a) for a in _as_args(additional_forward_args))
 
 
 def class_probabilities(logits: Tensor, probability_fn: ProbabilityFn | None) -> Tensor:
@@ -176,5 +169,29 @@ def progress(iterable: Iterator[Any] | list[Any], show: bool, desc: str, total: 
     return tqdm(iterable, desc=desc, total=total)
 
 
-def check_batch_size(batch_size: Any) -> int:
-    return check_positive_int(batch_size, "batch_size")
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
+    return check_positive_int(batch_size, name)
+
+
+def resolve_patch_size(
+    forward_func: Any, patch_size: int | tuple[int, int] | None
+) -> tuple[int, int]:
+    """``(ph, pw)``: ``patch_size`` when given, else the patch size of ``forward_func``'s
+    adapter (:func:`~captum_gradmask.adapters.get_adapter`); never a default that fits one
+    architecture.
+
+    Raises:
+        ValueError: ``patch_size`` is not positive, or is ``None`` and ``forward_func`` is not a
+            model an adapter recognises.
+    """
+    if patch_size is None:
+        try:
+            return get_adapter(forward_func).patch_size
+        except ValueError:
+            raise ValueError(
+                f"`patch_size` is needed: `forward_func` (a {type(forward_func).__name__}) is not "
+                "a ViT the library recognises, so its patch size is unknown; pass "
+                "patch_size=<the model's patch side> (e.g. 16 for ViT-B/16, 14 for DINOv2)"
+            ) from None
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    return check_positive_int(ph, "patch_size"), check_positive_int(pw, "patch_size")

@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_gradmask._utils import TargetType, chunks, unpack_inputs
+from captum_gradmask._utils import TargetType, chunks, renamed_keyword, unpack_inputs
 from captum_gradmask.metrics._common import (
     ChannelReduction,
     ProbabilityFn,
     attribution_map,
     batched_logits,
     check_batch_size,
+    check_explanation_func,
     class_probabilities,
     progress,
     target_probabilities,
@@ -138,10 +139,11 @@ def adcc(
     *,
     explanation_func: ExplanationFunc,
     probability_fn: ProbabilityFn | None = None,
-    batch_size: int = 32,
+    internal_batch_size: int = 32,
     additional_forward_args: Any = None,
     channel_reduction: ChannelReduction = "sum",
     show_progress: bool = False,
+    batch_size: int | None = None,
 ) -> ADCCResult:
     r"""Average Drop, Increase in Confidence, Coherence, Complexity and ADCC of each image.
 
@@ -163,11 +165,12 @@ def adcc(
             ``lambda x, t: method.attribute(x, target=t)``; ``t`` is a ``(n,)`` long tensor.
             It is called with gradients enabled.
         probability_fn: maps ``(N, classes)`` logits to class scores; default softmax.
-        batch_size: images per forward / explanation call.
+        internal_batch_size: images per forward / explanation call.
         additional_forward_args: extra arguments to ``forward_func`` (not passed to
             ``explanation_func``).
         channel_reduction: ``"sum"`` or ``"abs_sum"`` over channels of the attributions.
         show_progress: tqdm bar over the explanation batches.
+        batch_size: deprecated name of ``internal_batch_size``.
 
     Returns:
         An :class:`ADCCResult`; ``result.summary()`` gives the percentages papers report.
@@ -186,12 +189,11 @@ def adcc(
         >>> 0.0 <= summary["adcc"] <= 100.0 and 0.0 <= summary["average_drop"] <= 100.0
         True
     """
-    if not callable(explanation_func):
-        raise TypeError(
-            f"`explanation_func` must be a callable (inputs, target) -> attributions, got "
-            f"{type(explanation_func).__name__}"
-        )
-    batch_size = check_batch_size(batch_size)
+    check_explanation_func(explanation_func)
+    batch_size = renamed_keyword(
+        internal_batch_size, 32, batch_size, "internal_batch_size", "batch_size"
+    )
+    batch_size = check_batch_size(batch_size, "internal_batch_size")
     images, _ = unpack_inputs(inputs)
     targets, base_prob = target_probabilities(
         forward_func, images, target, additional_forward_args, batch_size, probability_fn

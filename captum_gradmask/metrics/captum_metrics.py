@@ -24,9 +24,17 @@ from captum_gradmask._utils import (
     check_positive_int,
     extract_logits,
     preserved_model_state,
+    renamed_keyword,
+    resolve_targets,
     unpack_inputs,
 )
-from captum_gradmask.metrics._common import ChannelReduction, attribution_map
+from captum_gradmask.metrics._common import (
+    ChannelReduction,
+    attribution_map,
+    batched_logits,
+    check_explanation_func,
+    resolve_patch_size,
+)
 
 __all__ = [
     "InfidelityResult",
@@ -78,31 +86,28 @@ class SensitivityResult:
         return {"sensitivity": float(self.values.mean())}
 
 
-def _batch_size(batch_size: int | None, max_examples_per_batch: int | None) -> int | None:
-    """``batch_size``, or the deprecated ``max_examples_per_batch`` it replaces."""
-    if max_examples_per_batch is not None:
-        warnings.warn(
-            "`max_examples_per_batch` is deprecated; use `batch_size` (the same meaning)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        if batch_size is not None and batch_size != max_examples_per_batch:
-            raise ValueError(
-                f"give `batch_size` ({batch_size}) or the deprecated `max_examples_per_batch` "
-                f"({max_examples_per_batch}), not both"
-            )
-        batch_size = max_examples_per_batch
-    return None if batch_size is None else check_positive_int(batch_size, "batch_size")
+def _per_eval(
+    perturbations_per_eval: int | None, batch_size: int | None, max_examples_per_batch: int | None
+) -> int | None:
+    """``perturbations_per_eval``, or one of its deprecated names."""
+    value = renamed_keyword(
+        perturbations_per_eval, None, batch_size, "perturbations_per_eval", "batch_size"
+    )
+    value = renamed_keyword(
+        value, None, max_examples_per_batch, "perturbations_per_eval", "max_examples_per_batch"
+    )
+    return None if value is None else check_positive_int(value, "perturbations_per_eval")
 
 
 def patch_perturbation(
-    patch_size: int = 16, drop_probability: float = 0.5, baseline: float = 0.0
+    patch_size: int | tuple[int, int], drop_probability: float = 0.5, baseline: float = 0.0
 ) -> PerturbFunc:
     """A ``perturb_func`` for :func:`captum.metrics.infidelity` that resets random patches.
 
-    Each ``patch_size`` patch of each copy is set to ``baseline`` with probability
-    ``drop_probability`` (independently, with torch's global generator). Returns, as Captum
-    expects, ``(perturbation, perturbed_inputs)`` with ``perturbed = inputs - perturbation``.
+    Each ``patch_size`` patch (a side, or ``(ph, pw)``: the model's patch size) of each copy
+    is set to ``baseline`` with probability ``drop_probability`` (independently, with torch's
+    global generator). Returns, as Captum expects, ``(perturbation, perturbed_inputs)`` with
+    ``perturbed = inputs - perturbation``.
 
     Examples::
 
@@ -113,19 +118,19 @@ def patch_perturbation(
         >>> bool(((perturbed == 0) | (perturbed == 1)).all())
         True
     """
-    patch_size = check_positive_int(patch_size, "patch_size")
+    ph, pw = resolve_patch_size(None, patch_size)
     if not 0.0 <= drop_probability <= 1.0:
         raise ValueError(f"`drop_probability` must be in [0, 1], got {drop_probability!r}")
 
     def perturb(inputs: Tensor) -> tuple[Tensor, Tensor]:
         batch, _, height, width = inputs.shape
-        if height % patch_size or width % patch_size:
+        if height % ph or width % pw:
             raise ValueError(
-                f"`patch_size` {patch_size} must divide the input size {(height, width)}"
+                f"`patch_size` {(ph, pw)} must divide the input size {(height, width)}"
             )
-        grid = (batch, 1, height // patch_size, width // patch_size)
+        grid = (batch, 1, height // ph, width // pw)
         dropped = torch.rand(grid, device=inputs.device) < drop_probability
-        dropped = dropped.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+        dropped = dropped.repeat_interleave(ph, 2).repeat_interleave(pw, 3)
         perturbation = dropped * (inputs - baseline)
         return perturbation, inputs - perturbation
 
@@ -156,15 +161,16 @@ def patch_infidelity(
     attributions: Tensor,
     target: TargetType = None,
     *,
-    patch_size: int = 16,
+    patch_size: int | tuple[int, int] | None = None,
     drop_probability: float = 0.5,
     baseline: float = 0.0,
     n_perturb_samples: int = 10,
-    batch_size: int | None = None,
+    perturbations_per_eval: int | None = None,
     normalize: bool = True,
     additional_forward_args: Any = None,
     channel_reduction: ChannelReduction = "sum",
     seed: int | None = None,
+    batch_size: int | None = None,
     max_examples_per_batch: int | None = None,
 ) -> InfidelityResult:
     r"""Infidelity (Yeh et al. 2019) under random patch removal, via Captum.
@@ -180,14 +186,17 @@ def patch_infidelity(
         inputs: ``(B, C, H, W)`` model inputs.
         attributions: maps in any shape the other metrics accept.
         target: class per image (Captum's forms); needed for multi-class outputs.
-        patch_size, drop_probability, baseline: see :func:`patch_perturbation`.
+        patch_size: the side (or ``(ph, pw)``) of the removed patches; default: the patch
+            size of ``forward_func``'s adapter (a Hugging Face or timm ViT); a function the
+            library does not recognise needs it.
+        drop_probability, baseline: see :func:`patch_perturbation`.
         n_perturb_samples, normalize: passed to Captum.
-        batch_size: perturbed images per forward call (Captum's ``max_examples_per_batch``;
-            ``None``: all at once).
+        perturbations_per_eval: perturbed images per forward call (Captum's
+            ``max_examples_per_batch``; ``None``: all at once).
         additional_forward_args: extra arguments to ``forward_func``.
         channel_reduction: ``"sum"`` or ``"abs_sum"``.
         seed: seed for the perturbations (the global RNG state is restored afterwards).
-        max_examples_per_batch: deprecated name of ``batch_size``.
+        batch_size, max_examples_per_batch: deprecated names of ``perturbations_per_eval``.
 
     Returns:
         An :class:`InfidelityResult`; ``values`` is ``(B,)``.
@@ -202,8 +211,9 @@ def patch_infidelity(
         >>> scores.values.shape
         torch.Size([2])
     """
-    batch_size = _batch_size(batch_size, max_examples_per_batch)
+    per_eval = _per_eval(perturbations_per_eval, batch_size, max_examples_per_batch)
     n_perturb_samples = check_positive_int(n_perturb_samples, "n_perturb_samples")
+    patch = resolve_patch_size(forward_func, patch_size)
     images, _ = unpack_inputs(inputs)
     channels = images.shape[1]
     saliency = attribution_map(attributions, images, channel_reduction)
@@ -212,28 +222,31 @@ def patch_infidelity(
     with _seeded(seed, images.device), preserved_model_state(module):
         values = infidelity(
             _logits_func(forward_func),
-            patch_perturbation(patch_size, drop_probability, baseline),
+            patch_perturbation(patch, drop_probability, baseline),
             images,
             spread,
             additional_forward_args=additional_forward_args,
             target=target,
             n_perturb_samples=n_perturb_samples,
-            max_examples_per_batch=batch_size,
+            max_examples_per_batch=per_eval,
             normalize=normalize,
         )
     return InfidelityResult(values, normalize, n_perturb_samples)
 
 
 def sensitivity(
-    explanation_func: Callable[[Tensor, Tensor], Tensor],
+    forward_func: Callable[..., Any],
     inputs: Tensor | tuple[Tensor, ...],
     target: TargetType = None,
     *,
+    explanation_func: Callable[[Tensor, Tensor], Tensor] | None = None,
     perturb_radius: float = 0.02,
     n_perturb_samples: int = 10,
     norm_ord: str = "fro",
-    batch_size: int | None = None,
+    perturbations_per_eval: int | None = None,
+    additional_forward_args: Any = None,
     seed: int | None = None,
+    batch_size: int | None = None,
     max_examples_per_batch: int | None = None,
 ) -> SensitivityResult:
     r"""Max-sensitivity (Yeh et al. 2019) of an explanation, via Captum's ``sensitivity_max``.
@@ -242,20 +255,27 @@ def sensitivity(
     the largest relative change of the explanation. It calls the explanation inside
     ``torch.no_grad()`` on batches of ``n_perturb_samples`` copies per image, with ``target``
     repeated accordingly; this wrapper turns gradients back on so gradient methods work.
-    Lower is better.
+    Every perturbed copy is explained for the same class: ``target``, or the model's
+    prediction on the unperturbed image. Lower is better.
 
     Args:
-        explanation_func: ``(inputs, target) -> attributions``, accepting batches.
+        forward_func: the model (or function returning logits); it resolves a ``None``
+            target to each image's predicted class.
         inputs: ``(B, C, H, W)`` model inputs.
-        target: class per image (int, list or tensor), passed to ``explanation_func``.
+        target: class per image (int, list or tensor), or ``None`` for the predicted class.
+        explanation_func: ``(inputs, target) -> attributions``, accepting batches.
         perturb_radius, n_perturb_samples, norm_ord: Captum's.
-        batch_size: perturbed images per explanation call (Captum's
+        perturbations_per_eval: perturbed images per explanation call (Captum's
             ``max_examples_per_batch``; ``None``: all at once).
+        additional_forward_args: extra arguments to ``forward_func`` (for the prediction).
         seed: seed for the perturbations (global RNG state restored afterwards).
-        max_examples_per_batch: deprecated name of ``batch_size``.
+        batch_size, max_examples_per_batch: deprecated names of ``perturbations_per_eval``.
 
     Returns:
         A :class:`SensitivityResult`; ``values`` is ``(B,)``.
+
+    The former call ``sensitivity(explanation_func, inputs, target)`` (the explanation first,
+    no model) still works for one release, with a ``DeprecationWarning``.
 
     Examples::
 
@@ -264,15 +284,32 @@ def sensitivity(
         >>> from captum_gradmask.metrics import sensitivity
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
         >>> saliency = Saliency(model)
-        >>> scores = sensitivity(lambda x, t: saliency.attribute(x, target=t),
-        ...     torch.rand(2, 3, 8, 8), target=[0, 1], n_perturb_samples=3, seed=0)
+        >>> scores = sensitivity(model, torch.rand(2, 3, 8, 8), target=[0, 1],
+        ...     explanation_func=lambda x, t: saliency.attribute(x, target=t),
+        ...     n_perturb_samples=3, seed=0)
         >>> scores.values.shape
         torch.Size([2])
     """
-    batch_size = _batch_size(batch_size, max_examples_per_batch)
+    per_eval = _per_eval(perturbations_per_eval, batch_size, max_examples_per_batch)
     n_perturb_samples = check_positive_int(n_perturb_samples, "n_perturb_samples")
     images, _ = unpack_inputs(inputs)
-    if isinstance(target, (list, tuple)):
+    if explanation_func is None:
+        warnings.warn(
+            "sensitivity(explanation_func, inputs, target) is deprecated: pass the model first, "
+            "sensitivity(model, inputs, target, explanation_func=...), as every metric takes it",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        explanation_func, forward_func = forward_func, None
+    check_explanation_func(explanation_func)
+    if forward_func is not None:
+        logits = batched_logits(
+            forward_func, images, additional_forward_args, per_eval or images.shape[0]
+        )
+        targets = resolve_targets(target, logits)
+        # Captum repeats a tensor target per perturbed copy only when it has several entries.
+        target = int(targets[0]) if targets.numel() == 1 else targets
+    elif isinstance(target, (list, tuple)):
         target = torch.as_tensor(target, dtype=torch.long, device=images.device)
 
     def explain(perturbed: Tensor | tuple[Tensor, ...], target: TargetType = None) -> Any:
@@ -291,7 +328,7 @@ def sensitivity(
             perturb_radius=perturb_radius,
             n_perturb_samples=n_perturb_samples,
             norm_ord=norm_ord,
-            max_examples_per_batch=batch_size,
+            max_examples_per_batch=per_eval,
             target=target,
         )
     return SensitivityResult(values, perturb_radius, n_perturb_samples)

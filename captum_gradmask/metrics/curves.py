@@ -12,6 +12,7 @@ The published protocols are in :mod:`captum_gradmask.metrics.insertion_deletion`
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -26,10 +27,13 @@ from torch import Tensor
 from captum_gradmask._ops import gaussian_blur, pixel_masks
 from captum_gradmask._utils import (
     TargetType,
+    check_keywords,
     check_positive_int,
     chunks,
     forward_logits,
     preserved_model_state,
+    renamed_keyword,
+    select_args,
     unpack_inputs,
 )
 from captum_gradmask.metrics._common import (
@@ -40,7 +44,7 @@ from captum_gradmask.metrics._common import (
     check_choice,
     class_probabilities,
     progress,
-    select_args,
+    resolve_patch_size,
     target_probabilities,
 )
 
@@ -287,14 +291,12 @@ def _auc(x: Tensor, p: Tensor, rule: str) -> Tensor:
 
 
 def _unit_scores(
-    saliency: Tensor, level: str, patch_size: int | tuple[int, int]
+    saliency: Tensor, level: str, forward_func: Any, patch_size: int | tuple[int, int] | None
 ) -> tuple[Tensor, int, int]:
     """Scores of the ranked units ``(B, gh * gw)`` and the unit size ``(ph, pw)``."""
     if level == "pixel":
         return saliency.flatten(1), 1, 1
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-    check_positive_int(ph, "patch_size")
-    check_positive_int(pw, "patch_size")
+    ph, pw = resolve_patch_size(forward_func, patch_size)
     height, width = saliency.shape[-2:]
     if height % ph or width % pw:
         raise ValueError(
@@ -327,7 +329,7 @@ def perturbation_curve(
     *,
     mode: Literal["insertion", "deletion"],
     level: Literal["pixel", "patch"] = "pixel",
-    patch_size: int | tuple[int, int] = 16,
+    patch_size: int | tuple[int, int] | None = None,
     n_steps: int | None = None,
     step_size: int | None = None,
     fractions: Sequence[float] | None = None,
@@ -341,11 +343,12 @@ def perturbation_curve(
     probability_fn: ProbabilityFn | None = None,
     auc_rule: AUCRule = "trapezoid",
     prepend_zero_point: bool = False,
-    batch_size: int = 64,
+    perturbations_per_eval: int = 64,
     additional_forward_args: Any = None,
     channel_reduction: ChannelReduction = "sum",
     show_progress: bool = False,
     protocol: str = "custom",
+    batch_size: int | None = None,
 ) -> PerturbationCurve:
     r"""Insertion or deletion curve of each image and its AUC.
 
@@ -354,7 +357,7 @@ def perturbation_curve(
     :func:`rank_units`). At a point inserting or deleting ``k`` units, the first ``k`` units
     of that order are taken from the image (insertion, the rest from the baseline) or from the
     baseline (deletion, the rest from the image). All perturbed images of all curves are
-    evaluated ``batch_size`` at a time.
+    evaluated ``perturbations_per_eval`` at a time.
 
     With ``ties="random"`` the curve is the mean over ``tie_samples`` random tie orders: the
     expected score under an arbitrary order, the fair number for piecewise-constant maps.
@@ -372,6 +375,8 @@ def perturbation_curve(
         mode: ``"insertion"`` or ``"deletion"``.
         level: ``"pixel"`` or ``"patch"`` ranking.
         patch_size: patch side (or ``(ph, pw)``) for ``level="patch"``; must divide H and W.
+            Default: the patch size of ``forward_func``'s adapter (a Hugging Face or timm
+            ViT); a function the library does not recognise needs it.
         n_steps, step_size, fractions: the schedule, see :func:`step_counts` (at most one).
             With ``fractions`` the x axis is the requested fractions, else ``k / n_units``.
         fraction_rounding: unit count of a fraction: ``"half_up"`` or ``"down"``
@@ -389,12 +394,13 @@ def perturbation_curve(
             ``"trapezoid_percent"`` (trapezoid over the x axis in percent, 0..100).
         prepend_zero_point: add the point (x=0, p=0) before the curve (the GradMask notebook's
             deletion curve does this).
-        batch_size: perturbed images per forward call.
+        perturbations_per_eval: perturbed images per forward call.
         additional_forward_args: extra arguments to ``forward_func``; tensors whose first
             dimension is the batch are indexed per image.
         channel_reduction: ``"sum"`` or ``"abs_sum"`` over channels of the attributions.
         show_progress: show a tqdm bar over the forward batches.
         protocol: name stored in the result.
+        batch_size: deprecated name of ``perturbations_per_eval``.
 
     Returns:
         A :class:`PerturbationCurve` with ``probabilities`` of shape ``(B, n_points)``.
@@ -418,13 +424,16 @@ def perturbation_curve(
     check_choice(mode, "mode", ("insertion", "deletion"))
     check_choice(level, "level", _LEVELS)
     check_choice(auc_rule, "auc_rule", _AUC_RULES)
-    batch_size = check_batch_size(batch_size)
+    per_eval = renamed_keyword(
+        perturbations_per_eval, 64, batch_size, "perturbations_per_eval", "batch_size"
+    )
+    per_eval = check_batch_size(per_eval, "perturbations_per_eval")
     images, _ = unpack_inputs(inputs)
     batch, _, height, width = images.shape
     device = images.device
 
     saliency = attribution_map(attributions, images, channel_reduction)
-    scores, ph, pw = _unit_scores(saliency, level, patch_size)
+    scores, ph, pw = _unit_scores(saliency, level, forward_func, patch_size)
     n_units = scores.shape[1]
     grid_h, grid_w = height // ph, width // pw
     orders = rank_units(scores, ties, tie_samples=tie_samples, seed=seed)
@@ -439,7 +448,7 @@ def perturbation_curve(
     n_points = counts.numel()
     base = _make_baseline(baseline, images, blur_kernel_size, blur_sigma)
     targets, _ = target_probabilities(
-        forward_func, images, target, additional_forward_args, batch_size, probability_fn
+        forward_func, images, target, additional_forward_args, per_eval, probability_fn
     )
 
     # One job per (image, point, tie order) that can differ; points the order cannot change
@@ -449,7 +458,7 @@ def perturbation_curve(
     job_pair = torch.arange(batch * n_points, device=device).repeat_interleave(needed)
     job_order = torch.arange(job_pair.numel(), device=device) - first_job[job_pair]
     values = torch.empty(job_pair.numel(), device=device)
-    slices = list(chunks(job_pair.numel(), batch_size))
+    slices = list(chunks(job_pair.numel(), per_eval))
     model = forward_func if isinstance(forward_func, torch.nn.Module) else None
     with torch.no_grad(), preserved_model_state(model):
         for sl in progress(slices, show_progress, f"{mode} curves", len(slices)):
@@ -491,6 +500,14 @@ def perturbation_curve(
     )
 
 
+#: The keywords :func:`insertion` and :func:`deletion` pass on (all but ``mode``, theirs).
+_CURVE_KEYWORDS = tuple(
+    name
+    for name, parameter in inspect.signature(perturbation_curve).parameters.items()
+    if parameter.kind is parameter.KEYWORD_ONLY and name != "mode"
+)
+
+
 def insertion(
     forward_func: Callable[..., Any],
     inputs: Tensor | tuple[Tensor, ...],
@@ -503,7 +520,8 @@ def insertion(
     """Insertion curve: start from ``baseline`` and put back the most important units first.
 
     Higher AUC is better. Takes every keyword of :func:`perturbation_curve` except ``mode``;
-    the default baseline is the RISE blur (kernel 11, sigma 5).
+    the default baseline is the RISE blur (kernel 11, sigma 5). A misspelled keyword names this
+    function and the valid ones.
 
     Examples::
 
@@ -511,10 +529,12 @@ def insertion(
         >>> from captum_gradmask.metrics import insertion
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
         >>> images, saliency = torch.rand(2, 3, 32, 32), torch.rand(2, 32, 32)
-        >>> curve = insertion(model, images, saliency, target=1, n_steps=8, batch_size=9)
+        >>> curve = insertion(model, images, saliency, target=1, n_steps=8,
+        ...     perturbations_per_eval=9)
         >>> curve.probabilities.shape
         torch.Size([2, 9])
     """
+    check_keywords("insertion", _CURVE_KEYWORDS, kwargs)
     return perturbation_curve(
         forward_func, inputs, attributions, target, mode="insertion", baseline=baseline, **kwargs
     )
@@ -532,7 +552,7 @@ def deletion(
     """Deletion curve: replace the most important units by ``baseline`` first.
 
     Lower AUC is better. Takes every keyword of :func:`perturbation_curve` except ``mode``;
-    the default baseline is zeros.
+    the default baseline is zeros. A misspelled keyword names this function and the valid ones.
 
     Examples::
 
@@ -544,6 +564,7 @@ def deletion(
         >>> curve.fractions.tolist()
         [0.0, 0.25, 0.5, 0.75, 1.0]
     """
+    check_keywords("deletion", _CURVE_KEYWORDS, kwargs)
     return perturbation_curve(
         forward_func, inputs, attributions, target, mode="deletion", baseline=baseline, **kwargs
     )

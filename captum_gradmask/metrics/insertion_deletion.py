@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from torch import Tensor
 
-from captum_gradmask._utils import TargetType, unpack_inputs
+from captum_gradmask._utils import TargetType, check_keywords, unpack_inputs
 from captum_gradmask.metrics._common import ChannelReduction
 from captum_gradmask.metrics.curves import (
     PerturbationCurve,
@@ -56,13 +56,15 @@ class PresetOptions(TypedDict, total=False):
     - ``ties``: ``"reference"`` (default: the reference code's order), ``"stable"`` or
       ``"random"`` (see :func:`rank_units`);
     - ``tie_samples``, ``seed``: random tie orders averaged with ``ties="random"``;
-    - ``batch_size``: perturbed images per forward call (default 64);
+    - ``perturbations_per_eval``: perturbed images per forward call (default 64;
+      ``batch_size`` is its deprecated name);
     - ``additional_forward_args``, ``channel_reduction``, ``show_progress``.
     """
 
     ties: TiePolicy
     tie_samples: int
     seed: int
+    perturbations_per_eval: int
     batch_size: int
     additional_forward_args: Any
     channel_reduction: ChannelReduction
@@ -99,13 +101,8 @@ def _preset(
     target: TargetType,
     options: dict[str, Any],
 ) -> PerturbationCurve:
-    unknown = sorted(set(options) - set(PresetOptions.__annotations__))
-    if unknown:
-        raise TypeError(
-            f"{protocol}_{mode}() got unexpected keyword(s) {unknown}; valid: "
-            f"{sorted(PresetOptions.__annotations__)} (the protocol fixes the others; use "
-            "perturbation_curve to change them)"
-        )
+    # the protocol fixes the other keywords; perturbation_curve changes them
+    check_keywords(f"{protocol}_{mode}", list(PresetOptions.__annotations__), options)
     images, _ = unpack_inputs(inputs)
     return perturbation_curve(
         forward_func,
@@ -137,7 +134,7 @@ def rise_insertion(
     Args:
         forward_func, inputs, attributions, target: as in :func:`perturbation_curve`.
         **options: :class:`PresetOptions` (``ties``, ``tie_samples``, ``seed``,
-            ``batch_size``, ``additional_forward_args``, ``channel_reduction``,
+            ``perturbations_per_eval``, ``additional_forward_args``, ``channel_reduction``,
             ``show_progress``).
 
     Returns:
