@@ -3,9 +3,10 @@ insertion/deletion curves.
 
 A picture is the model's input geometry (the whole image resized to the input size, as the
 preprocessing does), the map upsampled over it with ``inferno`` (its positive part, or its
-magnitude for signed maps, scaled by its 99th percentile as :func:`captum_gradmask.viz.scaled_map`
-does), the object boxes in cyan and the map's maximum as a white ring. Pictures are drawn with
-numpy and Pillow (matplotlib only builds the colour table), so thousands take seconds.
+magnitude for signed maps, scaled by its 99th percentile as
+:func:`captum_gradmask.viz.scaled_map` does; more opaque where it is higher), the object boxes in
+cyan and the map's maximum as a white ring. Pictures are drawn with numpy and Pillow
+(matplotlib only builds the colour table), so thousands take seconds.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when pictures change, so that a re-run redraws them.
-RENDER_VERSION = 1
-_ALPHA = 0.55
+RENDER_VERSION = 2
+_ALPHA_LOW, _ALPHA_HIGH = 0.25, 0.75  # the map's opacity where it is 0 and at its top
 _BOX = (0, 255, 255)
 
 
@@ -137,7 +138,9 @@ def _overlay(image: np.ndarray, saliency: np.ndarray, colours: np.ndarray) -> np
     grid = Image.fromarray(_scaled(saliency).astype(np.float32), mode="F")
     upsampled = np.asarray(grid.resize((width, height), Image.BILINEAR))
     heat = colours[np.clip((upsampled * 255).round(), 0, 255).astype(np.uint8)]
-    blended = (1 - _ALPHA) * image.astype(np.float32) + _ALPHA * heat.astype(np.float32)
+    # Opacity grows with the map, so the image stays visible where the map is low.
+    alpha = (_ALPHA_LOW + (_ALPHA_HIGH - _ALPHA_LOW) * upsampled)[..., None]
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
     return blended.round().astype(np.uint8)
 
 

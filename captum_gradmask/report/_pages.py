@@ -322,9 +322,7 @@ def _gallery_html(run: Run, layout: Layout, gallery: Gallery) -> str:
     for i in gallery.indices:
         value = _value(run, gallery.caption, i)
         predicted = escape(run.class_name(int(run.predicted[i])))
-        caption = (
-            f"<figcaption>#{i} {escape(gallery.caption)} {value:.3g}<br>{predicted}</figcaption>"
-        )
+        caption = f"<figcaption>#{i}: {value:.3g}<br>{predicted}</figcaption>"
         figures.append(f"<figure>{_picture(run, layout, i, layout.out, caption)}</figure>")
     pictures = f'<div class="gallery">{"".join(figures)}</div>'
     return head + f'<p class="note">{escape(gallery.note)}.</p>' + pictures
@@ -340,6 +338,10 @@ def _pages_links(count: int, current: int, link) -> str:
         elif parts[-1] != "...":
             parts.append("...")
     return '<p class="pages">pages: ' + " ".join(parts) + "</p>"
+
+
+def _pages_count(count: int, layout: Layout) -> str:
+    return f"{count} page{'s' if count > 1 else ''} of at most {layout.rows_per_page}"
 
 
 def _groups(runs: list[Run]) -> list[list[Run]]:
@@ -473,7 +475,7 @@ def write_pages(
             )
             body.append(
                 f'<p><a href="{link}">Every image with every method side by side</a> '
-                f"({count} pages of {layout.rows_per_page}).</p>"
+                f"({_pages_count(count, layout)}).</p>"
             )
             pages.update(_compare_pages(group, number_, layout))
     for run in runs:
@@ -482,7 +484,7 @@ def write_pages(
         body.append(f'<h2 id="{run.key}">{escape(run.name)}</h2>')
         body.append(
             f'<p><a href="{link}">All {len(run)} images with their numbers</a> '
-            f"({count} pages of {layout.rows_per_page}).</p>"
+            f"({_pages_count(count, layout)}).</p>"
         )
         body.append("<h3>Per class</h3>" + _per_class(run))
         body.append(
@@ -613,7 +615,7 @@ def _compare_pages(group: list[Run], group_number: int, layout: Layout) -> dict[
                         layout,
                         i,
                         start,
-                        f"<br><small>{escape(r.class_name(int(r.predicted[i])))}</small>",
+                        f"<small>{escape(r.class_name(int(r.predicted[i])))}</small>",
                     ),
                 )
                 for r in group
