@@ -288,3 +288,28 @@ def test_cli_report_and_bad_arguments(stores: list[Path], tmp_path: Path, capsys
         make_report([], out)
     with pytest.raises(ValueError, match="`workers`"):
         make_report(stores, out, workers=-1)
+
+
+def test_docs_list_every_report_option() -> None:
+    from captum_gradmask.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    flags = {f for a in commands.choices["report"]._actions for f in a.option_strings}
+    flags -= {"-h", "--help"}
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "report.md").read_text()
+    assert flags and all(f"`{flag}`" in docs for flag in flags), flags
+
+
+def test_worker_processes_draw_the_same_pictures(stores: list[Path], tmp_path: Path) -> None:
+    alone = make_report(stores[:1], tmp_path / "alone", show_progress=False)
+    pooled = make_report(stores[:1], tmp_path / "pooled", workers=2, show_progress=False)
+    assert pooled.pictures_drawn == alone.pictures_drawn > IMAGES
+    pictures = sorted(
+        p.relative_to(tmp_path / "alone") for p in (tmp_path / "alone").rglob("*.jpg")
+    )
+    assert pictures == sorted(
+        p.relative_to(tmp_path / "pooled") for p in (tmp_path / "pooled").rglob("*.jpg")
+    )
+    for path in pictures:
+        assert (tmp_path / "alone" / path).read_bytes() == (tmp_path / "pooled" / path).read_bytes()

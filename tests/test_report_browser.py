@@ -166,7 +166,7 @@ def test_report_of_real_stores_in_chromium(browser, tmp_path: Path) -> None:
         out = tmp_path / f"{method}.zarr"
         explain_dataset(
             images, model, out, method=method, target="label", batch_size=4, chunk_size=4,
-            num_workers=0, show_progress=False,
+            num_workers=0, model_info={"spec": str(HF_VIT_TINY)}, show_progress=False,
         )  # fmt: skip
         evaluate_store(
             out, images, model, metrics=["notebook", "pointing"], batch_size=4, num_workers=0,
