@@ -48,7 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from captum_gradmask._utils import check_positive_int
-from captum_gradmask.report import _pages
+from captum_gradmask.report import _layout, _pages
 from captum_gradmask.report._html import write_if_changed
 from captum_gradmask.report._images import Job, run_jobs
 from captum_gradmask.report._runs import Run, load_run, unique_names
@@ -133,8 +133,8 @@ def make_report(
         while run.key in keys:
             run.key += "-2"
         keys.add(run.key)
-    layout = _pages.Layout(out, gallery_size, rows_per_page, n_resamples, seed)
-    galleries = {run.key: _pages.galleries(run, gallery_size) for run in runs}
+    layout = _layout.Layout(out, gallery_size, rows_per_page, n_resamples, seed)
+    galleries = {run.key: _layout.galleries(run, gallery_size) for run in runs}
 
     cache_path = out / _CACHE
     cache = _read_cache(cache_path)
@@ -167,7 +167,7 @@ def _picture_size(run: Run, longer: int) -> tuple[int, int]:
     return longer, max(1, round(longer * width / height))
 
 
-def _thumbnail_jobs(run: Run, layout: _pages.Layout, size: tuple[int, int]) -> list[Job]:
+def _thumbnail_jobs(run: Run, layout: _layout.Layout, size: tuple[int, int]) -> list[Job]:
     """One job per chunk of the store: its explained rows."""
     jobs = []
     chunk = run.store.chunk_size
@@ -183,7 +183,7 @@ def _thumbnail_jobs(run: Run, layout: _pages.Layout, size: tuple[int, int]) -> l
 
 
 def _large_jobs(
-    run: Run, layout: _pages.Layout, indices: list[int], size: tuple[int, int]
+    run: Run, layout: _layout.Layout, indices: list[int], size: tuple[int, int]
 ) -> list[Job]:
     jobs = []
     for start in range(0, len(indices), 32):

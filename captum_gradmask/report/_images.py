@@ -184,8 +184,7 @@ def curve_figure(
     axes = np.atleast_1d(figure.subplots(1, len(columns)))
     for axis, column in zip(axes, columns, strict=True):
         for label, fractions, mean, count in curves[column]:
-            x = fractions / 100.0 if fractions.max() > 1.0 else fractions
-            axis.plot(x, mean, label=f"{label} (n={count})")
+            axis.plot(fractions, mean, label=f"{label} (n={count})")
         axis.set_title(column.replace("_", " "))
         axis.set_xlabel(
             "fraction inserted" if column.startswith("insertion") else "fraction deleted"
