@@ -190,7 +190,7 @@ def evaluate_store(
             rank,
             world,
             device,
-            lambda: _create_evaluation(store, name, groups, columns, model),
+            lambda: _create_evaluation(store, name, groups, columns),
             lambda: open_maps(store, mode="r+"),
         )
         results = maps.group[name]
@@ -237,7 +237,7 @@ def evaluate_store(
 
 
 def _create_evaluation(
-    store: str | Path, name: str, groups: list[str], columns: list[str], model: nn.Module
+    store: str | Path, name: str, groups: list[str], columns: list[str]
 ) -> StoredMaps:
     maps = open_maps(store, mode="r+")
     if name in maps.group:
@@ -260,7 +260,7 @@ def _create_evaluation(
         )
     curves = {}
     for column in (c for c in columns if c in _CURVE_COLUMNS):
-        fractions = _curve_fractions(column, maps, model)
+        fractions = _curve_fractions(column, maps)
         curves[column] = fractions
         results.create_array(
             f"curve_{column}",
@@ -281,7 +281,7 @@ def _create_evaluation(
     return maps
 
 
-def _curve_fractions(column: str, maps: StoredMaps, model: nn.Module) -> list[float]:
+def _curve_fractions(column: str, maps: StoredMaps) -> list[float]:
     """The x axis of a curve column: the metric run once on a blank image with a constant
     stand-in model (its fractions depend only on the input and map shapes, and the patch
     size)."""
