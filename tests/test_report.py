@@ -313,3 +313,19 @@ def test_worker_processes_draw_the_same_pictures(stores: list[Path], tmp_path: P
     )
     for path in pictures:
         assert (tmp_path / "alone" / path).read_bytes() == (tmp_path / "pooled" / path).read_bytes()
+
+
+def test_pixel_level_maps_and_a_moved_source(tmp_path: Path) -> None:
+    """Pixel maps (32 x 32, signed) are drawn like grids; without its source the report still
+    draws every map (over grey) and says that mistakes are unknown."""
+    root = tmp_path / "stores"
+    root.mkdir()
+    (store,) = make_tiny_stores(root, methods=("saliency",), evaluate=False)
+    assert open_maps(store).map_shape == (32, 32)
+    summary = make_report([store], tmp_path / "report", show_progress=False)
+    assert len(list((tmp_path / "report" / "thumbs").rglob("*.jpg"))) == IMAGES
+    assert "mistakes are unknown" not in summary.index.read_text()
+    (root / "list.csv").rename(root / "moved.csv")
+    moved = make_report([store], tmp_path / "moved", show_progress=False)
+    assert "mistakes are unknown" in moved.index.read_text()
+    assert len(list((tmp_path / "moved" / "thumbs").rglob("*.jpg"))) == IMAGES
