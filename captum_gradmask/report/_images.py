@@ -12,6 +12,7 @@ cyan and the map's maximum as a white ring. Pictures are drawn with numpy and Pi
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def run_jobs(jobs: list[Job], workers: int, bar: Any) -> None:
     """Draw ``jobs`` (in ``workers`` processes when more than 0), advancing ``bar`` by each
     job's pictures."""
     if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawned, not forked: the caller may hold threads (torch's) that a fork would copy
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             for job in pool.map(_draw_job_counted, jobs):
                 bar.update(job)
         return
