@@ -46,6 +46,8 @@ class Layout:
 
 @dataclass(frozen=True)
 class Gallery:
+    """One gallery of a store: its pictures' rows, or why it has none."""
+
     title: str
     note: str
     indices: list[int]
