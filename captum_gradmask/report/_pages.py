@@ -10,7 +10,7 @@ from pathlib import Path
 from captum_gradmask.report import _sections as sections
 from captum_gradmask.report._html import Cell, number, page, relative, table, text, write_if_changed
 from captum_gradmask.report._layout import Gallery, Layout, picture, primary
-from captum_gradmask.report._runs import Run
+from captum_gradmask.report._runs import PERCENT, Run
 
 
 def _pages_links(count: int, current: int, link) -> str:
@@ -107,7 +107,7 @@ def _row_pages(run: Run, layout: Layout) -> dict[Path, str]:
         "label",
         "predicted",
         "probability",
-        *run.metrics,
+        *(column + (" (%)" if column in PERCENT else "") for column in run.metrics),
         "skipped because",
     ]
     for number_ in range(1, count + 1):
