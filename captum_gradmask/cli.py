@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_zero_shot_arguments(p)
     p.set_defaults(handler=explain)
     _add_dataset_commands(commands)
+    _add_report_command(commands)
     return parser
 
 
@@ -557,6 +558,50 @@ def _show_command(args: argparse.Namespace) -> int:
         _check_out(args.out, "--out")
         out = save_stored_map(args.store, args.index, args.out)
         print(f"map {args.index} of {args.store} written to {out}")
+        return 0
+
+    return _dataset_command(run)
+
+
+# --- report: a static HTML report of stores -----------------------------------------------
+
+
+def _add_report_command(commands: Any) -> None:
+    p = commands.add_parser(
+        "report",
+        help="a static HTML report of one or more stores (opens from disk): run cards, metrics "
+        "with CIs, per-class table, galleries, side-by-side comparison, curves",
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE", help="stores made by explain-dataset")
+    p.add_argument("--out", required=True, help="the report's folder (updated in place)")
+    p.add_argument("--gallery-size", type=int, default=24, help="pictures per gallery (24)")
+    p.add_argument("--rows-per-page", type=int, default=250, help="images per per-image page (250)")
+    p.add_argument(
+        "--thumbnail-size", type=int, default=112, help="thumbnail's longer side, px (112)"
+    )
+    p.add_argument("--workers", type=int, default=0, help="processes drawing pictures (0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_report_command)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    def run() -> int:
+        summary = make_report(
+            args.stores,
+            args.out,
+            gallery_size=args.gallery_size,
+            rows_per_page=args.rows_per_page,
+            thumbnail_size=args.thumbnail_size,
+            workers=args.workers,
+            show_progress=not args.quiet,
+        )
+        print(
+            f"report written to {summary.index} ({summary.pictures_drawn} pictures drawn, "
+            f"{summary.pictures_kept} kept; {summary.pages_written} of {summary.pages} pages "
+            "written)"
+        )
         return 0
 
     return _dataset_command(run)

@@ -39,6 +39,12 @@ from captum_gradmask import _sharding
 from captum_gradmask._utils import check_positive_int, preserved_model_state, renamed_keyword
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint
+from captum_gradmask.metrics import (
+    gradmask_notebook_deletion,
+    gradmask_notebook_insertion,
+    rise_deletion,
+    rise_insertion,
+)
 from captum_gradmask.registry import AttributionMethod, build_method, method_label
 from captum_gradmask.stats import bootstrap_ci
 from captum_gradmask.store import StoredMaps, StoreMismatch, files_digest, open_maps, require_zarr
@@ -60,6 +66,14 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "adcc": ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"),
 }
 _SUMMARY_SCALE = {"pointing_0": 100.0, "pointing_15": 100.0}  # hit rates in percent
+# Columns whose per-image curves are kept too (``curve_<column>``, images x points; the x
+# axis, the fraction inserted or deleted, is in the evaluation's attribute ``curves``).
+_CURVE_COLUMNS = {
+    "insertion_notebook": gradmask_notebook_insertion,
+    "deletion_notebook": gradmask_notebook_deletion,
+    "insertion_rise": rise_insertion,
+    "deletion_rise": rise_deletion,
+}
 
 
 @dataclass(frozen=True)
@@ -196,7 +210,9 @@ def evaluate_store(
             disable=not show_progress or rank != 0,
             dynamic_ncols=True,
         )
-        arrays = {column: results[column] for column in [*columns, "done"]}
+        # Curves are recorded when the evaluation was created with them (older ones have none).
+        curves = [f"curve_{c}" for c in _CURVE_COLUMNS if c in columns and f"curve_{c}" in results]
+        arrays = {column: results[column] for column in [*columns, *curves, "done"]}
         evaluated = 0
         with bar, preserved_model_state(model):
             for batch in loader:
@@ -204,8 +220,9 @@ def evaluate_store(
                     maps, dataset, model, explainer, batch, groups, device, per_eval
                 )
                 where = batch.indices.numpy()
-                for column in columns:
-                    arrays[column].oindex[where] = values[column]
+                for column in [*columns, *curves]:
+                    if column in values:  # (no curve when no image of the batch was read)
+                        arrays[column].oindex[where] = values[column]
                 arrays["done"].oindex[where] = True
                 evaluated += len(where)
                 bar.update(len(where))
@@ -246,8 +263,39 @@ def _create_evaluation(
             fill_value=False if column == "done" else np.nan,
             dimension_names=("image",),
         )
-    results.attrs.update({"metrics": groups, "columns": columns, "versions": _sharding.versions()})
+    curves = {}
+    for column in (c for c in columns if c in _CURVE_COLUMNS):
+        fractions = _curve_fractions(column, maps)
+        curves[column] = fractions
+        results.create_array(
+            f"curve_{column}",
+            shape=(len(maps), len(fractions)),
+            chunks=(maps.chunk_size, len(fractions)),
+            dtype="float32",
+            fill_value=np.nan,
+            dimension_names=("image", "step"),
+        )
+    results.attrs.update(
+        {
+            "metrics": groups,
+            "columns": columns,
+            "curves": curves,
+            "versions": _sharding.versions(),
+        }
+    )
     return maps
+
+
+def _curve_fractions(column: str, maps: StoredMaps) -> list[float]:
+    """The x axis of a curve column: the metric run once on a blank image with a constant
+    stand-in model (its fractions depend only on the input and map shapes, and the patch
+    size)."""
+    input_shape = tuple(maps.attrs["identity"]["input_shape"])
+    saliency = torch.zeros(1, *maps.map_shape)
+    result = _CURVE_COLUMNS[column](
+        lambda x: torch.zeros(x.shape[0], 2), torch.zeros(1, *input_shape), saliency, 0
+    )
+    return [round(float(f), 6) for f in result.fractions]
 
 
 def _evaluate_batch(
@@ -260,17 +308,11 @@ def _evaluate_batch(
     device: torch.device,
     per_eval: int,
 ) -> dict[str, np.ndarray]:
-    from captum_gradmask.metrics import (
-        adcc,
-        gradmask_notebook_deletion,
-        gradmask_notebook_insertion,
-        pointing_game,
-        rise_deletion,
-        rise_insertion,
-    )
+    from captum_gradmask.metrics import adcc, pointing_game
 
     n = len(batch.indices)
     out = {c: np.full(n, np.nan, dtype=np.float32) for g in groups for c in METRIC_COLUMNS[g]}
+    curves = [c for c in out if c in _CURVE_COLUMNS]
     positions = batch.readable.nonzero().flatten()
     if not len(positions):
         return out
@@ -283,20 +325,14 @@ def _evaluate_batch(
     batching = {"perturbations_per_eval": per_eval}
 
     def put(column: str, values: Tensor) -> None:
+        if column not in out:  # a curve: (B, points), created at the first one
+            out[column] = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
         out[column][rows] = values.detach().float().cpu().numpy()
 
-    if "notebook" in groups:
-        for column, metric in (
-            ("insertion_notebook", gradmask_notebook_insertion),
-            ("deletion_notebook", gradmask_notebook_deletion),
-        ):
-            put(column, metric(model, images, saliency, targets, **batching).auc)
-    if "rise" in groups:
-        for column, metric in (
-            ("insertion_rise", rise_insertion),
-            ("deletion_rise", rise_deletion),
-        ):
-            put(column, metric(model, images, saliency, targets, **batching).auc)
+    for column in curves:
+        curve = _CURVE_COLUMNS[column](model, images, saliency, targets, **batching)
+        put(column, curve.auc)
+        put(f"curve_{column}", curve.probabilities)
     if "pointing" in groups:
         from PIL import Image
 
