@@ -516,7 +516,8 @@ def _attention_norms(blocks: Sequence[nn.Module], name: str) -> list[nn.Module] 
     (timm's ``ResPostBlock`` applies ``norm1`` after attention)."""
     norms = [getattr(block, name, None) for block in blocks]
     if any(not isinstance(norm, nn.Module) for norm in norms) or any(
-        type(block).__name__.startswith("ResPost") for block in blocks
+        type(block).__name__.startswith("ResPost") or "PostNorm" in type(block).__name__
+        for block in blocks
     ):
         return None
     return norms
@@ -596,9 +597,9 @@ def _build_hf(model: Any) -> ViTAdapter:
     padding_mask = None
     if not config.model_type.startswith("dinov2") and not mean_pooled:
         padding_mask = _hf_padding_mask(config, layers)
-    tokens = TokenInterface(
-        embed, blocks, head, padding_mask, _attention_norms(layers, "layernorm_before")
-    )
+    # ViT/DeiT/BEiT name the attention LayerNorm `layernorm_before`, Dinov2 `norm1`
+    norm_name = "layernorm_before" if hasattr(layers[0], "layernorm_before") else "norm1"
+    tokens = TokenInterface(embed, blocks, head, padding_mask, _attention_norms(layers, norm_name))
     reason = None
     if getattr(config, "use_relative_position_bias", False) or getattr(
         config, "use_shared_relative_position_bias", False
@@ -615,7 +616,7 @@ def _build_hf(model: Any) -> ViTAdapter:
         prefix_tokens=prefix,
         tokens=tokens,
         no_tokens_reason=reason,
-        cam_layer=getattr(layers[-1], "layernorm_before", None),
+        cam_layer=getattr(layers[-1], norm_name, None),
         model=model,
         name=f"hf-{config.model_type}",
     )
@@ -982,7 +983,12 @@ def _build_timm_eva(model: Any) -> ViTAdapter:
             return model.norm_pre(tokens)
 
         blocks = [(lambda x, block=block: block(x)) for block in model.blocks]
-        tokens = TokenInterface(embed, blocks, lambda x: model.forward_head(model.norm(x)))
+        tokens = TokenInterface(
+            embed,
+            blocks,
+            lambda x: model.forward_head(model.norm(x)),
+            attention_norms=_attention_norms(model.blocks, "norm1"),
+        )
     else:
         reason = (
             "its rotary position embeddings are computed for the whole patch grid, so patch "
@@ -1030,7 +1036,12 @@ def _build_timm_beit(model: Any) -> ViTAdapter:
             return model.pos_drop(x)
 
         blocks = [(lambda x, block=block: block(x)) for block in model.blocks]
-        tokens = TokenInterface(embed, blocks, lambda x: model.forward_head(model.norm(x)))
+        tokens = TokenInterface(
+            embed,
+            blocks,
+            lambda x: model.forward_head(model.norm(x)),
+            attention_norms=_attention_norms(model.blocks, "norm1"),
+        )
     return ViTAdapter(
         forward=_within(context, model),
         layers=layers,
@@ -1135,7 +1146,9 @@ def _hf_clip_like_adapter(
         layers=attention,
         patch_size=_pair(config.patch_size),
         prefix_tokens=prefix,
-        tokens=TokenInterface(embed, blocks, head, padding_mask),
+        tokens=TokenInterface(
+            embed, blocks, head, padding_mask, _attention_norms(layers, "layer_norm1")
+        ),
         cam_layer=layers[-1].layer_norm1,
         model=model,
         name=name,
@@ -1227,7 +1240,9 @@ def _build_torchvision_vit(model: Any) -> ViTAdapter:
         layers=layers,
         patch_size=_pair(model.patch_size),
         prefix_tokens=1,
-        tokens=TokenInterface(embed, blocks, head),
+        tokens=TokenInterface(
+            embed, blocks, head, attention_norms=_attention_norms(encoder.layers, "ln_1")
+        ),
         cam_layer=encoder.layers[-1].ln_1,
         model=model,
         name="torchvision-vit",
@@ -1267,7 +1282,12 @@ def _build_open_clip_visual(
         layers=layers,
         patch_size=_pair(visual.patch_size),
         prefix_tokens=1,
-        tokens=TokenInterface(visual._embeds, [block_runner(b) for b in resblocks], head),
+        tokens=TokenInterface(
+            visual._embeds,
+            [block_runner(b) for b in resblocks],
+            head,
+            attention_norms=_attention_norms(resblocks, "ln_1"),
+        ),
         cam_layer=resblocks[-1].ln_1,
         model=visual if model is None else model,
         name="open-clip-vit",
