@@ -98,6 +98,10 @@ class AttentionLayer:
             included); the attention methods read them there instead of recomputing
             ``softmax(Q K^T / sqrt(d))``. Set by adapters that run their own equivalent of the
             model's attention (:class:`Tap`).
+        attention: optional, the model's attention module that the adapter runs as its own
+            equivalent with the projections tapped (set with ``probabilities`` by the
+            adapters of timm EVA/BEiT and ``nn.MultiheadAttention``); backward rules know
+            by it that this module's query and key run through the taps.
     """
 
     query: Projection
@@ -107,6 +111,7 @@ class AttentionLayer:
     output: nn.Module | None = None
     qk_normalized: bool = False
     probabilities: nn.Module | None = None
+    attention: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -703,11 +708,22 @@ class Tap(nn.Module):
     Args:
         out_features: width of the tapped tensor's last dimension, when known (reported as a
             projection's width).
+        bias: optional ``bias() -> tensor``: the bias the model added to the tapped tensor
+            (a functional projection's, e.g. ``nn.MultiheadAttention.in_proj_bias``), read by
+            attributions that credit biases (LibraGrad's FullGrad+).
     """
 
-    def __init__(self, out_features: int | None = None) -> None:
+    def __init__(
+        self, out_features: int | None = None, bias: Callable[[], Tensor | None] | None = None
+    ) -> None:
         super().__init__()
         self.out_features = out_features
+        self._bias = bias
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias added to the tapped tensor, when the adapter knows it."""
+        return None if self._bias is None else self._bias()
 
     def forward(self, tensor: Tensor) -> Tensor:
         return tensor
@@ -717,16 +733,20 @@ class _LayerTaps(nn.Module):
     """The taps of one attention layer: fused ``qkv`` (or separate ``query``/``key``/``value``),
     ``probabilities`` (``(B, heads, T, T)``) and ``context`` (``A @ V``, heads concatenated)."""
 
-    def __init__(self, width: int, fused: bool) -> None:
+    def __init__(
+        self, width: int, fused: bool, bias: Callable[[], Tensor | None] | None = None
+    ) -> None:
         super().__init__()
         if fused:
-            self.qkv = Tap(3 * width)
+            self.qkv = Tap(3 * width, bias)
         else:
             self.query, self.key, self.value = Tap(width), Tap(width), Tap(width)
         self.probabilities = Tap()
         self.context = Tap(width)
 
-    def layer(self, num_heads: int, output: nn.Module | None = None) -> AttentionLayer:
+    def layer(
+        self, num_heads: int, output: nn.Module | None = None, attention: nn.Module | None = None
+    ) -> AttentionLayer:
         if hasattr(self, "qkv"):
             projections = [Projection(self.qkv, index, 3) for index in range(3)]
         else:
@@ -736,6 +756,7 @@ class _LayerTaps(nn.Module):
             num_heads,
             self.context if output is None else output,
             probabilities=self.probabilities,
+            attention=attention,
         )
 
 
@@ -950,6 +971,18 @@ def _is_timm_beit(model: Any) -> bool:
     return _instance_of(model, "timm.models.beit", "Beit")
 
 
+def _qkv_bias(attn: nn.Module) -> Callable[[], Tensor | None]:
+    """The bias timm EVA/BEiT attention adds to its fused ``qkv`` output (query, zero key and
+    value biases), or none."""
+
+    def bias() -> Tensor | None:
+        if getattr(attn, "q_bias", None) is None:
+            return getattr(getattr(attn, "qkv", None), "bias", None)
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+    return bias
+
+
 def _build_timm_eva(model: Any) -> ViTAdapter:
     from timm.models.eva import EvaAttention
 
@@ -962,8 +995,8 @@ def _build_timm_eva(model: Any) -> ViTAdapter:
                 "adapter supports timm's EvaAttention (fused or separate projections)"
             )
         width = attn.head_dim * attn.num_heads
-        layer_taps = _LayerTaps(width, fused=attn.qkv is not None)
-        layer = layer_taps.layer(attn.num_heads)
+        layer_taps = _LayerTaps(width, fused=attn.qkv is not None, bias=_qkv_bias(attn))
+        layer = layer_taps.layer(attn.num_heads, attention=attn)
         if attn.qkv is None:  # separate projections are modules: hook them directly
             layer = dataclasses.replace(
                 layer,
@@ -1012,9 +1045,9 @@ def _build_timm_beit(model: Any) -> ViTAdapter:
     taps, replacements, layers = nn.ModuleList(), [], []
     for block in model.blocks:
         attn = block.attn
-        layer_taps = _LayerTaps(attn.proj.in_features, fused=True)
+        layer_taps = _LayerTaps(attn.proj.in_features, fused=True, bias=_qkv_bias(attn))
         taps.append(layer_taps)
-        layers.append(layer_taps.layer(attn.num_heads))
+        layers.append(layer_taps.layer(attn.num_heads, attention=attn))
         replacements.append((attn, _beit_forward(attn, layer_taps)))
     context = _tapped(replacements)
     relative = model.rel_pos_bias is not None or any(
@@ -1211,9 +1244,11 @@ def _mha_layers(
                 f"attention layer {index}: the adapter supports nn.MultiheadAttention with a "
                 "packed in-projection and without bias_k/bias_v or add_zero_attn"
             )
-        layer_taps = _LayerTaps(attn.embed_dim, fused=True)
+        layer_taps = _LayerTaps(
+            attn.embed_dim, fused=True, bias=lambda attn=attn: attn.in_proj_bias
+        )
         taps.append(layer_taps)
-        layers.append(layer_taps.layer(attn.num_heads))
+        layers.append(layer_taps.layer(attn.num_heads, attention=attn))
         replacements.append((attn, _mha_forward(attn, layer_taps)))
     return layers, _tapped(replacements)
 

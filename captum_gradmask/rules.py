@@ -136,7 +136,9 @@ class RulesHandle:
                     f"the {rule.name} rule did not apply: {len(missing)} of its modules (e.g. "
                     f"{type(missing[0]).__name__}) did not run in the forward pass, so this "
                     "model computes them another way (a functional call or a fused kernel) "
-                    "and its gradients cannot be re-routed"
+                    "and its gradients cannot be re-routed (a model whose adapter runs its "
+                    "attention through taps must run inside the adapter's attention_context, "
+                    "as libragrad(model) does)"
                 )
         self._fired.clear()
 
@@ -210,7 +212,18 @@ def libragrad(
         >>> attributions.shape
         torch.Size([2, 3, 32, 32])
     """
-    return backward_rules(libragrad_rules(model, adapter, attention=attention))
+    adapter = get_adapter(model) if adapter is None else adapter
+    return _tapped_rules(adapter, libragrad_rules(model, adapter, attention=attention))
+
+
+@contextlib.contextmanager
+def _tapped_rules(adapter: ViTAdapter, rules: Sequence[BackwardRule]) -> Iterator[RulesHandle]:
+    """``backward_rules(rules)`` with the adapter's own attention installed (timm EVA/BEiT,
+    ``nn.MultiheadAttention``), so that the model's forward runs through the taps the rules
+    hook."""
+    taps = adapter.attention_context() if adapter.attention_context else contextlib.nullcontext()
+    with taps, backward_rules(rules) as handle:
+        yield handle
 
 
 def libragrad_rules(
@@ -450,9 +463,16 @@ def detached_projections(
 
     Raises:
         UnsupportedModel: an ``nn.MultiheadAttention`` (fused projections, no hook point) or
-            an attention-like module the adapter does not name.
+            an attention-like module the adapter does not name; an attention module that the
+            adapter runs as its own equivalent with taps (``AttentionLayer.attention``) is
+            covered through its taps.
     """
-    fused = [name for name, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    tapped = {id(layer.attention) for layer in adapter.layers if layer.attention is not None}
+    fused = [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and id(m) not in tapped
+    ]
     if fused:
         raise UnsupportedModel(
             f"`{fused[0]}` is an nn.MultiheadAttention: its query and key projections run "
@@ -468,7 +488,7 @@ def detached_projections(
             )
         if type(child).__name__ == "AttentionPoolLatent":  # timm's attention-pooling head
             projections += [_Chunk(child.q, 0, 1), _Chunk(child.kv, 0, 2)]
-        elif _is_unknown_attention(child, adapter):
+        elif id(child) not in tapped and _is_unknown_attention(child, adapter):
             raise UnsupportedModel(
                 f"`{name}` ({type(child).__name__}) looks like an attention module the adapter "
                 "does not name; LibraGrad's attention rule would miss it"

@@ -21,6 +21,7 @@ blocks:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -38,7 +39,7 @@ from .._utils import (
     recorded,
     resolve_targets,
 )
-from ..adapters import ViTAdapter
+from ..adapters import Tap, ViTAdapter
 from ..base import PatchAttribution
 from ..rules import BackwardRule, backward_rules, detached_projections, libragrad_rules
 
@@ -225,6 +226,30 @@ class LibraGrad(PatchAttribution, GradientAttribution):
     def _rules(self) -> list[BackwardRule]:
         return libragrad_rules(self.model, self.adapter)
 
+    def _taps(self) -> contextlib.AbstractContextManager[Any]:
+        """The adapter's own attention with its taps (timm EVA/BEiT, nn.MultiheadAttention),
+        which the attention rule hooks; nothing for models with Q/K/V modules."""
+        context = self.adapter.attention_context
+        return context() if context is not None else contextlib.nullcontext()
+
+    def _bias_modules(self) -> list[nn.Module]:
+        """Linear and LayerNorm modules with a bias, and the taps of functional projections
+        whose bias the adapter knows (``nn.MultiheadAttention.in_proj_bias``, EVA's q/v
+        biases)."""
+        module = self.model
+        found = [
+            m
+            for m in (module.modules() if module is not None else ())
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and isinstance(m.bias, Tensor)
+        ]
+        taps = {
+            id(p.module): p.module
+            for layer in self.adapter.layers
+            for p in (layer.query, layer.key, layer.value)
+            if isinstance(p.module, Tap) and p.module.bias is not None
+        }
+        return found + list(taps.values())
+
     def _contributions(
         self,
         images: Tensor,
@@ -234,15 +259,16 @@ class LibraGrad(PatchAttribution, GradientAttribution):
     ) -> TokenContributions:
         interface = self.adapter.require_tokens(self.method_name)
         module = self.model
-        bias_modules = [
-            m
-            for m in (module.modules() if module is not None else ())
-            if isinstance(m, (nn.Linear, nn.LayerNorm)) and isinstance(m.bias, Tensor)
-        ]
+        bias_modules = self._bias_modules()
         detached = detached_projections(self.adapter, module) if module is not None else {}
         with torch.no_grad():
             embedded = interface.embed(images)
-        with backward_rules(rules), recorded(bias_modules) as outputs, torch.enable_grad():
+        with (
+            self._taps(),
+            backward_rules(rules),
+            recorded(bias_modules) as outputs,
+            torch.enable_grad(),
+        ):
             # A fresh leaf: the embedding's own parameters are outside the explained graph.
             tokens = embedded.detach().requires_grad_(True)
             states = [tokens]
@@ -290,7 +316,7 @@ class LibraGrad(PatchAttribution, GradientAttribution):
             targets = resolve_targets(target, extract_logits(interface.run(embedded)))
         total = torch.zeros_like(embedded)
         for step in range(1, n_steps + 1):
-            with backward_rules(rules), torch.enable_grad():
+            with self._taps(), backward_rules(rules), torch.enable_grad():
                 tokens = (embedded * (step / n_steps)).requires_grad_(True)
                 logits = extract_logits(interface.run(tokens))
                 score = _score(logits, targets, target_output)
