@@ -199,6 +199,10 @@ class ViTAdapter:
             and BEiT). ``forward`` already enters it; :func:`resolve_model` wraps a
             replacement forward in it.
         no_tokens_reason: why ``tokens`` is ``None`` (shown by :meth:`require_tokens`).
+        forward_modules: optional, the modules ``forward`` runs through when ``model`` also
+            holds modules it never runs (an image-text model's text tower); backward rules
+            (:mod:`captum_gradmask.rules`) look for the modules they cover there. ``None``:
+            all of ``model``.
     """
 
     forward: Callable[..., Any]
@@ -213,6 +217,7 @@ class ViTAdapter:
         default=None, repr=False
     )
     no_tokens_reason: str | None = None
+    forward_modules: Sequence[nn.Module] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.layers:

@@ -4,6 +4,7 @@ against the re-derivation in ``references/libragrad.py``) and its registered met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import partial
 
 import pytest
@@ -593,3 +594,61 @@ def test_registry_runs_gradient_methods_under_the_rules() -> None:
         build_method("occlusion", model, gradient_rules="libragrad")
     with pytest.raises(ValueError, match="`gradient_rules` must be None or 'libragrad'"):
         build_method("saliency", model, gradient_rules="lrp")
+
+
+# --- zero-shot classifiers: CLIP's L2 normalisation ---------------------------------------------
+
+
+def _zero_shot(family: str):
+    from captum_gradmask.zero_shot import ZeroShotClassifier
+
+    from .models import tiny_clip_model, tiny_open_clip
+
+    if family == "open-clip":
+        pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
+        model = tiny_open_clip()
+    else:
+        model = tiny_clip_model()
+    embeddings = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    return ZeroShotClassifier.from_text_embeddings(model, embeddings).double()
+
+
+@pytest.mark.parametrize("family", ["hf-clip", "open-clip"])
+def test_completeness_on_a_zero_shot_classifier_needs_the_l2_rule(family: str) -> None:
+    """The classifier divides the image embedding by its norm: under the rules that norm is
+    a constant, so the score (scaled cosine) is complete in the image and the additive
+    parameters; without the L2 rule (every other rule kept) it is not. The text tower is
+    outside the rules' scope (it never runs)."""
+    from captum_gradmask.rules import L2Normalize, libragrad_rules
+
+    classifier = _zero_shot(family)
+    images = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    logit, total = _completeness(classifier, images, target=1, rules=True)
+    assert total == pytest.approx(logit, rel=1e-9, abs=1e-12)
+    plain_logit, plain_total = _completeness(classifier, images, target=1, rules=False)
+    assert plain_logit == logit
+    assert abs(plain_total - plain_logit) > 1e-3 * abs(plain_logit)
+
+    adapter = get_adapter(classifier)
+    rules = libragrad_rules(classifier, adapter)
+    without_l2 = [
+        dataclasses.replace(
+            rule, modules=[m for m in rule.modules if not isinstance(m, L2Normalize)]
+        )
+        for rule in rules
+    ]
+    assert sum(len(r.modules) for r in rules) == sum(len(r.modules) for r in without_l2) + 1
+    parameters = _additive_parameters(classifier)
+    x = images.clone().requires_grad_(True)
+    with backward_rules(without_l2):
+        score = adapter.logits(x)[:, 1].sum()
+        gradients = torch.autograd.grad(score, [x, *parameters], allow_unused=True)
+    partial_total = sum(
+        (value * gradient).sum()
+        for value, gradient in zip([x, *parameters], gradients, strict=True)
+        if gradient is not None
+    )
+    assert abs(partial_total.item() - score.item()) > 1e-3 * abs(score.item())
+    terms = LibraGrad(classifier).token_contributions(images, target=1)  # the method's terms
+    total_terms = terms.block_inputs[:, 0].sum(-1) + terms.biases.sum(-1) + terms.pooled_biases
+    torch.testing.assert_close(total_terms, terms.scores, rtol=1e-9, atol=1e-12)

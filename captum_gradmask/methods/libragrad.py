@@ -41,7 +41,13 @@ from .._utils import (
 )
 from ..adapters import Tap, ViTAdapter
 from ..base import PatchAttribution
-from ..rules import BackwardRule, backward_rules, detached_projections, libragrad_rules
+from ..rules import (
+    BackwardRule,
+    backward_rules,
+    detached_projections,
+    libragrad_rules,
+    rules_scope,
+)
 
 __all__ = ["LibraGrad", "TokenContributions"]
 
@@ -236,7 +242,7 @@ class LibraGrad(PatchAttribution, GradientAttribution):
         """Linear and LayerNorm modules with a bias, and the taps of functional projections
         whose bias the adapter knows (``nn.MultiheadAttention.in_proj_bias``, EVA's q/v
         biases)."""
-        module = self.model
+        module = rules_scope(self.adapter, self.model) if self.model is not None else None
         found = [
             m
             for m in (module.modules() if module is not None else ())
@@ -260,7 +266,11 @@ class LibraGrad(PatchAttribution, GradientAttribution):
         interface = self.adapter.require_tokens(self.method_name)
         module = self.model
         bias_modules = self._bias_modules()
-        detached = detached_projections(self.adapter, module) if module is not None else {}
+        detached = (
+            detached_projections(self.adapter, rules_scope(self.adapter, module))
+            if module is not None
+            else {}
+        )
         with torch.no_grad():
             embedded = interface.embed(images)
         with (
