@@ -188,8 +188,10 @@ def libragrad(
     """LibraGrad's backward rules on ``model`` while the block runs (see the module docstring).
 
     Args:
-        model: a ViT the adapters support (Hugging Face ViT/DeiT, timm ViT), or any module
-            with ``adapter``.
+        model: a ViT the adapters support (see ``docs/models.md``, "Methods by family"), or
+            any module with ``adapter``. Where the adapter runs the model's attention itself
+            (timm EVA/BEiT, ``nn.MultiheadAttention``), the block installs that attention, so
+            ``model(x)`` and ``adapter.forward`` inside it are both covered.
         adapter: where the model keeps its Q/K/V projections; by default
             :func:`~captum_gradmask.adapters.get_adapter`.
         attention: detach the query and key projections (the attention rule). ``False``

@@ -86,8 +86,10 @@ class LibraGrad(PatchAttribution, GradientAttribution):
     LibraGrad's backward rules.
 
     Needs the adapter's token interface (``embed``, ``blocks``, ``head``), which the built-in
-    adapters for Hugging Face ViT/DeiT and timm provide. Cost per image: one forward and one
-    backward pass (FullGrad+, Input x Gradient), ``n_steps`` of each (Integrated Gradients).
+    adapters provide except where positions are tied to the whole grid (timm EVA-02 with
+    rotary embeddings, BEiT with relative position bias: refused by name). Cost per image:
+    one forward and one backward pass (FullGrad+, Input x Gradient), ``n_steps`` of each
+    (Integrated Gradients).
     The model's forward values are unchanged; hooks are removed after every call.
 
     Args:
