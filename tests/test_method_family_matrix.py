@@ -17,7 +17,8 @@ from torch import nn
 
 from captum_gradmask import get_adapter
 from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig
-from captum_gradmask.registry import build_method, method_names
+from captum_gradmask.registry import _GRADIENT_METHODS, build_method, method_names
+from captum_gradmask.rules import UnsupportedModel
 
 from . import models
 from .test_one_way_in import SMALL
@@ -124,6 +125,29 @@ def test_method_runs_on_family_or_refuses_it_clearly(family: str, name: str) -> 
         assert torch.isfinite(attributions).all()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not any("forward" in m.__dict__ for m in model.modules())  # taps uninstalled
+
+
+@pytest.mark.parametrize("name", sorted(_GRADIENT_METHODS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradient_methods_under_libragrad_run_on_family_or_refuse_it(family: str, name: str):
+    """``build_method(..., gradient_rules="libragrad")``: the rules hook the taps of the
+    method's own adapter (EVA/BEiT, torchvision, OpenCLIP), and the refusal comes at build
+    time."""
+    model = _model(family)
+    size = FAMILIES[family][1]
+    settings = dict(SMALL.get(name, {}))
+    refusal = REFUSED.get(family, {}).get("libragrad-ixg")
+    if refusal is not None and "token interface" not in refusal:
+        with pytest.raises(UnsupportedModel, match=refusal):
+            build_method(name, model, gradient_rules="libragrad", **settings)
+        return
+    method = build_method(name, model, gradient_rules="libragrad", **settings)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    attributions = method.attribute(images, target=1)
+    attributions = attributions[0] if isinstance(attributions, tuple) else attributions
+    assert attributions.shape == (2, 3, size, size)
+    assert torch.isfinite(attributions).all()
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def _docs_table() -> dict[str, set[str]]:
