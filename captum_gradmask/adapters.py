@@ -98,6 +98,10 @@ class AttentionLayer:
             included); the attention methods read them there instead of recomputing
             ``softmax(Q K^T / sqrt(d))``. Set by adapters that run their own equivalent of the
             model's attention (:class:`Tap`).
+        attention: optional, the model's attention module that the adapter runs as its own
+            equivalent with the projections tapped (set with ``probabilities`` by the
+            adapters of timm EVA/BEiT and ``nn.MultiheadAttention``); backward rules know
+            by it that this module's query and key run through the taps.
     """
 
     query: Projection
@@ -107,6 +111,7 @@ class AttentionLayer:
     output: nn.Module | None = None
     qk_normalized: bool = False
     probabilities: nn.Module | None = None
+    attention: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,10 @@ class ViTAdapter:
         no_tokens_reason: why ``tokens`` is ``None`` (shown by :meth:`require_tokens`).
         image_size: the one ``(H, W)`` the model accepts (a timm model built without
             ``dynamic_img_size``), or ``None`` when any multiple of the patch size works.
+        forward_modules: optional, the modules ``forward`` runs through when ``model`` also
+            holds modules it never runs (an image-text model's text tower); backward rules
+            (:mod:`captum_gradmask.rules`) look for the modules they cover there. ``None``:
+            all of ``model``.
     """
 
     forward: Callable[..., Any]
@@ -211,6 +220,7 @@ class ViTAdapter:
     )
     no_tokens_reason: str | None = None
     image_size: tuple[int, int] | None = None
+    forward_modules: Sequence[nn.Module] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -526,7 +536,8 @@ def _attention_norms(blocks: Sequence[nn.Module], name: str) -> list[nn.Module] 
     (timm's ``ResPostBlock`` applies ``norm1`` after attention)."""
     norms = [getattr(block, name, None) for block in blocks]
     if any(not isinstance(norm, nn.Module) for norm in norms) or any(
-        type(block).__name__.startswith("ResPost") for block in blocks
+        type(block).__name__.startswith("ResPost") or "PostNorm" in type(block).__name__
+        for block in blocks
     ):
         return None
     return norms
@@ -606,9 +617,9 @@ def _build_hf(model: Any) -> ViTAdapter:
     padding_mask = None
     if not config.model_type.startswith("dinov2") and not mean_pooled:
         padding_mask = _hf_padding_mask(config, layers)
-    tokens = TokenInterface(
-        embed, blocks, head, padding_mask, _attention_norms(layers, "layernorm_before")
-    )
+    # ViT/DeiT/BEiT name the attention LayerNorm `layernorm_before`, Dinov2 `norm1`
+    norm_name = "layernorm_before" if hasattr(layers[0], "layernorm_before") else "norm1"
+    tokens = TokenInterface(embed, blocks, head, padding_mask, _attention_norms(layers, norm_name))
     reason = None
     if getattr(config, "use_relative_position_bias", False) or getattr(
         config, "use_shared_relative_position_bias", False
@@ -625,7 +636,7 @@ def _build_hf(model: Any) -> ViTAdapter:
         prefix_tokens=prefix,
         tokens=tokens,
         no_tokens_reason=reason,
-        cam_layer=getattr(layers[-1], "layernorm_before", None),
+        cam_layer=getattr(layers[-1], norm_name, None),
         model=model,
         name=f"hf-{config.model_type}",
     )
@@ -715,11 +726,22 @@ class Tap(nn.Module):
     Args:
         out_features: width of the tapped tensor's last dimension, when known (reported as a
             projection's width).
+        bias: optional ``bias() -> tensor``: the bias the model added to the tapped tensor
+            (a functional projection's, e.g. ``nn.MultiheadAttention.in_proj_bias``), read by
+            attributions that credit biases (LibraGrad's FullGrad+).
     """
 
-    def __init__(self, out_features: int | None = None) -> None:
+    def __init__(
+        self, out_features: int | None = None, bias: Callable[[], Tensor | None] | None = None
+    ) -> None:
         super().__init__()
         self.out_features = out_features
+        self._bias = bias
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias added to the tapped tensor, when the adapter knows it."""
+        return None if self._bias is None else self._bias()
 
     def forward(self, tensor: Tensor) -> Tensor:
         return tensor
@@ -729,16 +751,20 @@ class _LayerTaps(nn.Module):
     """The taps of one attention layer: fused ``qkv`` (or separate ``query``/``key``/``value``),
     ``probabilities`` (``(B, heads, T, T)``) and ``context`` (``A @ V``, heads concatenated)."""
 
-    def __init__(self, width: int, fused: bool) -> None:
+    def __init__(
+        self, width: int, fused: bool, bias: Callable[[], Tensor | None] | None = None
+    ) -> None:
         super().__init__()
         if fused:
-            self.qkv = Tap(3 * width)
+            self.qkv = Tap(3 * width, bias)
         else:
             self.query, self.key, self.value = Tap(width), Tap(width), Tap(width)
         self.probabilities = Tap()
         self.context = Tap(width)
 
-    def layer(self, num_heads: int, output: nn.Module | None = None) -> AttentionLayer:
+    def layer(
+        self, num_heads: int, output: nn.Module | None = None, attention: nn.Module | None = None
+    ) -> AttentionLayer:
         if hasattr(self, "qkv"):
             projections = [Projection(self.qkv, index, 3) for index in range(3)]
         else:
@@ -748,6 +774,7 @@ class _LayerTaps(nn.Module):
             num_heads,
             self.context if output is None else output,
             probabilities=self.probabilities,
+            attention=attention,
         )
 
 
@@ -962,6 +989,18 @@ def _is_timm_beit(model: Any) -> bool:
     return _instance_of(model, "timm.models.beit", "Beit")
 
 
+def _qkv_bias(attn: nn.Module) -> Callable[[], Tensor | None]:
+    """The bias timm EVA/BEiT attention adds to its fused ``qkv`` output (query, zero key and
+    value biases), or none."""
+
+    def bias() -> Tensor | None:
+        if getattr(attn, "q_bias", None) is None:
+            return getattr(getattr(attn, "qkv", None), "bias", None)
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+    return bias
+
+
 def _build_timm_eva(model: Any) -> ViTAdapter:
     from timm.models.eva import EvaAttention
 
@@ -974,8 +1013,8 @@ def _build_timm_eva(model: Any) -> ViTAdapter:
                 "adapter supports timm's EvaAttention (fused or separate projections)"
             )
         width = attn.head_dim * attn.num_heads
-        layer_taps = _LayerTaps(width, fused=attn.qkv is not None)
-        layer = layer_taps.layer(attn.num_heads)
+        layer_taps = _LayerTaps(width, fused=attn.qkv is not None, bias=_qkv_bias(attn))
+        layer = layer_taps.layer(attn.num_heads, attention=attn)
         if attn.qkv is None:  # separate projections are modules: hook them directly
             layer = dataclasses.replace(
                 layer,
@@ -995,7 +1034,12 @@ def _build_timm_eva(model: Any) -> ViTAdapter:
             return model.norm_pre(tokens)
 
         blocks = [(lambda x, block=block: block(x)) for block in model.blocks]
-        tokens = TokenInterface(embed, blocks, lambda x: model.forward_head(model.norm(x)))
+        tokens = TokenInterface(
+            embed,
+            blocks,
+            lambda x: model.forward_head(model.norm(x)),
+            attention_norms=_attention_norms(model.blocks, "norm1"),
+        )
     else:
         reason = (
             "its rotary position embeddings are computed for the whole patch grid, so patch "
@@ -1019,9 +1063,9 @@ def _build_timm_beit(model: Any) -> ViTAdapter:
     taps, replacements, layers = nn.ModuleList(), [], []
     for block in model.blocks:
         attn = block.attn
-        layer_taps = _LayerTaps(attn.proj.in_features, fused=True)
+        layer_taps = _LayerTaps(attn.proj.in_features, fused=True, bias=_qkv_bias(attn))
         taps.append(layer_taps)
-        layers.append(layer_taps.layer(attn.num_heads))
+        layers.append(layer_taps.layer(attn.num_heads, attention=attn))
         replacements.append((attn, _beit_forward(attn, layer_taps)))
     context = _tapped(replacements)
     relative = model.rel_pos_bias is not None or any(
@@ -1043,7 +1087,12 @@ def _build_timm_beit(model: Any) -> ViTAdapter:
             return model.pos_drop(x)
 
         blocks = [(lambda x, block=block: block(x)) for block in model.blocks]
-        tokens = TokenInterface(embed, blocks, lambda x: model.forward_head(model.norm(x)))
+        tokens = TokenInterface(
+            embed,
+            blocks,
+            lambda x: model.forward_head(model.norm(x)),
+            attention_norms=_attention_norms(model.blocks, "norm1"),
+        )
     return ViTAdapter(
         forward=_within(context, model),
         layers=layers,
@@ -1148,7 +1197,9 @@ def _hf_clip_like_adapter(
         layers=attention,
         patch_size=_pair(config.patch_size),
         prefix_tokens=prefix,
-        tokens=TokenInterface(embed, blocks, head, padding_mask),
+        tokens=TokenInterface(
+            embed, blocks, head, padding_mask, _attention_norms(layers, "layer_norm1")
+        ),
         cam_layer=layers[-1].layer_norm1,
         model=model,
         name=name,
@@ -1211,9 +1262,11 @@ def _mha_layers(
                 f"attention layer {index}: the adapter supports nn.MultiheadAttention with a "
                 "packed in-projection and without bias_k/bias_v or add_zero_attn"
             )
-        layer_taps = _LayerTaps(attn.embed_dim, fused=True)
+        layer_taps = _LayerTaps(
+            attn.embed_dim, fused=True, bias=lambda attn=attn: attn.in_proj_bias
+        )
         taps.append(layer_taps)
-        layers.append(layer_taps.layer(attn.num_heads))
+        layers.append(layer_taps.layer(attn.num_heads, attention=attn))
         replacements.append((attn, _mha_forward(attn, layer_taps)))
     return layers, _tapped(replacements)
 
@@ -1240,7 +1293,9 @@ def _build_torchvision_vit(model: Any) -> ViTAdapter:
         layers=layers,
         patch_size=_pair(model.patch_size),
         prefix_tokens=1,
-        tokens=TokenInterface(embed, blocks, head),
+        tokens=TokenInterface(
+            embed, blocks, head, attention_norms=_attention_norms(encoder.layers, "ln_1")
+        ),
         cam_layer=encoder.layers[-1].ln_1,
         model=model,
         name="torchvision-vit",
@@ -1280,7 +1335,12 @@ def _build_open_clip_visual(
         layers=layers,
         patch_size=_pair(visual.patch_size),
         prefix_tokens=1,
-        tokens=TokenInterface(visual._embeds, [block_runner(b) for b in resblocks], head),
+        tokens=TokenInterface(
+            visual._embeds,
+            [block_runner(b) for b in resblocks],
+            head,
+            attention_norms=_attention_norms(resblocks, "ln_1"),
+        ),
         cam_layer=resblocks[-1].ln_1,
         model=visual if model is None else model,
         name="open-clip-vit",

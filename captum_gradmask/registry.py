@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from captum_gradmask._utils import TargetType
-from captum_gradmask.adapters import ViTAdapter
+from captum_gradmask.adapters import ViTAdapter, get_adapter
 
 __all__ = [
     "DEPRECATED_NAMES",
@@ -552,6 +552,10 @@ def build_method(
     if gradient_rules is not None and "gradient_rules" in spec.settings:
         overrides["gradient_rules"] = gradient_rules  # GradMask's own option
         gradient_rules = None
+    if gradient_rules is not None and adapter is None:
+        # one adapter for the method and the rules: where the adapter runs the model's attention
+        # itself (taps), the rules hook the taps that the method's forward installs
+        adapter = get_adapter(model)
     method = _build(spec, name, model, adapter, overrides)
     if gradient_rules is None:
         return method

@@ -13,7 +13,9 @@ Vision Transformer found through its adapter:
 - **attention**: the query and key projections are detached, so the attention weights are
   constants of the backward pass and gradient reaches a block's input through the values only;
 - **LayerNorm / RMSNorm**: the variance (RMS) in the denominator is a constant; mean-centring
-  and the affine part keep their gradient;
+  and the affine part keep their gradient; likewise the L2 norm of CLIP-like embeddings
+  (:class:`L2Normalize`, as :class:`~captum_gradmask.zero_shot.ZeroShotClassifier` normalises
+  image embeddings);
 - **GELU / SiLU / QuickGELU**: written as ``x * gate(x)`` with the gate a constant (GELU's
   gate is ``Phi(x)``, exact erf or its tanh approximation; SiLU's is ``sigmoid(x)``);
 - **gated MLPs** (SwiGLU, as in EVA-02): the gradient of the product of the two branches is
@@ -56,6 +58,7 @@ from .adapters import ViTAdapter, get_adapter
 
 __all__ = [
     "BackwardRule",
+    "L2Normalize",
     "RulesHandle",
     "UnsupportedModel",
     "activation_rule",
@@ -65,6 +68,7 @@ __all__ = [
     "libragrad",
     "libragrad_rules",
     "normalization_rule",
+    "rules_scope",
     "swap_gradient",
 ]
 
@@ -136,7 +140,9 @@ class RulesHandle:
                     f"the {rule.name} rule did not apply: {len(missing)} of its modules (e.g. "
                     f"{type(missing[0]).__name__}) did not run in the forward pass, so this "
                     "model computes them another way (a functional call or a fused kernel) "
-                    "and its gradients cannot be re-routed"
+                    "and its gradients cannot be re-routed (a model whose adapter runs its "
+                    "attention through taps must run inside the adapter's attention_context, "
+                    "as libragrad(model) does)"
                 )
         self._fired.clear()
 
@@ -182,8 +188,10 @@ def libragrad(
     """LibraGrad's backward rules on ``model`` while the block runs (see the module docstring).
 
     Args:
-        model: a ViT the adapters support (Hugging Face ViT/DeiT, timm ViT), or any module
-            with ``adapter``.
+        model: a ViT the adapters support (see ``docs/models.md``, "Methods by family"), or
+            any module with ``adapter``. Where the adapter runs the model's attention itself
+            (timm EVA/BEiT, ``nn.MultiheadAttention``), the block installs that attention, so
+            ``model(x)`` and ``adapter.forward`` inside it are both covered.
         adapter: where the model keeps its Q/K/V projections; by default
             :func:`~captum_gradmask.adapters.get_adapter`.
         attention: detach the query and key projections (the attention rule). ``False``
@@ -210,7 +218,18 @@ def libragrad(
         >>> attributions.shape
         torch.Size([2, 3, 32, 32])
     """
-    return backward_rules(libragrad_rules(model, adapter, attention=attention))
+    adapter = get_adapter(model) if adapter is None else adapter
+    return _tapped_rules(adapter, libragrad_rules(model, adapter, attention=attention))
+
+
+@contextlib.contextmanager
+def _tapped_rules(adapter: ViTAdapter, rules: Sequence[BackwardRule]) -> Iterator[RulesHandle]:
+    """``backward_rules(rules)`` with the adapter's own attention installed (timm EVA/BEiT,
+    ``nn.MultiheadAttention``), so that the model's forward runs through the taps the rules
+    hook."""
+    taps = adapter.attention_context() if adapter.attention_context else contextlib.nullcontext()
+    with taps, backward_rules(rules) as handle:
+        yield handle
 
 
 def libragrad_rules(
@@ -218,12 +237,7 @@ def libragrad_rules(
 ) -> list[BackwardRule]:
     """The :class:`BackwardRule` list of :func:`libragrad` (checked, nothing applied yet)."""
     adapter = get_adapter(model) if adapter is None else adapter
-    module = adapter.model if adapter.model is not None else model
-    if not isinstance(module, nn.Module):
-        raise UnsupportedModel(
-            "LibraGrad's rules find LayerNorms and activations among the model's modules: pass "
-            f"the nn.Module (or an adapter whose `model` is set), got {type(module).__name__}"
-        )
+    module = rules_scope(adapter, model)
     norms = [m for m in module.modules() if _norm_kind(m) is not None]
     activations = [m for m in module.modules() if _gate_kind(m) is not None]
     _check_activations(module, activations, len(adapter.layers))
@@ -232,6 +246,45 @@ def libragrad_rules(
     if attention:
         rules.append(_attention_rule(adapter, module))
     return [rule for rule in rules if rule.modules]
+
+
+def rules_scope(adapter: ViTAdapter, model: Any = None) -> nn.Module:
+    """The module whose submodules the rules cover: the adapter's ``forward_modules`` (an
+    image-text model's image tower and classifier head, not its text tower), else its
+    ``model``, else ``model``."""
+    if adapter.forward_modules:
+        # a container of references (no module is changed), named as in the adapter's model
+        names = {}
+        if isinstance(adapter.model, nn.Module):
+            names = {id(m): n for n, m in adapter.model.named_modules()}
+        return nn.ModuleDict(
+            {
+                names.get(id(m), f"module{i}").replace(".", "/") or "model": m
+                for i, m in enumerate(adapter.forward_modules)
+            }
+        )
+    module = adapter.model if adapter.model is not None else model
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModel(
+            "LibraGrad's rules find LayerNorms and activations among the model's modules: pass "
+            f"the nn.Module (or an adapter whose `model` is set), got {type(module).__name__}"
+        )
+    return module
+
+
+class L2Normalize(nn.Module):
+    """``x / ||x||`` over the last dimension: the normalisation of CLIP-like embeddings as a
+    module, so that LibraGrad's rule (the norm is a constant) can hook it.
+
+    Example::
+
+        >>> import torch
+        >>> L2Normalize()(torch.tensor([[3.0, 4.0]]))
+        tensor([[0.6000, 0.8000]])
+    """
+
+    def forward(self, tensor: Tensor) -> Tensor:
+        return tensor / tensor.norm(dim=-1, keepdim=True)
 
 
 def normalization_rule(modules: Sequence[nn.Module]) -> BackwardRule:
@@ -281,6 +334,8 @@ def gated_mlp_rule(modules: Sequence[nn.Module]) -> BackwardRule:
 def _norm_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.LayerNorm):
         return "layer"
+    if isinstance(module, L2Normalize):
+        return "l2"
     if isinstance(module, getattr(nn, "RMSNorm", ())) or type(module).__name__ in _RMS_NORMS:
         return "rms"
     return None
@@ -290,6 +345,8 @@ _RMS_NORMS = {"RmsNorm", "RMSNorm", "LlamaRMSNorm"}
 
 
 def _norm_surrogate(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+    if _norm_kind(module) == "l2":
+        return x / x.norm(dim=-1, keepdim=True).detach()
     shape = module.normalized_shape
     dims = tuple(range(-len(shape if isinstance(shape, (tuple, list)) else (shape,)), 0))
     eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
@@ -450,9 +507,16 @@ def detached_projections(
 
     Raises:
         UnsupportedModel: an ``nn.MultiheadAttention`` (fused projections, no hook point) or
-            an attention-like module the adapter does not name.
+            an attention-like module the adapter does not name; an attention module that the
+            adapter runs as its own equivalent with taps (``AttentionLayer.attention``) is
+            covered through its taps.
     """
-    fused = [name for name, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    tapped = {id(layer.attention) for layer in adapter.layers if layer.attention is not None}
+    fused = [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and id(m) not in tapped
+    ]
     if fused:
         raise UnsupportedModel(
             f"`{fused[0]}` is an nn.MultiheadAttention: its query and key projections run "
@@ -468,7 +532,7 @@ def detached_projections(
             )
         if type(child).__name__ == "AttentionPoolLatent":  # timm's attention-pooling head
             projections += [_Chunk(child.q, 0, 1), _Chunk(child.kv, 0, 2)]
-        elif _is_unknown_attention(child, adapter):
+        elif id(child) not in tapped and _is_unknown_attention(child, adapter):
             raise UnsupportedModel(
                 f"`{name}` ({type(child).__name__}) looks like an attention module the adapter "
                 "does not name; LibraGrad's attention rule would miss it"

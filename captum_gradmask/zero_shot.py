@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import ViTAdapter, image_feature_adapter, register_adapter
+from .rules import L2Normalize
 
 __all__ = ["CLIP_IMAGENET_TEMPLATES", "ZeroShotClassifier"]
 
@@ -149,6 +150,7 @@ class ZeroShotClassifier(nn.Module):
                     f"label; got {bad or templates!r}"
                 )
         self.model = model
+        self.normalize = L2Normalize()
         self.labels = labels
         with torch.no_grad():
             embeddings = _label_embeddings(model, self.family, processor, labels, templates)
@@ -183,6 +185,7 @@ class ZeroShotClassifier(nn.Module):
                 f"`labels` has {len(labels)} names for {embeddings.shape[0]} text embeddings"
             )
         classifier.model = model
+        classifier.normalize = L2Normalize()
         classifier.labels = labels
         classifier.register_buffer(
             "text_embeddings", _normalised(embeddings.detach().float()), persistent=False
@@ -199,7 +202,7 @@ class ZeroShotClassifier(nn.Module):
 
     def scores(self, image_features: Tensor) -> Tensor:
         """``(B, K)`` logits of image embeddings: the model's scaled (and biased) cosines."""
-        image = _normalised(image_features)
+        image = self.normalize(image_features)
         text = self.text_embeddings.to(image.dtype)
         logits = image @ text.T * self.model.logit_scale.exp()
         bias = getattr(self.model, "logit_bias", None)
@@ -279,8 +282,18 @@ def _build_zero_shot(classifier: ZeroShotClassifier) -> ViTAdapter:
     if tokens is not None:
         features = tokens.head
         tokens = dataclasses.replace(tokens, head=lambda t: classifier.scores(features(t)))
+    model = classifier.model
+    if classifier.family == "open-clip":
+        image_tower = [model.visual]
+    else:
+        image_tower = [model.vision_model, getattr(model, "visual_projection", None)]
     return dataclasses.replace(
-        tower, forward=forward, tokens=tokens, model=classifier, name=f"zero-shot-{tower.name}"
+        tower,
+        forward=forward,
+        tokens=tokens,
+        model=classifier,
+        name=f"zero-shot-{tower.name}",
+        forward_modules=[m for m in (*image_tower, classifier.normalize) if m is not None],
     )
 
 

@@ -284,12 +284,12 @@ def tiny_timm_beit(**overrides) -> nn.Module:
     return _spread(model, model.head)
 
 
-def tiny_torchvision_vit() -> nn.Module:
+def tiny_torchvision_vit(image_size: int = 28) -> nn.Module:
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
     model = VisionTransformer(
-        image_size=28,
+        image_size=image_size,
         patch_size=14,
         num_layers=3,
         num_heads=3,

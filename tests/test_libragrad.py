@@ -4,6 +4,7 @@ against the re-derivation in ``references/libragrad.py``) and its registered met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import partial
 
 import pytest
@@ -54,13 +55,19 @@ MODELS = {
     ),
     "timm-attention-pool": lambda: tiny_timm_vit(global_pool="map", class_token=False),
 }
-#: Parameters that enter the network additively (FullGrad's "biases").
-ADDITIVE = ("bias", "cls_token", "pos_embed", "position_embeddings", "reg_token")
-ADDITIVE += ("dist_token", "distillation_token")
+#: Parameters that enter the network additively (FullGrad's "biases"), besides every bias
+#: (``bias``, ``q_bias``/``v_bias`` of EVA/BEiT, ``in_proj_bias`` of nn.MultiheadAttention).
+ADDITIVE = ("cls_token", "pos_embed", "position_embeddings", "reg_token", "register_tokens")
+ADDITIVE += ("dist_token", "distillation_token", "class_token", "pos_embedding")
+ADDITIVE += ("class_embedding", "positional_embedding", "position_embedding.weight")
 
 
 def _additive_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.split(".")[-1] in ADDITIVE]
+    return [
+        p
+        for n, p in model.named_parameters()
+        if n.endswith("bias") or n.split(".")[-1] in ADDITIVE or n.endswith(ADDITIVE[-1])
+    ]
 
 
 def _completeness(
@@ -69,8 +76,9 @@ def _completeness(
     """(target logit, sum of input x gradient and additive parameter x gradient)."""
     parameters = _additive_parameters(model)
     images = images.clone().requires_grad_(True)
-    with libragrad(model) if rules else contextlib.nullcontext():
-        logit = get_adapter(model).logits(images)[:, target].sum()
+    adapter = get_adapter(model)  # one adapter: the taps its forward installs are the ruled ones
+    with libragrad(model, adapter) if rules else contextlib.nullcontext():
+        logit = adapter.logits(images)[:, target].sum()
         gradients = torch.autograd.grad(logit, [images, *parameters], allow_unused=True)
     total = (images * gradients[0]).sum()
     for parameter, gradient in zip(parameters, gradients[1:], strict=True):
@@ -112,11 +120,122 @@ def test_completeness_on_an_eva02_style_vit() -> None:
     assert abs(plain_total - plain_logit) > 1e-3 * abs(plain_logit)
 
 
-def test_eva_attention_with_separate_biases_is_refused() -> None:
-    """EVA's attention with query/value biases calls its qkv weights functionally."""
-    model = _tiny_eva(qkv_bias=True)
+def test_eva_attention_with_separate_biases_runs_through_the_adapters_taps() -> None:
+    """EVA's attention with query/value biases calls its qkv weights functionally: the rules
+    hook the adapter's taps, which ``libragrad(model)`` installs, so the model's own call
+    inside the block is ruled (complete); a second adapter's forward installs other taps,
+    and the block says the rule did not apply instead of returning plain gradients."""
+    model = _tiny_eva(qkv_bias=True).double()
+    parameters = _additive_parameters(model)
+    images = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with libragrad(model):
+        logit = model(images)[0, 3]
+        gradients = torch.autograd.grad(logit, [images, *parameters], allow_unused=True)
+    total = sum(
+        (value * gradient).sum()
+        for value, gradient in zip([images, *parameters], gradients, strict=True)
+        if gradient is not None
+    )
+    assert total.item() == pytest.approx(logit.item(), rel=1e-9, abs=1e-12)
     with pytest.raises(UnsupportedModel, match="did not run in the forward pass"), libragrad(model):
-        model(torch.randn(1, 3, 32, 32))
+        get_adapter(model).logits(images)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert "forward" not in model.blocks[0].attn.__dict__  # the model's attention restored
+
+
+def _open_clip_visual() -> nn.Module:
+    from .models import tiny_open_clip
+
+    return tiny_open_clip().visual
+
+
+def _family(name: str):
+    """Today's families (tests/models.py), built lazily: torchvision and OpenCLIP are optional."""
+    from . import models
+
+    families = {
+        "hf-clip-vision": lambda: models.tiny_hf_clip_vision("tower"),
+        "hf-clip-projection": lambda: models.tiny_hf_clip_vision("projection"),
+        "hf-clip-classifier": models.tiny_hf_clip_vision,
+        "hf-dinov2-registers": models.tiny_hf_dinov2,
+        "hf-beit-mean-pool": models.tiny_hf_beit,
+        "timm-eva02-fused": models.tiny_timm_eva,
+        "timm-eva02-separate": lambda: models.tiny_timm_eva(fused=False),
+        "timm-eva-no-rope": lambda: models.tiny_timm_eva(rope=False),
+        "timm-beit": models.tiny_timm_beit,
+        "torchvision-vit": models.tiny_torchvision_vit,
+        "open-clip-visual": _open_clip_visual,
+    }
+    if name == "torchvision-vit":
+        pytest.importorskip("torchvision", reason="torchvision is not installed")
+    if name == "open-clip-visual":
+        pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
+    return families[name]()
+
+
+FAMILY_SIZES = {"timm-beit": 32}
+FAMILIES = [
+    "hf-clip-vision",
+    "hf-clip-projection",
+    "hf-clip-classifier",
+    "hf-dinov2-registers",
+    "hf-beit-mean-pool",
+    "timm-eva02-fused",
+    "timm-eva02-separate",
+    "timm-beit",
+    "torchvision-vit",
+    "open-clip-visual",
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_completeness_on_todays_families(name: str) -> None:
+    """CLIP/SigLIP-style towers (QuickGELU, pre-norm), Dinov2 with registers (LayerScale),
+    EVA-02 (rotary embeddings, SwiGLU, q/v biases through the adapter's taps), BEiT (relative
+    position bias), torchvision and OpenCLIP (nn.MultiheadAttention through the taps)."""
+    model = _family(name).double()
+    size = FAMILY_SIZES.get(name, 28)
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    logit, total = _completeness(model, images, target=1, rules=True)
+    assert total == pytest.approx(logit, rel=1e-9, abs=1e-12)
+    plain_logit, plain_total = _completeness(model, images, target=1, rules=False)
+    assert plain_logit == logit
+    assert abs(plain_total - plain_logit) > 1e-3 * abs(plain_logit) + 1e-6
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hf-clip-vision",
+        "hf-dinov2-registers",
+        "timm-eva-no-rope",
+        "torchvision-vit",
+        "open-clip-visual",
+    ],
+)
+def test_fullgrad_of_the_method_is_complete_on_todays_families(name: str) -> None:
+    """The method's own terms, biases of functional projections (read from the taps)
+    included."""
+    model = _family(name).double()
+    terms = LibraGrad(model).token_contributions(
+        torch.randn(2, 3, 28, 28, dtype=torch.float64), target=[2, 5]
+    )
+    total = terms.block_inputs[:, 0].sum(-1) + terms.biases.sum(-1) + terms.pooled_biases
+    torch.testing.assert_close(total, terms.scores, rtol=1e-9, atol=1e-12)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_families_libragrad_does_not_cover_are_refused_by_name() -> None:
+    from .models import tiny_hf_clip_vision
+
+    siglip = tiny_hf_clip_vision(siglip=True)  # attention-pooling head: an untapped MHA
+    with pytest.raises(
+        UnsupportedModel, match=r"vision_model\.head\.attention.*MultiheadAttention"
+    ):
+        LibraGrad(siglip).attribute(torch.randn(1, 3, 28, 28), target=0)
+    eva = _family("timm-eva02-fused")  # rotary embeddings: no token interface
+    with pytest.raises(ValueError, match=r"LibraGrad needs the adapter's token interface.*rotary"):
+        LibraGrad(eva)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -475,3 +594,61 @@ def test_registry_runs_gradient_methods_under_the_rules() -> None:
         build_method("occlusion", model, gradient_rules="libragrad")
     with pytest.raises(ValueError, match="`gradient_rules` must be None or 'libragrad'"):
         build_method("saliency", model, gradient_rules="lrp")
+
+
+# --- zero-shot classifiers: CLIP's L2 normalisation ---------------------------------------------
+
+
+def _zero_shot(family: str):
+    from captum_gradmask.zero_shot import ZeroShotClassifier
+
+    from .models import tiny_clip_model, tiny_open_clip
+
+    if family == "open-clip":
+        pytest.importorskip("open_clip", reason="open_clip_torch is not installed")
+        model = tiny_open_clip()
+    else:
+        model = tiny_clip_model()
+    embeddings = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    return ZeroShotClassifier.from_text_embeddings(model, embeddings).double()
+
+
+@pytest.mark.parametrize("family", ["hf-clip", "open-clip"])
+def test_completeness_on_a_zero_shot_classifier_needs_the_l2_rule(family: str) -> None:
+    """The classifier divides the image embedding by its norm: under the rules that norm is
+    a constant, so the score (scaled cosine) is complete in the image and the additive
+    parameters; without the L2 rule (every other rule kept) it is not. The text tower is
+    outside the rules' scope (it never runs)."""
+    from captum_gradmask.rules import L2Normalize, libragrad_rules
+
+    classifier = _zero_shot(family)
+    images = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    logit, total = _completeness(classifier, images, target=1, rules=True)
+    assert total == pytest.approx(logit, rel=1e-9, abs=1e-12)
+    plain_logit, plain_total = _completeness(classifier, images, target=1, rules=False)
+    assert plain_logit == logit
+    assert abs(plain_total - plain_logit) > 1e-3 * abs(plain_logit)
+
+    adapter = get_adapter(classifier)
+    rules = libragrad_rules(classifier, adapter)
+    without_l2 = [
+        dataclasses.replace(
+            rule, modules=[m for m in rule.modules if not isinstance(m, L2Normalize)]
+        )
+        for rule in rules
+    ]
+    assert sum(len(r.modules) for r in rules) == sum(len(r.modules) for r in without_l2) + 1
+    parameters = _additive_parameters(classifier)
+    x = images.clone().requires_grad_(True)
+    with backward_rules(without_l2):
+        score = adapter.logits(x)[:, 1].sum()
+        gradients = torch.autograd.grad(score, [x, *parameters], allow_unused=True)
+    partial_total = sum(
+        (value * gradient).sum()
+        for value, gradient in zip([x, *parameters], gradients, strict=True)
+        if gradient is not None
+    )
+    assert abs(partial_total.item() - score.item()) > 1e-3 * abs(score.item())
+    terms = LibraGrad(classifier).token_contributions(images, target=1)  # the method's terms
+    total_terms = terms.block_inputs[:, 0].sum(-1) + terms.biases.sum(-1) + terms.pooled_biases
+    torch.testing.assert_close(total_terms, terms.scores, rtol=1e-9, atol=1e-12)

@@ -160,6 +160,80 @@ def test_default_matches_authors_computation(name: str, layer: int, gaussian: bo
     assert not norm(model, layer)._forward_hooks
 
 
+def _family_cases() -> dict:
+    """Today's families whose blocks are pre-norm: (model, its attention LayerNorm of block
+    ``i``, prefix tokens, image size)."""
+    import importlib.util
+
+    from .models import tiny_hf_clip_vision, tiny_hf_dinov2, tiny_open_clip, tiny_timm_eva
+
+    cases = {
+        "hf-clip-vision": (
+            lambda: tiny_hf_clip_vision("tower"),
+            lambda m, i: getattr(m, "vision_model", m).encoder.layers[i].layer_norm1,
+            1,
+            56,
+        ),
+        "hf-siglip-classifier": (
+            lambda: tiny_hf_clip_vision(siglip=True),
+            lambda m, i: getattr(m, "vision_model", m).encoder.layers[i].layer_norm1,
+            0,
+            56,
+        ),
+        "hf-dinov2-registers": (
+            tiny_hf_dinov2,
+            lambda m, i: m.dinov2_with_registers.encoder.layer[i].norm1,
+            5,
+            56,
+        ),
+        "timm-eva-no-rope": (lambda: tiny_timm_eva(rope=False), _timm_norm, 1, 28),
+    }
+    if importlib.util.find_spec("torchvision") is not None:
+        from .models import tiny_torchvision_vit
+
+        cases["torchvision-vit"] = (
+            lambda: tiny_torchvision_vit(image_size=56),
+            lambda m, i: m.encoder.layers[i].ln_1,
+            1,
+            56,
+        )
+    if importlib.util.find_spec("open_clip") is not None:
+        cases["open-clip-visual"] = (
+            lambda: tiny_open_clip().visual,
+            lambda m, i: m.transformer.resblocks[i].ln_1,
+            1,
+            28,
+        )
+    return cases
+
+
+FAMILY_CASES = _family_cases()
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_default_matches_authors_computation_on_todays_families(name: str, layer: int) -> None:
+    """The authors' masking site on the pre-norm blocks of CLIP/SigLIP, Dinov2 with registers,
+    EVA, torchvision and OpenCLIP: each adapter names the LayerNorm before attention."""
+    from captum_gradmask import get_adapter
+
+    build, norm, prefix, size = FAMILY_CASES[name]
+    model = build()
+    adapter = get_adapter(model)
+    assert adapter.tokens.attention_norms[layer] is norm(model, layer)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    grid = (size // 14, size // 14)
+    target = [1, 2]
+    raw = ViTReciproCAM(model).attribute_grid(
+        images, target=target, layer=layer, normalize=False, perturbations_per_eval=3
+    )
+    for i in range(2):
+        # the adapter's forward: the model's own call (interpolated positions, taps installed)
+        expected = vit_reciprocam(adapter.logits, norm(model, layer), images[i], grid, prefix)
+        torch.testing.assert_close(raw[i], expected[target[i]], atol=1e-5, rtol=1e-5)
+    assert not norm(model, layer)._forward_hooks
+
+
 def test_sites_and_scores_differ_as_documented() -> None:
     """The block-input site passes masked tokens through the LayerNorm (a zero token becomes
     its bias), so its maps differ from the authors'; the probability is the softmax of the

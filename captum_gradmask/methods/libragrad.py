@@ -21,6 +21,7 @@ blocks:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -38,9 +39,15 @@ from .._utils import (
     recorded,
     resolve_targets,
 )
-from ..adapters import ViTAdapter
+from ..adapters import Tap, ViTAdapter
 from ..base import PatchAttribution
-from ..rules import BackwardRule, backward_rules, detached_projections, libragrad_rules
+from ..rules import (
+    BackwardRule,
+    backward_rules,
+    detached_projections,
+    libragrad_rules,
+    rules_scope,
+)
 
 __all__ = ["LibraGrad", "TokenContributions"]
 
@@ -79,8 +86,10 @@ class LibraGrad(PatchAttribution, GradientAttribution):
     LibraGrad's backward rules.
 
     Needs the adapter's token interface (``embed``, ``blocks``, ``head``), which the built-in
-    adapters for Hugging Face ViT/DeiT and timm provide. Cost per image: one forward and one
-    backward pass (FullGrad+, Input x Gradient), ``n_steps`` of each (Integrated Gradients).
+    adapters provide except where positions are tied to the whole grid (timm EVA-02 with
+    rotary embeddings, BEiT with relative position bias: refused by name). Cost per image:
+    one forward and one backward pass (FullGrad+, Input x Gradient), ``n_steps`` of each
+    (Integrated Gradients).
     The model's forward values are unchanged; hooks are removed after every call.
 
     Args:
@@ -225,6 +234,30 @@ class LibraGrad(PatchAttribution, GradientAttribution):
     def _rules(self) -> list[BackwardRule]:
         return libragrad_rules(self.model, self.adapter)
 
+    def _taps(self) -> contextlib.AbstractContextManager[Any]:
+        """The adapter's own attention with its taps (timm EVA/BEiT, nn.MultiheadAttention),
+        which the attention rule hooks; nothing for models with Q/K/V modules."""
+        context = self.adapter.attention_context
+        return context() if context is not None else contextlib.nullcontext()
+
+    def _bias_modules(self) -> list[nn.Module]:
+        """Linear and LayerNorm modules with a bias, and the taps of functional projections
+        whose bias the adapter knows (``nn.MultiheadAttention.in_proj_bias``, EVA's q/v
+        biases)."""
+        module = rules_scope(self.adapter, self.model) if self.model is not None else None
+        found = [
+            m
+            for m in (module.modules() if module is not None else ())
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and isinstance(m.bias, Tensor)
+        ]
+        taps = {
+            id(p.module): p.module
+            for layer in self.adapter.layers
+            for p in (layer.query, layer.key, layer.value)
+            if isinstance(p.module, Tap) and p.module.bias is not None
+        }
+        return found + list(taps.values())
+
     def _contributions(
         self,
         images: Tensor,
@@ -234,15 +267,20 @@ class LibraGrad(PatchAttribution, GradientAttribution):
     ) -> TokenContributions:
         interface = self.adapter.require_tokens(self.method_name)
         module = self.model
-        bias_modules = [
-            m
-            for m in (module.modules() if module is not None else ())
-            if isinstance(m, (nn.Linear, nn.LayerNorm)) and isinstance(m.bias, Tensor)
-        ]
-        detached = detached_projections(self.adapter, module) if module is not None else {}
+        bias_modules = self._bias_modules()
+        detached = (
+            detached_projections(self.adapter, rules_scope(self.adapter, module))
+            if module is not None
+            else {}
+        )
         with torch.no_grad():
             embedded = interface.embed(images)
-        with backward_rules(rules), recorded(bias_modules) as outputs, torch.enable_grad():
+        with (
+            self._taps(),
+            backward_rules(rules),
+            recorded(bias_modules) as outputs,
+            torch.enable_grad(),
+        ):
             # A fresh leaf: the embedding's own parameters are outside the explained graph.
             tokens = embedded.detach().requires_grad_(True)
             states = [tokens]
@@ -290,7 +328,7 @@ class LibraGrad(PatchAttribution, GradientAttribution):
             targets = resolve_targets(target, extract_logits(interface.run(embedded)))
         total = torch.zeros_like(embedded)
         for step in range(1, n_steps + 1):
-            with backward_rules(rules), torch.enable_grad():
+            with self._taps(), backward_rules(rules), torch.enable_grad():
                 tokens = (embedded * (step / n_steps)).requires_grad_(True)
                 logits = extract_logits(interface.run(tokens))
                 score = _score(logits, targets, target_output)

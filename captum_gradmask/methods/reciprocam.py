@@ -47,7 +47,9 @@ class ViTReciproCAM(PatchAttribution, PerturbationAttribution):
 
     Needs the adapter's token interface (``embed``, ``blocks``, ``head``) and, for the default
     masking site, each block's attention LayerNorm (``attention_norms``); the built-in adapters
-    for Hugging Face ViT/DeiT and timm provide both. Cost per image: one forward pass up to the
+    provide both for every pre-norm family with a token interface (Hugging Face ViT/DeiT,
+    Dinov2, BEiT, CLIP/SigLIP towers; timm ViT and EVA without rotary embeddings;
+    torchvision; OpenCLIP). Cost per image: one forward pass up to the
     target block, then ``N = h * w`` passes (one per patch, batched) through the target block,
     the blocks after it and the head; no backward pass.
 
