@@ -321,6 +321,14 @@ _SPECS = [
         "LibraGrad, FullGrad+ at token level (block inputs x gradients + bias maps)",
     ),
     MethodSpec(
+        "attnlrp",
+        "captum_gradmask.methods.attnlrp",
+        "AttnLRP",
+        {},
+        "AttnLRP as lxt runs ViTs: identity rules on LayerNorm/GELU, CP-LRP attention, "
+        "Gamma rules (conv 0.25, linear 0.05), logit",
+    ),
+    MethodSpec(
         "rise",
         "captum_gradmask.methods.rise",
         "RISE",
