@@ -37,7 +37,13 @@ from .models import (
     tiny_timm_eva,
     tiny_timm_vit,
 )
-from .test_errors_leave_model_alone import Boom, assert_same_state, model_state
+from .test_errors_leave_model_alone import (
+    Boom,
+    Tripwire,
+    a_users_model,
+    assert_same_state,
+    model_state,
+)
 
 
 def _relevance_in_out(module: nn.Module, rules: list, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,6 +229,23 @@ def test_model_restored_after_a_call_and_after_an_error() -> None:
     finally:
         hook.remove()
     assert_same_state(model, before, "after an error")
+
+
+def test_model_restored_after_an_error_in_the_backward_pass() -> None:
+    model = a_users_model()
+    method = AttnLRP(model)
+    # The embeddings' output is on the backward path (no rule replaces it).
+    wire = Tripwire(model.vit.embeddings)
+    try:
+        before = model_state(model)
+        method.attribute(torch.randn(1, 3, 32, 32), target=1)
+        assert wire.backwards == 1
+        wire.fail_backward = True
+        with pytest.raises(Boom, match="backward"):
+            method.attribute(torch.randn(1, 3, 32, 32), target=1)
+        assert_same_state(model, before, "after an error in the backward pass")
+    finally:
+        wire.handle.remove()
 
 
 # --- arguments ------------------------------------------------------------------------------
