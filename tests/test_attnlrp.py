@@ -305,9 +305,10 @@ def test_families_explained_with_forward_unchanged(family: str) -> None:
     assert_same_state(model, before, family)
 
 
-def test_registered_with_the_authors_gamma() -> None:
+def test_registered_with_a_gamma_from_the_authors_grid() -> None:
     method = build_method("attnlrp", tiny_hf_vit())
-    assert method.settings["conv_gamma"] == 0.25 and method.settings["linear_gamma"] == 0.05
+    assert method.settings["conv_gamma"] in (0.1, 0.25, 100.0)
+    assert method.settings["linear_gamma"] in (0.0, 0.01, 0.05, 0.1, 1.0)
     assert method.attribute_grid(torch.randn(1, 3, 32, 32), target=0).shape == (1, 4, 4)
 
 
