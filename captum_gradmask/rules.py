@@ -24,6 +24,10 @@ ViT is linear in its input and its additive parameters (biases, LayerNorm shifts
 position embeddings), so Input x Gradient plus every additive parameter times its gradient
 sums to the target logit (FullGrad completeness).
 
+:func:`attnlrp_rules` gives AttnLRP's rules (Achtibat et al., ICML 2024) as the authors' ``lxt``
+applies them to ViTs: the same identity rules on norms and activations, constant attention
+probabilities (CP-LRP) and zennit's Gamma rule on Linear and Conv2d layers (:func:`gamma_rule`).
+
 Example::
 
     >>> import torch
