@@ -377,6 +377,16 @@ _SPECS = [
         "LibraGrad, FullGrad+ at token level (block inputs x gradients + bias maps)",
     ),
     MethodSpec(
+        "attnlrp",
+        "captum_gradmask.methods.attnlrp",
+        "AttnLRP",
+        # Chosen from the authors' grid on files 1-20 of the sample (benchmarks/attnlrp_gamma.py:
+        # best insertion minus deletion), which the benchmark does not score.
+        {"conv_gamma": 0.1, "linear_gamma": 0.1},
+        "AttnLRP as lxt runs ViTs: identity rules on LayerNorm/GELU, CP-LRP attention, "
+        "Gamma rules (conv 0.1, linear 0.1), target logit",
+    ),
+    MethodSpec(
         "rise",
         "captum_gradmask.methods.rise",
         "RISE",

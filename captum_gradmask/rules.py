@@ -26,6 +26,10 @@ ViT is linear in its input and its additive parameters (biases, LayerNorm shifts
 position embeddings), so Input x Gradient plus every additive parameter times its gradient
 sums to the target logit (FullGrad completeness).
 
+:func:`attnlrp_rules` gives AttnLRP's rules (Achtibat et al., ICML 2024) as the authors' ``lxt``
+applies them to ViTs: the same identity rules on norms and activations, constant attention
+probabilities (CP-LRP) and zennit's Gamma rule on Linear and Conv2d layers (:func:`gamma_rule`).
+
 Example::
 
     >>> import torch
@@ -54,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import ViTAdapter, get_adapter
+from .adapters import Tap, ViTAdapter, get_adapter
 
 __all__ = [
     "BackwardRule",
@@ -62,8 +66,11 @@ __all__ = [
     "RulesHandle",
     "UnsupportedModel",
     "activation_rule",
+    "attnlrp_rules",
     "backward_rules",
+    "constant_attention_rule",
     "detached_projections",
+    "gamma_rule",
     "gated_mlp_rule",
     "libragrad",
     "libragrad_rules",
@@ -582,3 +589,155 @@ def _is_unknown_attention(module: nn.Module, adapter: ViTAdapter) -> bool:
         if isinstance(child, nn.Module) and id(child) not in known:
             return True
     return False
+
+
+# --- AttnLRP ------------------------------------------------------------------------------------
+
+
+def attnlrp_rules(
+    model: Any,
+    adapter: ViTAdapter | None = None,
+    *,
+    conv_gamma: float = 0.25,
+    linear_gamma: float = 0.05,
+) -> list[BackwardRule]:
+    """AttnLRP's rules (Achtibat et al., ICML 2024) as ``lxt`` applies them to ViTs.
+
+    Under these rules the gradient times the input is the LRP relevance:
+
+    - **LayerNorm / RMSNorm** and **GELU / SiLU**: AttnLRP's identity rule, the same gradient
+      as LibraGrad's (:func:`normalization_rule`, :func:`activation_rule`);
+    - **gated MLPs**: the uniform rule, the product's gradient halved (:func:`gated_mlp_rule`);
+    - **attention**: CP-LRP, the attention probabilities are constants
+      (:func:`constant_attention_rule`), as ``lxt`` does for torchvision ViTs;
+    - **Linear** and **Conv2d** layers: zennit's generalised Gamma rule (:func:`gamma_rule`),
+      ``linear_gamma`` and ``conv_gamma``; ``0`` gives LRP-0 (the plain gradient).
+
+    Rules are listed in the order their hooks must run: the Gamma rule before the attention
+    rule, so a query or key projection is still detached.
+
+    Raises:
+        UnsupportedModel: a module the rules cannot cover, named in the message.
+    """
+    adapter = get_adapter(model) if adapter is None else adapter
+    module = adapter.model if adapter.model is not None else model
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModel(
+            "AttnLRP's rules find layers among the model's modules: pass the nn.Module (or an "
+            f"adapter whose `model` is set), got {type(module).__name__}"
+        )
+    module = rules_scope(adapter, module)  # an image-text model's text tower never runs
+    try:
+        rules = libragrad_rules(module, adapter, attention=False)
+    except UnsupportedModel as error:
+        raise UnsupportedModel(f"AttnLRP (same rules as LibraGrad here): {error}") from None
+    # Gamma goes where zennit's module hooks reach: the Linear and Conv2d modules the model
+    # calls. nn.MultiheadAttention applies its output projection as a function, so it keeps
+    # its gradient (as under lxt), even where the adapter's equivalent attention calls it.
+    skipped = {id(m) for m in _adapter_taps(adapter)}
+    skipped |= {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
+    convolutions = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) and id(m) not in skipped]
+    gammas = [gamma_rule(convolutions, conv_gamma, "conv_gamma")]
+    gammas.append(gamma_rule(linears, linear_gamma, "linear_gamma"))
+    rules = [rule for rule in gammas if rule.modules] + rules
+    rules.append(constant_attention_rule(adapter, module))
+    return rules
+
+
+def _adapter_taps(adapter: ViTAdapter) -> list[nn.Module]:
+    modules = []
+    for layer in adapter.layers:
+        for projection in (layer.query, layer.key, layer.value):
+            modules.append(projection.module)
+        modules += [m for m in (layer.output, layer.probabilities) if m is not None]
+    return [m for m in modules if isinstance(m, Tap)]
+
+
+def constant_attention_rule(adapter: ViTAdapter, module: nn.Module) -> BackwardRule:
+    """The attention probabilities are constants of the backward pass (CP-LRP).
+
+    Where the adapter taps the probabilities (models whose attention it runs step by step),
+    the tap's output is detached; elsewhere the query and key projections are
+    (:func:`detached_projections`), which leaves the same gradient: through the values only.
+    """
+    probabilities = [layer.probabilities for layer in adapter.layers]
+    if probabilities and all(p is not None for p in probabilities):
+        return BackwardRule(
+            "attention", probabilities, lambda m, x, output: output.detach(), required=True
+        )
+    return _attention_rule(adapter, module)
+
+
+def gamma_rule(modules: Sequence[nn.Module], gamma: float, name: str = "gamma") -> BackwardRule:
+    """zennit's generalised LRP Gamma rule on ``nn.Linear`` / ``nn.Conv2d`` modules, in
+    gradient form (the relevance is the input times the gradient).
+
+    For an output ``y_j > 0`` the relevance ``R_j = y_j g_j`` (``g`` the output's gradient) is
+    shared among the inputs in proportion to ``x_i^+ (w_ji + gamma w_ji^+) + x_i^- (w_ji +
+    gamma w_ji^-)`` (positive contributions amplified), normalised by their sum ``z_j`` (the
+    bias enters as ``b_j + gamma b_j^+``); for ``y_j < 0`` the signs swap; ``y_j = 0`` passes
+    nothing. The input's gradient is that relevance divided by the input. ``gamma = 0`` is
+    LRP-0: the module's own gradient but for zennit's stabiliser (``z`` moved ``1e-6`` away
+    from zero in the denominators), kept so the rule equals zennit's at every gamma.
+
+    Example::
+
+        >>> import torch
+        >>> layer = torch.nn.Linear(3, 2, bias=False)
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> with backward_rules([gamma_rule([layer], 0.5)]):
+        ...     y = layer(x)
+        ...     gradient, = torch.autograd.grad(y.sum(), x)
+        >>> torch.allclose((x * gradient).sum(), y.sum(), atol=1e-5)  # conservation
+        True
+    """
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma >= 0:
+        raise ValueError(f"`{name}` must be a number >= 0, got {gamma!r}")
+    for module in modules:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise UnsupportedModel(
+                f"the Gamma rule covers nn.Linear and nn.Conv2d, got {type(module).__name__}"
+            )
+    return BackwardRule(f"gamma ({name}={gamma})", list(modules), _gamma_surrogate(float(gamma)))
+
+
+def _gamma_surrogate(gamma: float) -> Surrogate:
+    def surrogate(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+        weight, bias = module.weight.detach(), module.bias
+        bias = None if bias is None else bias.detach()
+        amplify_positive = weight + gamma * weight.clamp(min=0)
+        amplify_negative = weight + gamma * weight.clamp(max=0)
+        positive = x * (x > 0)  # the mask, not clamp: an input of exactly 0 passes nothing
+        negative = x * (x < 0)
+
+        def shifted(b: Tensor | None, sign: float) -> Tensor | None:
+            return (
+                None if b is None else b + gamma * (b.clamp(min=0) if sign > 0 else b.clamp(max=0))
+            )
+
+        # Outputs > 0: positive contributions (x+ w+ and x- w-) amplified; outputs < 0: negative.
+        up = _layer(module, positive, amplify_positive, shifted(bias, 1.0)) + _layer(
+            module, negative, amplify_negative, None
+        )
+        down = _layer(module, positive, amplify_negative, shifted(bias, -1.0)) + _layer(
+            module, negative, amplify_positive, None
+        )
+        y = output.detach()
+        up_scale = torch.where(y > 0, y / _stabilised(up.detach()), 0.0)
+        down_scale = torch.where(y < 0, y / _stabilised(down.detach()), 0.0)
+        # The forward value does not matter (it is swapped for the output); the gradient does.
+        return up_scale * (up - up.detach()) + down_scale * (down - down.detach())
+
+    return surrogate
+
+
+def _layer(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(module, nn.Linear):
+        return torch.nn.functional.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)  # type: ignore[operator]
+
+
+def _stabilised(z: Tensor, epsilon: float = 1e-6) -> Tensor:
+    """zennit's stabiliser: ``z`` moved ``epsilon`` away from zero, in its own direction."""
+    return z + ((z == 0).to(z) + z.sign()) * epsilon

@@ -183,7 +183,7 @@ def test_registry_names_and_overrides() -> None:
         "input-x-gradient", "integrated-gradients", "gradient-shap", "smoothgrad", "occlusion",
         "feature-ablation", "kernel-shap", "layer-gradcam", "rollout", "chefer-gae",
         "vit-reciprocam", "vit-reciprocam-1x1", "rise", "diffmask", "gradmask-libragrad",
-        "libragrad", "libragrad-ixg", "libragrad-ig", "libragrad-fullgrad", "tis",
+        "libragrad", "libragrad-ixg", "libragrad-ig", "libragrad-fullgrad", "tis", "attnlrp",
     }  # fmt: skip
     assert set(method_names()) == expected
     model = tiny_hf_vit()

@@ -140,7 +140,11 @@ NO_BACKWARD = {
     "diffmask",
     "tis",
 }
+# methods whose backward rules replace the classifier's output in the backward pass, so the
+# tripwire's tensor hook on it sees no backward (tests/test_attnlrp.py fails theirs elsewhere)
+RULED_CLASSIFIER = {"attnlrp"}
 ONE_FORWARD = {
+    "attnlrp",
     "rollout",
     "chefer-gae",
     "diffmask",
@@ -159,7 +163,7 @@ def test_registered_methods_restore_the_model_after_an_error(name: str) -> None:
     images = torch.randn(1, 3, 32, 32)
     tried = run_with_failures(model, lambda: method.attribute(images, target=1))
     # the moments tried are the ones this method has (a new method lands in one set or none)
-    assert ("backward" in tried) == (name not in NO_BACKWARD)
+    assert ("backward" in tried) == (name not in NO_BACKWARD | RULED_CLASSIFIER)
     assert ("last forward" in tried) == (name not in ONE_FORWARD)
 
 

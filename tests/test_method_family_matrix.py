@@ -79,7 +79,11 @@ _RELATIVE = "its relative position bias is indexed over the whole patch grid"
 _NO_CLS = r"`row`='cls' reads the row of a prefix \(CLS\) token, and this model has none"
 _POOLING_MHA = r"`(model/)?(vision_model\.)?head\.attention` is an nn\.MultiheadAttention"
 
-_SIGLIP = {"rollout": _NO_CLS, "chefer-gae": _NO_CLS, **dict.fromkeys(LIBRAGRAD, _POOLING_MHA)}
+_SIGLIP = {
+    "rollout": _NO_CLS,
+    "chefer-gae": _NO_CLS,
+    **dict.fromkeys((*LIBRAGRAD, "attnlrp"), _POOLING_MHA),
+}
 
 #: family: {method: what its refusal says}. Every pair not listed must run.
 REFUSED: dict[str, dict[str, str]] = {

@@ -4,6 +4,7 @@ The patch-map methods subclass :class:`captum_gradmask.base.PatchAttribution`; C
 methods, configured for ViTs, are in :mod:`.captum_baselines` and :mod:`.gradcam`.
 """
 
+from .attnlrp import AttnLRP
 from .chefer import CheferGAE
 from .diffmask import DiffMaskGate, GateConfig, VisionDiffMask, VisionDiffMaskTrainer
 from .libragrad import LibraGrad
@@ -15,6 +16,7 @@ from .tis import TransformerInputSampling
 __all__ = [
     "RISE",
     "AttentionRollout",
+    "AttnLRP",
     "CheferGAE",
     "DiffMaskGate",
     "GateConfig",
