@@ -395,7 +395,7 @@ def test_committed_gate_keeps_its_recorded_validation_scores(tmp_path: Path) -> 
 @needs_shared
 @pytest.mark.skipif(not (CHECKPOINT / "history.json").is_file(), reason="no committed history")
 def test_committed_gate_meets_its_constraint_on_the_whole_validation_split() -> None:
-    """Issue #14's targets on the 100 held-out files the checkpoint names (``map >= 0.5``):
+    """The shipped gate's targets on the 100 held-out files the checkpoint names (``map >= 0.5``):
     at most 60% of the patches kept, KL <= 0.2 nats, top-1 kept on >= 85% of the images; and
     the means the checkpoint records for that split are reproduced."""
     import json
