@@ -256,3 +256,16 @@ def test_a_runner_row_equals_direct_library_calls(setup: tuple[Path, Path], tmp_
     scores = adcc(model, image, maps, record.label, explanation_func=explain, batch_size=16)
     assert row["adcc"] == pytest.approx(scores.summary()["adcc"], rel=1e-5)
     assert row["average_drop"] == pytest.approx(scores.summary()["average_drop"], rel=1e-5)
+
+
+def test_first_image_selects_later_files(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--first-image 2`` starts at the sample's second file (1-based); 0 is refused."""
+    data, model = setup
+    output = tmp_path / "second"
+    argv = _argv(data, model, output, methods="saliency")
+    argv[argv.index("--images") + 1] = "1"
+    main([*argv, "--first-image", "2", "--metrics", "pointing"])
+    rows = report.load_rows(output / "results.jsonl")
+    assert [(r["image"], r["index"], r["label"]) for r in rows] == [("img_1.png", 0, 5)]
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--first-image", "0"])
