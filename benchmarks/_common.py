@@ -7,8 +7,10 @@ each takes ``--model``/``--data`` (or ``--shared``) to point elsewhere.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "DEFAULT_DATA",
@@ -16,6 +18,8 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SHARED",
     "REPO",
+    "load_split",
+    "masked_kl_top1",
     "synchronize",
 ]
 
@@ -31,3 +35,29 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def load_split(data: str | Path, first: int, count: int) -> Tensor:
+    """Normalised model inputs (the shared ViT-Tiny's resize and normalisation) of ``count``
+    files of an ImageNet sample folder from index ``first`` (0-based, file order)."""
+    from tqdm.auto import tqdm
+
+    from captum_gradmask.data import load_imagenet_sample, preprocess_image
+
+    records = load_imagenet_sample(data, limit=count, offset=first)
+    if len(records) < count:
+        raise SystemExit(f"--data {str(data)!r} has only {first + len(records)} images")
+    return torch.stack([preprocess_image(r.path) for r in tqdm(records, desc="preprocessing")])
+
+
+def masked_kl_top1(
+    tokens: Any, gate: Any, states0: Tensor, baseline: Tensor, prefix: int,
+    keep: Tensor, logits: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per image, ``KL(p || p_masked)`` and top-1 agreement (0/1) of the model run on the
+    embedded tokens ``states0`` with the patches where ``keep`` is 0 replaced by the Vision
+    DiffMask ``gate``'s filler; differentiable in ``keep``."""
+    from captum_gradmask.methods.diffmask import kl_divergence
+
+    masked = tokens.run(gate.mask_tokens(states0, keep, baseline, prefix))
+    return kl_divergence(logits, masked), (masked.argmax(-1) == logits.argmax(-1)).float()

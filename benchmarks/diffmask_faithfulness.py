@@ -11,7 +11,8 @@ nats, means over images with percentile-bootstrap 95% intervals (``captum_gradma
 and the paired differences from the gate's row on the same images.
 Maps are computed for the model's predicted class. Example::
 
-    python -m benchmarks.diffmask_faithfulness --gate runs/gate-v2 --out runs/faithfulness.json
+    python -m benchmarks.diffmask_faithfulness --count 100 --threads 2 \\
+        --out docs/diffmask/faithfulness-val.json
 
 prints a markdown table and writes the per-image values and the table to ``--out``.
 """
@@ -22,16 +23,15 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
+from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, masked_kl_top1
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.data import load_imagenet_sample, preprocess_image
-from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens, kl_divergence
+from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens
 from captum_gradmask.registry import build_method
 from captum_gradmask.stats import bootstrap_ci
 
@@ -40,7 +40,6 @@ __all__ = [
     "faithfulness",
     "format_table",
     "load_inputs",
-    "masked_kl_top1",
     "top_k_keep",
 ]
 
@@ -54,17 +53,6 @@ def top_k_keep(scores: Tensor, counts: Tensor) -> Tensor:
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
     return (ranks < counts.reshape(-1, 1)).float()
-
-
-def masked_kl_top1(
-    tokens: Any, gate: DiffMaskGate, states0: Tensor, baseline: Tensor, prefix: int,
-    keep: Tensor, logits: Tensor,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Per image, ``KL(p || p_masked)`` and top-1 agreement (0/1) of the model run on the
-    embedded tokens ``states0`` with the patches where ``keep`` is 0 replaced by the gate's
-    filler; differentiable in ``keep``."""
-    masked = tokens.run(gate.mask_tokens(states0, keep, baseline, prefix))
-    return kl_divergence(logits, masked), (masked.argmax(-1) == logits.argmax(-1)).float()
 
 
 def faithfulness(
@@ -143,8 +131,8 @@ def format_table(results: dict[str, dict[str, list[float]]], seed: int = 0) -> s
 
 
 def add_arguments(parser: argparse.ArgumentParser, count: int) -> None:
-    """The arguments shared with ``benchmarks.diffmask_diagnostics``: model, data, gate, the
-    image range (``--first``, ``--count``), compared methods, batching, seed, threads, output."""
+    """Model, data, gate, the image range (``--first``, ``--count``), compared methods,
+    batching, seed, threads, output."""
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face ViT folder")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet sample folder")
     parser.add_argument("--gate", default=str(DEFAULT_GATE), help="trained gate folder")

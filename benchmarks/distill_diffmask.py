@@ -1,41 +1,40 @@
-"""Warm-start a Vision DiffMask gate from per-image solutions of its own objective.
+"""The recipe of the shipped Vision DiffMask gate (``benchmarks/checkpoints/diffmask-vit-tiny``):
+probes fitted to per-image solutions of the DiffMask objective, then refined.
 
-Trained from scratch on 400 images for a few hundred steps, the amortised gate does not learn
-which patches matter (docs/diffmask.md, "Training the ViT-Tiny gate"), while the same
-objective, optimised per image with one free gate location per patch, finds masks that keep
-the prediction with about half of the patches. This script amortises those solutions: a
-departure from the paper's training, which fits the probes to the objective directly.
+Trained with the DiffMask objective directly on 400 images for a few hundred steps, the gate's
+probes do not learn which patches matter; optimised per image, with one free gate location per
+patch, the same objective finds masks that keep the prediction with about half of the patches.
+This script amortises those solutions (a departure from the paper's training; see
+docs/diffmask.md, "How the shipped gate is made"):
 
-1. ``teacher``: per-image optimisation (``diffmask_diagnostics.optimise_locations``: the
-   gate's hard-concrete settings and filler, ``multiplier * (KL - eps) + mean log P(kept)``,
-   Adam on the locations) of the training images, saved as a shard of locations.
-   ``--init-gate DIR`` warm-starts every location at that gate's own map, so that among the
-   many masks that keep the prediction the one nearest the gate's is found.
+1. ``teacher``: per-image optimisation (:func:`optimise_locations`: the gate's hard-concrete
+   settings and filler, ``multiplier * (KL - eps) + mean log P(kept)``, Adam on the locations)
+   of the training images, saved as a shard of locations.
 2. ``fit``: a fresh gate (the authors' initialisation) whose probes are fitted to the
    teacher's keep probabilities ``P(kept)`` of the whole stack by binary cross-entropy on the
-   model's hidden states of the un-augmented training images; the filler (placeholder) is the
-   teacher's. The last ``--holdout`` of the teacher images pick the epoch (lowest
-   cross-entropy). The result is written as a :class:`VisionDiffMaskTrainer` checkpoint at step
-   0, with the validation scores of :meth:`~VisionDiffMaskTrainer.evaluate` in its history,
-   so ``benchmarks.train_diffmask --out`` on it continues with the DiffMask objective.
-   ``--mirror`` also fits the mirror images of the training images to the teacher's masks
-   mirrored (twice the pairs, no new teacher run).
+   model's hidden states of the training images (``--mirror``: and of their mirror images,
+   with the teacher's masks mirrored); the filler (placeholder) is the teacher's. The last
+   ``--holdout`` of the teacher images pick the epoch (lowest cross-entropy).
+   ``--keep-fraction`` then calibrates the kept fraction of the hard mask.
+3. ``refine``: calibrate a fitted gate's kept fraction, sharpen its probes on their own hard
+   masks, and fit its placeholder to the KL term with the probes frozen.
 
-``teacher --augment-epoch E [E ...]`` solves augmented copies of the training images instead
-(a random resized crop, a flip and colour jitter drawn from ``E`` and the file index only,
-:func:`augmented_split`; the shard records how, and the copies' thumbnails), and ``fit`` trains
-on every such shard as more pairs of the images it was drawn from (never of the held-out ones),
-after checking that it regenerated the copies the teacher solved. ``--device cuda`` runs either
-step on a GPU (an H100 solves 180 images in 2.5 s, against about 12 s an image on one CPU core).
+``fit`` and ``refine`` write a :class:`VisionDiffMaskTrainer` checkpoint at step 0 with the
+validation scores of :meth:`~VisionDiffMaskTrainer.evaluate` in its history and a ``run.json``
+(the command, settings, curves, validation row and machine). ``--device cuda`` runs any step on
+a GPU.
 
-Example (the shipped gate; docs/diffmask.md)::
+Example (the shipped gate's commands, in order)::
 
-    python -m benchmarks.distill_diffmask teacher --first 0 --count 200 \\
-        --out runs/distill/shard-0.pt
-    python -m benchmarks.distill_diffmask teacher --first 200 --count 200 \\
-        --out runs/distill/shard-200.pt
+    python -m benchmarks.distill_diffmask teacher --filler-gate runs/gate-filler \\
+        --first 0 --count 200 --out runs/distill/shard-0.pt
+    python -m benchmarks.distill_diffmask teacher --filler-gate runs/gate-filler \\
+        --first 200 --count 200 --out runs/distill/shard-200.pt
     python -m benchmarks.distill_diffmask fit --teachers runs/distill/shard-0.pt \\
-        runs/distill/shard-200.pt --mirror --keep-fraction 0.58 --seed 1 --out runs/gate-mirror-s1
+        runs/distill/shard-200.pt --mirror --keep-fraction 0.58 --seed 1 --threads 2 \\
+        --out runs/gate-fitted
+    python -m benchmarks.distill_diffmask refine --gate runs/gate-fitted --keep-fraction 0.60 \\
+        --sharpen-epochs 6 --epochs 5 --threads 2 --out runs/gate-refined
 """
 
 from __future__ import annotations
@@ -54,10 +53,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL
-from benchmarks.diffmask_diagnostics import optimise_locations
-from benchmarks.diffmask_faithfulness import masked_kl_top1, top_k_keep
-from benchmarks.train_diffmask import AugmentedImages, load_split, load_uint8
+from benchmarks._common import (
+    DEFAULT_DATA,
+    DEFAULT_GATE,
+    DEFAULT_MODEL,
+    load_split,
+    masked_kl_top1,
+)
 from captum_gradmask._utils import preserved_model_state
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.methods.diffmask import (
@@ -67,33 +69,21 @@ from captum_gradmask.methods.diffmask import (
     baseline_tokens,
 )
 from captum_gradmask.methods.diffmask.checkpoint import has_trainer_state
-from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, logits_for_prob_open
-from captum_gradmask.registry import build_method
+from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
 
 __all__ = [
-    "augmented_split",
     "calibrate_keep_fraction",
     "combine_shards",
     "fit_placeholder",
     "fit_probes",
     "keep_targets",
-    "method_locations",
     "mirror_targets",
+    "optimise_locations",
     "patch_states",
-    "thumbnails",
-    "warm_locations",
 ]
 
 # The per-image optimisation's settings: a shard records them, `fit` refuses mixed shards.
-TEACHER_SETTINGS = (
-    "model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "init_gate", "init_clip",
-    "method", "method_keep", "seed",
-)  # fmt: skip
-# How far (normalised units) regenerated augmented copies' 4x4 thumbnails may be from the
-# teacher's: JPEG decoders and resize kernels differ slightly between library versions.
-THUMBNAIL_TOLERANCE = 0.05
-# A method teacher's locations: P(kept) ~ 0.99 for its kept patches, ~ 0.02 for the others.
-METHOD_LOCATION = 4.0
+TEACHER_SETTINGS = ("model", "filler_gate", "steps", "multiplier", "eps", "lr", "init", "seed")
 
 
 def keep_targets(gate: DiffMaskGate, locations: Tensor) -> Tensor:
@@ -102,53 +92,60 @@ def keep_targets(gate: DiffMaskGate, locations: Tensor) -> Tensor:
     return log_prob_open(locations, c.temperature, c.stretch_left, c.stretch_right).exp()
 
 
-def warm_locations(gate: DiffMaskGate, states: Tensor, clip: float) -> Tensor:
-    """Free gate locations ``(N, patches)`` whose ``P(kept)`` under ``gate``'s hard concrete
-    equals the whole stack's ``P(kept)`` of ``gate`` on ``states`` (``(L + 1, N, patches, D)``),
-    clipped to ``[-clip, clip]`` so that every location starts where its gradient is alive: the
-    inverse of :func:`keep_targets`."""
-    c = gate.config
-    with torch.no_grad():
-        keep = gate.keep_probability(list(states)).clamp(1e-6, 1 - 1e-6)
-    locations = logits_for_prob_open(keep, c.temperature, c.stretch_left, c.stretch_right)
-    return locations.clamp(-clip, clip)
-
-
-def method_locations(
+def optimise_locations(
     model: torch.nn.Module,
     gate: DiffMaskGate,
     images: Tensor,
-    method: str,
-    fraction: float,
+    steps: int = 150,
+    multiplier: float = 5.0,
+    eps: float = 0.1,
+    lr: float = 0.1,
+    init: float = 3.0,
     batch_size: int = 8,
+    seed: int = 0,
     show_progress: bool = False,
 ) -> tuple[Tensor, dict[str, list[float]]]:
-    """A diagnostic teacher: the top ``fraction`` of the patches of ``method``'s map for the
-    predicted class as locations ``(N, patches)`` (``+-METHOD_LOCATION``), and the scores of that
-    mask under ``gate``'s filler (per-image ``kept``, ``kl``, ``top1``), as
-    :func:`~benchmarks.diffmask_diagnostics.optimise_locations` returns them. Fitting probes to
-    it asks whether the gate can represent a given method's ranking at all."""
+    """Optimise one gate location per patch and image for ``multiplier * (KL - eps) + mean
+    log P(kept)`` (the gate's hard-concrete settings and filler; Adam, a fresh optimiser per
+    batch, one noise generator seeded with ``seed`` for the whole run), every location starting
+    at ``init``.
+
+    Returns the locations ``(N, patches)`` and the scores of the hard mask ``P(kept) >= 0.5``:
+    per-image ``kept`` fraction, ``kl`` and ``top1``."""
     adapter = get_adapter(model)
-    tokens = adapter.require_tokens("the method teacher")
+    tokens = adapter.require_tokens("the per-image optimisation")
     prefix = adapter.prefix_tokens
-    explainer = build_method(method, model)
+    c = gate.config
+    hard_concrete = dict(temperature=c.temperature, left=c.stretch_left, right=c.stretch_right)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
     scores: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
     found = []
-    for start in tqdm(range(0, len(images), batch_size), disable=not show_progress):
-        batch = images[start : start + batch_size]
-        with torch.no_grad():
-            states, logits = tokens.states(batch)
-            baseline = baseline_tokens(tokens, batch, prefix)
-        grid = explainer.attribute_grid(batch, target=logits.argmax(-1).tolist())
-        patches = grid[0].numel()
-        counts = torch.full((len(batch),), round(fraction * patches))
-        keep = top_k_keep(grid.reshape(len(batch), -1), counts)
-        with torch.no_grad():
-            kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, keep, logits)
-        found.append((2 * keep - 1) * METHOD_LOCATION)
-        scores["kept"] += keep.mean(-1).tolist()
-        scores["kl"] += kl.tolist()
-        scores["top1"] += top1.tolist()
+    with preserved_model_state(model), preserved_model_state(gate):
+        for p in (*model.parameters(), *gate.parameters()):
+            p.requires_grad_(False)
+        for start in tqdm(range(0, len(images), batch_size), disable=not show_progress):
+            batch = images[start : start + batch_size]
+            with torch.no_grad():
+                states, logits = tokens.states(batch)
+                baseline = baseline_tokens(tokens, batch, prefix)
+            shape = (len(batch), states[0].shape[1] - prefix)
+            locations = torch.full(shape, float(init), device=images.device, requires_grad=True)
+            optimizer = torch.optim.Adam([locations], lr=lr)
+            for _ in range(steps):
+                keep = sample_gates(locations, generator=generator, **hard_concrete)
+                kl, _ = masked_kl_top1(tokens, gate, states[0], baseline, prefix, keep, logits)
+                sparsity = log_prob_open(locations, **hard_concrete).mean(-1)
+                loss = (multiplier * (kl - eps) + sparsity).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                hard = (log_prob_open(locations, **hard_concrete).exp() >= 0.5).float()
+                kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, hard, logits)
+            found.append(locations.detach().cpu())
+            scores["kept"] += hard.mean(-1).tolist()
+            scores["kl"] += kl.tolist()
+            scores["top1"] += top1.tolist()
     return torch.cat(found), scores
 
 
@@ -165,21 +162,6 @@ def patch_states(model: torch.nn.Module, images: Tensor, batch_size: int = 16) -
             states, _ = tokens.states(images[start : start + batch_size].to(device))
             chunks.append(torch.stack([s[:, prefix:] for s in states]))
     return torch.cat(chunks, dim=1)
-
-
-def augmented_split(
-    data: str, first: int, count: int, epoch: int, min_scale: float = 0.5,
-    raw: Tensor | None = None,
-) -> Tensor:  # fmt: skip
-    """Normalised augmented copies of ``count`` files from index ``first``: the trainer's
-    label-free augmentation (:class:`~benchmarks.train_diffmask.AugmentedImages`: a random
-    resized crop of at least ``min_scale`` of the area, a flip, colour jitter) drawn from
-    ``epoch`` and each file's index only, so any split into shards gives the same images.
-    ``raw``: those files' ``load_uint8`` images, if already loaded."""
-    if raw is None:
-        raw = load_uint8(data, first, count)
-    augment = AugmentedImages(raw, min_scale=min_scale, first=first)
-    return torch.stack([augment[epoch * len(raw) + i] for i in range(len(raw))])
 
 
 def mirror_targets(targets: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -219,7 +201,7 @@ def fit_probes(
     holdout: float = 0.1,
     seed: int = 0,
     show_progress: bool = False,
-    views: Sequence[tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]] = (),
+    views: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> list[dict[str, float]]:
     """Fit ``gate``'s probes (not its placeholder) to keep probabilities ``targets`` ``(N, P)``.
 
@@ -229,12 +211,9 @@ def fit_probes(
     which are not trained on. The gate ends with the weights of the epoch of lowest held-out
     cross-entropy. Returns one row per epoch.
 
-    ``views``: more ``(states, targets)`` pairs of the same ``N`` images under a transformation
-    that moves the teacher's mask with the image (e.g. mirrored images with
-    :func:`mirror_targets`), or ``(states, targets, images)`` of ``M`` other copies of the
-    images at indices ``images`` ``(M,)`` (e.g. augmented copies with their own teacher's
-    masks); an epoch also trains on the views of the training images (never of the held-out
-    ones).
+    ``views``: more ``(states, targets)`` of the same ``N`` images under a transformation that
+    moves the teacher's mask with the image (e.g. mirrored images with :func:`mirror_targets`);
+    an epoch also trains on the views of the training images (never of the held-out ones).
 
     Example::
 
@@ -253,24 +232,15 @@ def fit_probes(
         check = train
     sources = [(states, targets)]  # indexed per pair below: no copy of the states
     pairs = [torch.stack([torch.zeros_like(train), train], dim=1)]  # (source, row) to train on
-    for index, view in enumerate(views):
-        view_states, view_targets = view[0], view[1]
-        images = view[2] if len(view) == 3 else torch.arange(count)
-        if (
-            images.ndim != 1
-            or view_states.shape != (states.shape[0], len(images), *states.shape[2:])
-            or view_targets.shape != (len(images), targets.shape[1])
-            or bool(((images < 0) | (images >= count)).any())
-        ):
+    for index, (view_states, view_targets) in enumerate(views):
+        if view_states.shape != states.shape or view_targets.shape != targets.shape:
             raise ValueError(
-                f"`views[{index}]` has states {tuple(view_states.shape)}, targets "
-                f"{tuple(view_targets.shape)} and images {tuple(images.shape)}; they must "
-                f"match `states` {tuple(states.shape)} and `targets` {tuple(targets.shape)} "
-                f"but for the image count, with indices in [0, {count})"
+                f"`views[{index}]` has states {tuple(view_states.shape)} and targets "
+                f"{tuple(view_targets.shape)}; they must match `states` {tuple(states.shape)} "
+                f"and `targets` {tuple(targets.shape)}"
             )
         sources.append((view_states, view_targets))
-        rows = torch.nonzero(images < count - held).flatten()
-        pairs.append(torch.stack([torch.full_like(rows, index + 1), rows], dim=1))
+        pairs.append(torch.stack([torch.full_like(train, index + 1), train], dim=1))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(gate.probe_parameters, lr=lr)
     history: list[dict[str, float]] = []
@@ -434,8 +404,11 @@ def fit_placeholder(
     return history
 
 
-# Settings that shards written before they existed lack, at the value those shards used.
-LATER_SETTINGS = {"init_gate": "None", "init_clip": "2.0", "method": "None", "method_keep": "0.55"}
+# Settings that shards of earlier versions of this script record, at the value that gives this
+# script's optimisation (such shards still combine with new ones).
+NEUTRAL_SETTINGS = {
+    "init_gate": "None", "init_clip": "2.0", "method": "None", "method_keep": "0.55",
+}  # fmt: skip
 
 
 def check_settings(shards: Sequence[dict[str, Any]]) -> None:
@@ -444,7 +417,11 @@ def check_settings(shards: Sequence[dict[str, Any]]) -> None:
     machine (another path to the same assets) combine."""
 
     def key(settings: dict[str, str]) -> str:
-        settings = {**LATER_SETTINGS, **settings}
+        settings = {**settings}
+        for name, value in NEUTRAL_SETTINGS.items():
+            recorded = settings.pop(name, value)
+            if recorded != value:
+                raise SystemExit(f"a teacher shard was made with {name}={recorded!r}")
         for name in ("model", "filler_gate"):
             if name in settings:
                 settings[name] = Path(settings[name]).name
@@ -533,66 +510,25 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def thumbnails(images: Tensor) -> Tensor:
-    """4 x 4 average-pooled ``images``: a fingerprint of augmented copies, so that ``fit`` can
-    tell whether it regenerated the copies a teacher solved (crops drawn alike elsewhere)."""
-    return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).cpu()
-
-
 def teacher(args: argparse.Namespace) -> None:
-    if args.method is not None and args.init_gate is not None:
-        raise SystemExit("--init-gate warm-starts the per-image optimisation; --method has none")
-    epochs = args.augment_epoch or [None]
-    if len(epochs) > 1 and "{epoch}" not in args.out:
-        raise SystemExit(f"--out {args.out!r} needs '{{epoch}}' for several --augment-epoch")
     torch.set_num_threads(args.threads)
     model = _load_model(args.model).to(args.device)
     gate = DiffMaskGate.load(args.filler_gate, map_location=args.device)
-    raw = None if args.augment_epoch is None else load_uint8(args.data, args.first, args.count)
-    for epoch in epochs:
-        augment = None
-        if epoch is None:
-            images = load_split(args.data, args.first, args.count)
-        else:
-            augment = {"epoch": epoch, "min_scale": args.min_scale}
-            images = augmented_split(args.data, args.first, args.count, **augment, raw=raw)
-        _teacher_shard(args, model, gate, images.to(args.device), augment)
-
-
-def _teacher_shard(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    gate: DiffMaskGate,
-    images: Tensor,
-    augment: dict[str, Any] | None,
-) -> None:
+    images = load_split(args.data, args.first, args.count).to(args.device)
     started = time.perf_counter()
-    if args.method is not None:
-        locations, scores = method_locations(
-            model, gate, images, args.method, args.method_keep, args.batch_size,
-            not args.no_progress,
-        )  # fmt: skip
-    else:
-        init: float | Tensor = args.init
-        if args.init_gate is not None:
-            init = warm_locations(DiffMaskGate.load(args.init_gate, map_location=args.device),
-                                  patch_states(model, images), args.init_clip)  # fmt: skip
-        locations, scores = optimise_locations(
-            model, gate, images, args.steps, args.multiplier, args.eps, args.lr, init,
-            args.batch_size, args.seed, not args.no_progress,
-        )  # fmt: skip
-    settings = {name: str(getattr(args, name)) for name in TEACHER_SETTINGS}
+    locations, scores = optimise_locations(
+        model, gate, images, args.steps, args.multiplier, args.eps, args.lr, args.init,
+        args.batch_size, args.seed, not args.no_progress,
+    )  # fmt: skip
     shard = {
         "first": args.first,
-        "augment": augment,
-        "thumbnails": thumbnails(images) if augment is not None else None,
         "locations": locations.cpu(),
         "scores": scores,
-        "settings": settings,
+        "settings": {name: str(getattr(args, name)) for name in TEACHER_SETTINGS},
         "seconds": time.perf_counter() - started,
         "device": _device_name(args.device),
     }
-    out = Path(args.out.format(epoch=augment["epoch"]) if augment else args.out)
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(shard, out)
     means = {k: sum(v) / len(v) for k, v in scores.items()}
@@ -605,10 +541,8 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if has_trainer_state(args.out):
         raise SystemExit(f"--out {args.out!r} already holds a trained gate; use a new folder")
     shards = [torch.load(path, weights_only=True) for path in args.teachers]
-    plain = [s for s in shards if s.get("augment") is None]
-    augmented = [s for s in shards if s.get("augment") is not None]
-    if not plain:
-        raise SystemExit("--teachers holds only augmented shards; `fit` needs the plain images'")
+    if any(shard.get("augment") is not None for shard in shards):
+        raise SystemExit("--teachers holds shards of augmented images, which `fit` does not take")
     check_settings(shards)
     recorded = shards[0]["settings"]["filler_gate"]
     filler_gate = args.filler_gate or recorded
@@ -617,7 +551,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
             f"--filler-gate {filler_gate!r} is not the teachers' filler gate {recorded!r}"
         )
     filler = DiffMaskGate.load(filler_gate)
-    firsts, counts, targets = combine_shards(plain, filler)
+    firsts, counts, targets = combine_shards(shards, filler)
     targets = targets.to(args.device)
     model = _load_model(args.model).to(args.device)
     images = torch.cat(
@@ -625,41 +559,9 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     )
     states = patch_states(model, images)
     grid = get_adapter(model).grid(images.shape[-2:])
-    # Row of each file index among the plain images.
-    files = [f for a, n in zip(firsts, counts, strict=True) for f in range(a, a + n)]
-    rows = {f: r for r, f in enumerate(files)}
-    views: list[tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]] = []
+    views: list[tuple[Tensor, Tensor]] = []
     if args.mirror:
         views.append((patch_states(model, images.flip(-1)), mirror_targets(targets, grid)))
-    loaded: dict[tuple[int, int], Tensor] = {}  # load_uint8 images of each file range
-    for shard in tqdm(augmented, desc="augmented shards", disable=args.no_progress):
-        count = len(shard["locations"])
-        shard_files = range(shard["first"], shard["first"] + count)
-        if any(f not in rows for f in shard_files):
-            raise SystemExit(
-                f"an augmented shard of files {shard['first']}..{shard['first'] + count - 1} "
-                "has files that no plain --teachers shard holds"
-            )
-        if (shard["first"], count) not in loaded:
-            loaded[shard["first"], count] = load_uint8(args.data, shard["first"], count)
-        copies = augmented_split(
-            args.data, shard["first"], count, **shard["augment"], raw=loaded[shard["first"], count]
-        )
-        drift = float((thumbnails(copies) - shard["thumbnails"]).abs().max())
-        if drift > THUMBNAIL_TOLERANCE:
-            raise SystemExit(
-                f"the augmented copies of files {shard['first']}..{shard['first'] + count - 1} "
-                f"(epoch {shard['augment']['epoch']}) differ from those the teacher solved (4x4 "
-                f"thumbnails up to {drift:.3f} apart; tolerance {THUMBNAIL_TOLERANCE}): the "
-                "augmentation is not reproduced here (another torchvision or PIL?)"
-            )
-        index = torch.tensor([rows[f] for f in shard_files])
-        copy_targets = keep_targets(filler, shard["locations"]).to(args.device)
-        views.append((patch_states(model, copies), copy_targets, index))
-        if args.mirror:
-            views.append(
-                (patch_states(model, copies.flip(-1)), mirror_targets(copy_targets, grid), index)
-            )
     # A fresh gate with the authors' initialisation, as the trainer builds it, and the
     # teacher's filler.
     last = firsts[-1] + counts[-1] - 1
@@ -683,9 +585,6 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m benchmarks.distill_diffmask " + " ".join(sys.argv[1:]),
         "teacher_settings": shards[0]["settings"],
         "teacher_images": len(targets),
-        "augmented_shards": [
-            {"first": s["first"], "count": len(s["locations"]), **s["augment"]} for s in augmented
-        ],
         "teacher_seeds": sorted({s["settings"]["seed"] for s in shards}),
         "teacher_scores": {  # means over every shard's images (each seed's own masks)
             key: sum(sum(s["scores"][key]) for s in shards)
@@ -833,30 +732,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     one.add_argument("--eps", type=float, default=0.1, help="KL bound in nats")
     one.add_argument("--lr", type=float, default=0.25, help="Adam lr on the locations")
     one.add_argument("--init", type=float, default=1.5, help="initial gate location")
-    one.add_argument(
-        "--init-gate",
-        default=None,
-        help="warm start: every patch starts where this gate's map puts it (clipped to "
-        "+-init-clip), so among equally good solutions the one nearest the gate's is found",
-    )
-    one.add_argument("--init-clip", type=float, default=2.0, help="warm start's location bound")
-    one.add_argument(
-        "--method",
-        default=None,
-        help="diagnostic: instead of the per-image optimisation, keep the top --method-keep of "
-        "this registry method's map (e.g. gradmask-m4): can the probes represent its ranking?",
-    )
-    one.add_argument("--method-keep", type=float, default=0.55, help="method teacher: kept share")
-    one.add_argument(
-        "--augment-epoch",
-        type=int,
-        nargs="+",
-        default=None,
-        help="solve augmented copies of the images (random resized crop, flip, colour jitter "
-        "drawn from this number and the file index), one shard per number ('{epoch}' in "
-        "--out); `fit` trains on them as more pairs",
-    )
-    one.add_argument("--min-scale", type=float, default=0.5, help="augmentation's least crop area")
     two = commands.add_parser("fit", parents=[common], help="fit a gate to teacher shards")
     two.add_argument("--teachers", nargs="+", required=True, help="teacher shard files")
     two.add_argument(

@@ -13,7 +13,7 @@ from .adapters import (
 from .base import PatchAttribution
 from .gradmask import GradMaskAttribution, GradMaskMasks
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AttentionLayer",

@@ -453,3 +453,11 @@ def check_recorded(modules: Sequence[nn.Module], values: dict[int, Tensor]) -> N
             f"{len(missing)} of the adapter's attention modules did not run in the forward pass; "
             "check that the adapter names modules of this model"
         )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (a clear error for a module without any)."""
+    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if parameter is None:
+        raise TypeError(f"`model` must be a torch nn.Module with parameters, got {model!r}")
+    return parameter.device

@@ -43,25 +43,32 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from captum_gradmask._utils import check_positive_int
 from captum_gradmask.data import BOX_COLUMNS, read_annotations
 
 if TYPE_CHECKING:
     from captum_gradmask.models import PreprocessConfig
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "IMAGE_SUFFIXES",
     "ImageFiles",
     "Item",
     "ItemBatch",
     "SafeItems",
     "collate_items",
+    "file_names",
+    "input_shape",
+    "loader",
+    "loader_settings",
     "open_source",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 NO_LABEL = -1
+DEFAULT_BATCH_SIZE = 8  # images per method call in dataset runs
 
 
 class ImageFiles(Dataset):
@@ -318,4 +325,78 @@ def collate_items(items: Sequence[Item]) -> ItemBatch:
         readable=torch.tensor([item.pixels is not None for item in items], dtype=torch.bool),
         labels=torch.tensor([item.label for item in items], dtype=torch.long),
         errors=[item.error for item in items],
+    )
+
+
+def loader_settings(
+    data: Dataset | DataLoader, batch_size: int | None, num_workers: int | None
+) -> tuple[Dataset, int, int, bool]:
+    """``(dataset, batch_size, num_workers, pin_memory)`` of a dataset run: a DataLoader's own
+    settings where the arguments leave them ``None``, checked."""
+    pin_memory = False
+    if isinstance(data, DataLoader):
+        batch_size = data.batch_size if batch_size is None else batch_size
+        num_workers = data.num_workers if num_workers is None else num_workers
+        pin_memory = data.pin_memory
+        data = data.dataset
+    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"`dataset` must be a map-style torch Dataset (with __len__ and __getitem__) or a "
+            f"DataLoader over one, got {type(data).__name__}"
+        )
+    if len(data) == 0:  # type: ignore[arg-type]
+        raise ValueError("`dataset` is empty")
+    batch_size = check_positive_int(
+        DEFAULT_BATCH_SIZE if batch_size is None else batch_size, "batch_size"
+    )
+    num_workers = 0 if num_workers is None else num_workers
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"`num_workers` must be an int >= 0, got {num_workers!r}")
+    return data, batch_size, num_workers, pin_memory
+
+
+def input_shape(dataset: Any) -> tuple[int, ...]:
+    """The shape of one input: ``dataset.input_shape`` or the first readable item's."""
+    shape = getattr(dataset, "input_shape", None)
+    if shape is not None:
+        return tuple(int(s) for s in shape)
+    safe = SafeItems(dataset)
+    for index in range(min(len(safe), 64)):
+        item = safe[index]
+        if item.pixels is not None:
+            return tuple(item.pixels.shape)
+    raise ValueError(
+        "none of the dataset's first items could be read, so its input shape is unknown: "
+        f"{safe[0].error}"
+    )
+
+
+def file_names(dataset: Any) -> list[str]:
+    """One name per item: ``dataset.files`` or the item indices."""
+    files = getattr(dataset, "files", None)
+    if files is None:
+        return [str(i) for i in range(len(dataset))]
+    files = [str(f) for f in files]
+    if len(files) != len(dataset):
+        raise ValueError(
+            f"`dataset.files` has {len(files)} names for {len(dataset)} items; give one per item"
+        )
+    return files
+
+
+def loader(
+    dataset: Dataset,
+    batches: list[list[int]],
+    input_shape: Sequence[int],
+    num_workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """A DataLoader over ``batches`` of item indices, unreadable items as reasons
+    (:class:`SafeItems`, :func:`collate_items`)."""
+    return DataLoader(
+        SafeItems(dataset, input_shape),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_items,
+        pin_memory=pin_memory,
     )

@@ -35,10 +35,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captum_gradmask import _sharding
-from captum_gradmask._utils import check_positive_int, preserved_model_state, renamed_keyword
+from captum_gradmask import _sharding, datasets
+from captum_gradmask._utils import (
+    check_positive_int,
+    model_device,
+    preserved_model_state,
+    renamed_keyword,
+)
 from captum_gradmask.datasets import ItemBatch
-from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint
+from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint, versions
 from captum_gradmask.metrics import (
     gradmask_notebook_deletion,
     gradmask_notebook_insertion,
@@ -155,7 +160,7 @@ def evaluate_store(
         ValueError: unknown metric groups, or ``"pointing"`` without boxes.
     """
     require_zarr()
-    dataset, batch_size, num_workers, pin_memory = _sharding.loader_settings(
+    dataset, batch_size, num_workers, pin_memory = datasets.loader_settings(
         dataset, batch_size, num_workers
     )
     groups = _check_metrics(metrics)
@@ -167,7 +172,7 @@ def evaluate_store(
         raise ValueError(f"`name` {name!r} is one of the store's arrays; choose another name")
     maps = open_maps(store)
     identity = maps.attrs["identity"]
-    files = _sharding.file_names(dataset)
+    files = datasets.file_names(dataset)
     if files_digest(files) != identity["files_sha256"]:
         raise StoreMismatch(
             f"the dataset's {len(files)} files are not the {len(maps)} files the store "
@@ -188,7 +193,7 @@ def evaluate_store(
         explainer = method or build_method(maps.attrs["method"], model, **maps.attrs["settings"])
     columns = [column for group in groups for column in METRIC_COLUMNS[group]]
     input_shape = tuple(identity["input_shape"])
-    device = _sharding.model_device(model)
+    device = model_device(model)
 
     with _sharding.process_group(device) as (rank, world):
         maps = _sharding.rank0_first(
@@ -202,7 +207,7 @@ def evaluate_store(
         pending = np.asarray(maps.done[:]) & ~maps.skipped() & ~np.asarray(results["done"][:])
         _, batches = _sharding.shard(~pending, maps.chunk_size, batch_size, rank, world)
         _sharding.barrier(world, device)
-        loader = _sharding.loader(dataset, batches, input_shape, num_workers, pin_memory)
+        loader = datasets.loader(dataset, batches, input_shape, num_workers, pin_memory)
         bar = tqdm(
             total=sum(len(b) for b in batches),
             unit="img",
@@ -280,7 +285,7 @@ def _create_evaluation(
             "metrics": groups,
             "columns": columns,
             "curves": curves,
-            "versions": _sharding.versions(),
+            "versions": versions(),
         }
     )
     return maps

@@ -47,6 +47,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captum_gradmask import _sharding
+from captum_gradmask import __version__, _sharding, datasets
 from captum_gradmask._ops import reduce_channels
-from captum_gradmask._utils import check_positive_int, forward_logits, preserved_model_state
+from captum_gradmask._utils import (
+    check_positive_int,
+    forward_logits,
+    model_device,
+    preserved_model_state,
+)
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.registry import PERFORMANCE_SETTINGS, AttributionMethod, build_method
 from captum_gradmask.store import StoredMaps, create_store, open_maps, require_zarr
@@ -69,6 +75,7 @@ __all__ = [
     "attribution_grid",
     "explain_dataset",
     "model_fingerprint",
+    "versions",
 ]
 
 DEFAULT_CHUNK_SIZE = 32
@@ -194,7 +201,7 @@ def explain_dataset(
         ImportError: zarr>=3 is missing (``pip install 'captum-gradmask[datasets]'``).
     """
     require_zarr()
-    dataset, batch_size, num_workers, pin_memory = _sharding.loader_settings(
+    dataset, batch_size, num_workers, pin_memory = datasets.loader_settings(
         dataset, batch_size, num_workers
     )
     policy = _check_target(target)
@@ -205,7 +212,7 @@ def explain_dataset(
             "`target`='label' needs labels, and this dataset has none (a flat folder, or a CSV "
             "without a 'label' column); use 'predicted' or a class index"
         )
-    device = _sharding.model_device(model)
+    device = model_device(model)
     if not isinstance(method, str) and method_options:
         raise ValueError("`method_options` apply to a registry name; configure a built method")
     built = (
@@ -215,7 +222,7 @@ def explain_dataset(
     )
     method_name = getattr(built, "name", type(built).__name__)
     settings = dict(getattr(built, "settings", {}))
-    input_shape = _sharding.input_shape(dataset)
+    input_shape = datasets.input_shape(dataset)
     if isinstance(policy, int):
         with torch.no_grad(), preserved_model_state(model):
             classes = forward_logits(model, torch.zeros(1, *input_shape, device=device)).shape[1]
@@ -225,7 +232,7 @@ def explain_dataset(
                 f"(0..{classes - 1})"
             )
     map_shape = _map_shape(built, input_shape)
-    files = _sharding.file_names(dataset)
+    files = datasets.file_names(dataset)
     preprocess = getattr(dataset, "preprocess", None)
     preprocess = dataclasses.asdict(preprocess) if dataclasses.is_dataclass(preprocess) else None
     fingerprint = model_fingerprint(model)
@@ -245,7 +252,7 @@ def explain_dataset(
         "source": getattr(dataset, "source", None),
         "preprocess": preprocess,
         "classes": getattr(dataset, "classes", None),
-        "versions": _sharding.versions(),
+        "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -259,7 +266,7 @@ def explain_dataset(
         )
         chunks, batches = _sharding.shard(store.done[:], store.chunk_size, batch_size, rank, world)
         _sharding.barrier(world, device)  # every rank has read `done` before any writes
-        loader = _sharding.loader(dataset, batches, input_shape, num_workers, pin_memory)
+        loader = datasets.loader(dataset, batches, input_shape, num_workers, pin_memory)
         total = sum(len(b) for b in batches)
         bar = tqdm(
             total=total,
@@ -391,3 +398,15 @@ def _check_target(target: Any) -> str | int:
 def _map_shape(method: Any, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     size = (int(input_shape[-2]), int(input_shape[-1]))
     return tuple(method.grid_size(size)) if hasattr(method, "grid_size") else size
+
+
+def versions() -> dict[str, str | None]:
+    """The versions a store records: this package, its main dependencies and Python."""
+    found: dict[str, str | None] = {"captum-gradmask": __version__}
+    for package in ("torch", "captum", "transformers", "timm", "zarr", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    found["python"] = sys.version.split()[0]
+    return found

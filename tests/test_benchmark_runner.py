@@ -275,3 +275,16 @@ def test_runner_takes_a_zero_shot_classifier(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
     assert {row["method"] for row in rows} == {"gradmask-m1", "rollout"}
     assert {row["label"] for row in rows} == {2, 5}
+
+
+def test_first_image_selects_later_files(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--first-image 2`` starts at the sample's second file (1-based); 0 is refused."""
+    data, model = setup
+    output = tmp_path / "second"
+    argv = _argv(data, model, output, methods="saliency")
+    argv[argv.index("--images") + 1] = "1"
+    main([*argv, "--first-image", "2", "--metrics", "pointing"])
+    rows = report.load_rows(output / "results.jsonl")
+    assert [(r["image"], r["index"], r["label"]) for r in rows] == [("img_1.png", 0, 5)]
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--first-image", "0"])

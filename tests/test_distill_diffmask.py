@@ -1,5 +1,5 @@
-"""The DiffMask warm start: per-image solutions as targets, probes fitted to them, and the
-script's checkpoint (a trainer folder at step 0 that the training script resumes)."""
+"""The shipped DiffMask gate's recipe: per-image solutions as targets, probes fitted to them,
+the refinement, and the script's checkpoints (trainer folders at step 0)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from benchmarks import distill_diffmask
-from benchmarks._common import DEFAULT_GATE
-from benchmarks.diffmask_diagnostics import optimise_locations
+from benchmarks._common import DEFAULT_GATE, load_split
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig, VisionDiffMaskTrainer
 
@@ -70,19 +69,6 @@ def test_views_of_the_training_images_are_trained_on_and_held_out_ones_are_not()
             DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8)),
             states, targets, views=[(view_states[:, :5], view_targets[:5])],
         )  # fmt: skip
-    # Copies of some images only (e.g. augmented ones), named by index: those of training
-    # images are trained on (here 20 of 24), those of held-out images (36-39) are not.
-    images = torch.cat([torch.arange(20), torch.arange(36, 40)])
-    some = fitted([(view_states[:, images], view_targets[images], images)])
-    assert some[0]["train_pairs"] == 36 + 20
-    assert min(some, key=lambda row: row["holdout_bce"])["holdout_agreement"] > 0.9
-    for bad in (torch.arange(35, 41), torch.arange(5).reshape(5, 1)):
-        view = (view_states[:, : len(bad)], view_targets[: len(bad)], bad)
-        with pytest.raises(ValueError, match=r"`views\[0\]`"):
-            distill_diffmask.fit_probes(
-                DiffMaskGate(GateConfig(hidden_size=8, num_states=3, gate_hidden=8)),
-                states, targets, views=[view],
-            )  # fmt: skip
 
 
 def test_mirrored_targets_follow_the_mirrored_image() -> None:
@@ -105,7 +91,9 @@ def test_locations_and_their_scores_agree_and_targets_follow_the_gate() -> None:
     model = tiny_hf_vit().eval()
     gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
     images = torch.randn(3, 3, 32, 32)
-    locations, scores = optimise_locations(model, gate, images, steps=5, batch_size=2)
+    locations, scores = distill_diffmask.optimise_locations(
+        model, gate, images, steps=5, batch_size=2
+    )
     assert locations.shape == (3, 16) and not locations.requires_grad
     targets = distill_diffmask.keep_targets(gate, locations)
     assert targets.min() >= 0 and targets.max() <= 1
@@ -122,7 +110,9 @@ def test_teacher_and_states_run_on_cuda_and_return_cpu_locations() -> None:
     model = tiny_hf_vit().eval().cuda()
     gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model))).cuda()
     images = torch.randn(3, 3, 32, 32)
-    locations, scores = optimise_locations(model, gate, images.cuda(), steps=5, batch_size=2)
+    locations, scores = distill_diffmask.optimise_locations(
+        model, gate, images.cuda(), steps=5, batch_size=2
+    )
     assert locations.device.type == "cpu" and locations.shape == (3, 16)
     targets = distill_diffmask.keep_targets(gate.cpu(), locations)
     assert (targets >= 0.5).float().mean(-1).tolist() == scores["kept"]
@@ -131,59 +121,6 @@ def test_teacher_and_states_run_on_cuda_and_return_cpu_locations() -> None:
     torch.testing.assert_close(
         states.cpu(), distill_diffmask.patch_states(model.cpu(), images), atol=1e-4, rtol=1e-4
     )
-
-
-def test_warm_start_begins_at_the_gates_own_map() -> None:
-    """``warm_locations`` inverts ``keep_targets``: free locations with the gate's whole-stack
-    ``P(kept)`` (within the clip), so a zero-step optimisation from them returns the gate's own
-    hard mask; a clip bounds them; a wrong shape is refused by name."""
-    torch.manual_seed(0)
-    model = tiny_hf_vit().eval()
-    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
-    images = torch.randn(3, 3, 32, 32)
-    states = distill_diffmask.patch_states(model, images)
-    distill_diffmask.calibrate_keep_fraction(gate, states, 0.5)  # a mixed mask, not a trivial one
-    keep = gate.keep_probability(list(states)).detach()
-    free = distill_diffmask.warm_locations(gate, states, clip=50.0)
-    expected = keep.clamp(1e-6, 1 - 1e-6)
-    torch.testing.assert_close(distill_diffmask.keep_targets(gate, free), expected)
-    clipped = distill_diffmask.warm_locations(gate, states, clip=0.5)
-    assert clipped.abs().max() <= 0.5  # clipped, and still the gate's hard mask
-    assert torch.equal(distill_diffmask.keep_targets(gate, clipped) >= 0.5, keep >= 0.5)
-    locations, scores = optimise_locations(model, gate, images, steps=0, init=free)
-    assert torch.equal(locations, free)
-    assert scores["kept"] == (keep >= 0.5).float().mean(-1).tolist()
-    with pytest.raises(ValueError, match="`init`"):
-        optimise_locations(model, gate, images, steps=0, init=free[:, :5])
-
-
-def test_method_teacher_keeps_the_top_of_the_methods_map() -> None:
-    """The diagnostic teacher: per image, the ``round(fraction * patches)`` patches with the
-    highest map for the predicted class get ``+METHOD_LOCATION``, the rest ``-``, and its
-    scores are those of that mask."""
-    from captum_gradmask.registry import build_method
-
-    torch.manual_seed(0)
-    model = tiny_hf_vit().eval()
-    gate = DiffMaskGate(GateConfig.for_adapter(get_adapter(model)))
-    images = torch.randn(3, 3, 32, 32)
-    locations, scores = distill_diffmask.method_locations(
-        model, gate, images, "gradmask-m4", 0.25, batch_size=2
-    )
-    assert locations.shape == (3, 16)
-    assert set(locations.unique().tolist()) == {-4.0, 4.0}
-    kept = locations > 0
-    assert kept.sum(-1).tolist() == [4, 4, 4] and scores["kept"] == [0.25] * 3
-    predicted = model(images).logits.argmax(-1).tolist()
-    grid = build_method("gradmask-m4", model).attribute_grid(images, target=predicted)
-    grid = grid.reshape(3, -1)
-    for row, keep in zip(grid, kept, strict=True):
-        assert row[keep].min() >= row[~keep].max()
-    assert len(scores["kl"]) == 3 and all(k >= 0 for k in scores["kl"])
-    with pytest.raises(SystemExit, match="--init-gate"):
-        distill_diffmask.main(
-            ["teacher", "--method", "gradmask-m4", "--init-gate", "g", "--out", "unused.pt"]
-        )
 
 
 def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None:
@@ -214,15 +151,17 @@ def test_shards_of_other_seeds_are_averaged_and_mixed_settings_refused() -> None
     with pytest.raises(SystemExit, match="different image counts"):
         distill_diffmask.combine_shards([a, shard(4, 2, "1")], gate)
 
-    # Shards written before a setting existed, or on another machine (another path to the same
-    # model and filler gate), combine with new ones; another model does not.
-    old = {"model": "/a/shared/vit-tiny", "filler_gate": "/a/ckpt/gate", "steps": "3", "seed": "0"}
-    new = {**old, **distill_diffmask.LATER_SETTINGS, "seed": "1"}
-    new.update(model="/b/vit-tiny", filler_gate="ckpt/gate")
-    distill_diffmask.check_settings([{"settings": old}, {"settings": new}])
-    for changed in ({"model": "/b/vit-b"}, {"method": "rise"}):
-        with pytest.raises(SystemExit, match="different settings"):
-            distill_diffmask.check_settings([{"settings": old}, {"settings": {**new, **changed}}])
+    # Shards that record the earlier script's options at their neutral values, or made on
+    # another machine (another path to the same model and filler gate), combine with new ones;
+    # another model does not, nor a shard of an option this script no longer has.
+    new = {"model": "/a/shared/vit-tiny", "filler_gate": "/a/ckpt/gate", "steps": "3", "seed": "0"}
+    old = {**new, **distill_diffmask.NEUTRAL_SETTINGS, "seed": "1"}
+    old.update(model="/b/vit-tiny", filler_gate="ckpt/gate")
+    distill_diffmask.check_settings([{"settings": new}, {"settings": old}])
+    with pytest.raises(SystemExit, match="different settings"):
+        distill_diffmask.check_settings([{"settings": new}, {"settings": {**old, "model": "/b"}}])
+    with pytest.raises(SystemExit, match="method='rise'"):
+        distill_diffmask.check_settings([{"settings": {**old, "method": "rise"}}])
 
 
 @pytest.mark.slow
@@ -264,93 +203,26 @@ def test_teacher_and_fit_write_a_resumable_checkpoint(tmp_path: Path) -> None:
         distill_diffmask.main(["fit", *common, "--teachers", str(shard), str(other), "--out", "x"])
 
 
-@needs_shared
-def test_augmented_copies_depend_on_the_epoch_and_file_not_the_shard() -> None:
-    data = str(IMAGENET_SAMPLE)
-    whole = distill_diffmask.augmented_split(data, 2, 3, epoch=1)
-    assert whole.shape == (3, 3, 224, 224) and -1 <= float(whole.min()) < float(whole.max()) <= 1
-    torch.testing.assert_close(distill_diffmask.augmented_split(data, 3, 2, epoch=1), whole[1:])
-    other = distill_diffmask.augmented_split(data, 2, 3, epoch=2)
-    assert all(not torch.allclose(a, b) for a, b in zip(whole, other, strict=True))
-    plain = distill_diffmask.load_split(data, 2, 3)
-    assert all(not torch.allclose(a, b, atol=0.1) for a, b in zip(whole, plain, strict=True))
-
-
 @pytest.mark.slow
 @needs_shared
-def test_fit_trains_on_augmented_teacher_shards_of_its_training_images(tmp_path: Path) -> None:
-    common = ["--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--no-progress"]
-    teach = ["teacher", *common, "--steps", "2"]
-    plain, stray = tmp_path / "plain.pt", tmp_path / "stray.pt"
-    distill_diffmask.main([*teach, "--count", "4", "--out", str(plain)])
-    pattern = str(tmp_path / "copies-{epoch}.pt")
-    distill_diffmask.main([*teach, "--count", "3", "--augment-epoch", "1", "2", "--out", pattern])
-    copies = tmp_path / "copies-1.pt"
-    assert (tmp_path / "copies-2.pt").is_file()
-    with pytest.raises(SystemExit, match="needs '\\{epoch\\}'"):
-        distill_diffmask.main([*teach, "--augment-epoch", "1", "2", "--out", str(stray)])
-    distill_diffmask.main(
-        [*teach, "--first", "3", "--count", "2", "--augment-epoch", "1", "--out", str(stray)]
-    )
-    saved = torch.load(copies, weights_only=True)
-    assert saved["augment"] == {"epoch": 1, "min_scale": 0.5} and saved["first"] == 0
-    assert torch.load(plain, weights_only=True)["augment"] is None
-    fit_args = ["fit", *common, "--epochs", "1", "--holdout", "0.25", "--val-first", "450"]
-    out = tmp_path / "gate"
-    run = distill_diffmask.fit(
-        distill_diffmask.parse_args(
-            [*fit_args, "--val", "1", "--teachers", str(plain), str(copies), "--mirror",
-             "--out", str(out)]
-        )
-    )  # fmt: skip
-    # 3 training images (the 4th is held out), each with its mirror image, 3 augmented copies
-    # and their mirror images
-    assert run["teacher_images"] == 4 and run["fit"]["history"][0]["train_pairs"] == 12
-    assert run["augmented_shards"] == [{"first": 0, "count": 3, "epoch": 1, "min_scale": 0.5}]
-    with pytest.raises(SystemExit, match="only augmented"):
-        distill_diffmask.main([*fit_args, "--teachers", str(copies), "--out", "x"])
-    with pytest.raises(SystemExit, match="not the teachers' filler gate"):
-        distill_diffmask.main(
-            [*fit_args, "--teachers", str(plain), "--filler-gate", str(tmp_path), "--out", "x"]
-        )
-    with pytest.raises(SystemExit, match="no plain --teachers shard holds"):
-        distill_diffmask.main([*fit_args, "--teachers", str(plain), str(stray), "--out", "x"])
-    # copies regenerated unlike those the teacher solved (another crop) are refused
-    moved = torch.load(copies, weights_only=True)
-    moved["thumbnails"] = moved["thumbnails"].roll(1, dims=-1)
-    torch.save(moved, copies)
-    with pytest.raises(SystemExit, match="not reproduced here"):
-        distill_diffmask.main([*fit_args, "--teachers", str(plain), str(copies), "--out", "y"])
-
-
-@pytest.mark.slow
-@needs_shared
-def test_training_script_starts_from_an_initial_gate(tmp_path: Path) -> None:
-    """``train_diffmask --init-gate`` starts from the given weights (here the committed gate,
-    with learning rates too small to move them), not from the authors' initialisation."""
+def test_training_script_trains_the_filler_gate_with_the_authors_objective(tmp_path: Path) -> None:
+    """``train_diffmask`` (the recipe's first step) writes a trainer checkpoint that resumes:
+    one epoch, then the same command with ``--epochs 2`` continues to the second."""
     from benchmarks import train_diffmask
 
-    initial = DiffMaskGate.load(DEFAULT_GATE)
     args = [
-        "--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--train", "8",
-        "--val", "8", "--train-eval", "0", "--epochs", "1", "--threads", "1", "--no-progress",
-        "--lr", "1e-9", "--lr-placeholder", "1e-9",
+        "--model", str(HF_VIT_TINY), "--data", str(IMAGENET_SAMPLE), "--train", "4",
+        "--val", "2", "--batch-size", "2", "--threads", "1", "--no-progress",
+        "--out", str(tmp_path / "run"),
     ]  # fmt: skip
-    out = tmp_path / "run"
-    train_diffmask.main([*args, "--out", str(out), "--init-gate", str(DEFAULT_GATE)])
-    trained = DiffMaskGate.load(out)
-    for name, value in initial.state_dict().items():
-        torch.testing.assert_close(trained.state_dict()[name], value, atol=1e-6, rtol=0)
-    assert json.loads((out / "gate.json").read_text())["init_gate"].endswith("diffmask-vit-tiny")
-    fresh = tmp_path / "fresh"
-    train_diffmask.main([*args, "--out", str(fresh)])
-    probe = "probes.12.mlp.0.parametrizations.weight.original1"
-    assert not torch.allclose(
-        DiffMaskGate.load(fresh).state_dict()[probe], initial.state_dict()[probe]
-    )
-    with pytest.raises(SystemExit, match="init-gate"):
-        train_diffmask.main([*args, "--out", str(tmp_path / "x"), "--init-gate", str(out),
-                             "--gate-offset", "5"])  # fmt: skip
+    train_diffmask.main([*args, "--epochs", "1"])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["steps"] == 2 and run["config"]["alpha_init"] == 20.0
+    assert run["config"]["warmup_steps"] == 10 and run["config"]["lookahead_k"] == 0
+    train_diffmask.main([*args, "--epochs", "2"])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["epochs"] == 2 and run["steps"] == 4
+    assert {"val_kl_hard", "val_kept_hard"} <= set(run["last_epoch"])
 
 
 def test_calibration_sets_the_kept_fraction_of_the_hard_mask() -> None:
@@ -424,7 +296,7 @@ def test_refine_calibrates_sharpens_and_fits_the_placeholder_into_a_checkpoint(
     assert {"holdout_kl", "holdout_kl_sampled", "val_kl", "val_top1", "val_kept"} <= set(row)
     model = ViTForImageClassification.from_pretrained(HF_VIT_TINY).eval()
     gate = DiffMaskGate.load(out)
-    states = distill_diffmask.patch_states(model, distill_diffmask.load_split(
+    states = distill_diffmask.patch_states(model, load_split(
         str(IMAGENET_SAMPLE), 0, 4))  # fmt: skip
     kept = float((gate.keep_probability(list(states)) >= 0.5).float().mean())
     assert kept == pytest.approx(0.5, abs=1 / 784)  # calibrated on the 4 training images

@@ -51,24 +51,12 @@ class DiffMaskTrainingConfig:
         lookahead_k: wrap both Adam optimisers (gates and multipliers) in
             :class:`~.lookahead.Lookahead` with this period; 0 = plain Adam (authors: 6).
         lookahead_alpha: Lookahead's slow-weight step (authors: 0.5).
-        last_state_probability: probability of drawing the last state (the whole gate stack,
-            which the map uses) in a step; the other states share the rest uniformly. ``None``:
-            every state equally likely, as the authors do. Raising it trains the map's own mask
-            more often when only a few hundred steps can be afforded.
         sparsity: ``"log"``: the mean over patches of ``log P(kept)``, as in the authors' code;
             ``"l0"``: the mean of ``P(kept)``, the expected L0 norm as the paper writes it. Their
             gradients differ for closed gates: ``log`` keeps pushing a closed gate further
             closed (gradient ~1 per patch), ``l0`` stops (gradient ``P(1 - P)``), so with the
             probes' shared weights ``l0`` lets the KL term, not the gates already closed, decide
-            what the probes learn. Used with ``constraint="kl"`` only.
-        constraint: which term the multipliers enforce. ``"kl"`` (the paper): minimise the
-            sparsity term subject to ``KL <= eps``. ``"kept"`` (a budgeted variant, not the
-            paper's): minimise the KL subject to the mean ``P(kept)`` of the drawn state's
-            gates being at most ``budget``; the loss is ``KL + alpha * (mean P(kept) -
-            budget)`` and each multiplier rises while the gates keep more than the budget.
-            The same terms with the roles swapped: a gate that cannot reach ``eps`` on unseen
-            images is then not driven open, it is asked for the smallest KL at a fixed cost.
-        budget: the kept fraction in ``(0, 1)`` that ``constraint="kept"`` allows.
+            what the probes learn.
     """
 
     eps: float = 0.1
@@ -81,10 +69,7 @@ class DiffMaskTrainingConfig:
     seed: int = 0
     lookahead_k: int = 0
     lookahead_alpha: float = 0.5
-    last_state_probability: float | None = None
     sparsity: str = "log"
-    constraint: str = "kl"
-    budget: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("eps", "lr", "lr_placeholder", "lr_alpha", "alpha_max"):
@@ -105,13 +90,6 @@ class DiffMaskTrainingConfig:
             raise ValueError(f"`lookahead_alpha` must be in (0, 1], got {self.lookahead_alpha!r}")
         if self.sparsity not in ("log", "l0"):
             raise ValueError(f"`sparsity` must be 'log' or 'l0', got {self.sparsity!r}")
-        if self.constraint not in ("kl", "kept"):
-            raise ValueError(f"`constraint` must be 'kl' or 'kept', got {self.constraint!r}")
-        if not (isinstance(self.budget, (int, float)) and 0 < self.budget < 1):
-            raise ValueError(f"`budget` must be a fraction in (0, 1), got {self.budget!r}")
-        p_last = self.last_state_probability
-        if p_last is not None and not 0 <= p_last <= 1:
-            raise ValueError(f"`last_state_probability` must be in [0, 1] or None, got {p_last!r}")
 
 
 @dataclass
@@ -249,13 +227,8 @@ class VisionDiffMaskTrainer:
     # --- one step ------------------------------------------------------------------------
 
     def _draw_state(self) -> int:
-        num_states = self.gate.config.num_states
-        p_last = self.config.last_state_probability
-        if p_last is None or num_states == 1:
-            return int(torch.randint(num_states, (), generator=self.generator))
-        weights = torch.full((num_states,), (1 - p_last) / (num_states - 1), dtype=torch.float64)
-        weights[-1] = p_last
-        return int(torch.multinomial(weights, 1, generator=self.generator))
+        """The state whose gate stack this step trains, every state equally likely."""
+        return int(torch.randint(self.gate.config.num_states, (), generator=self.generator))
 
     def _learning_rate_factor(self) -> float:
         warmup = self.config.warmup_steps
@@ -287,13 +260,9 @@ class VisionDiffMaskTrainer:
                 logits_masked = self.tokens.run(masked)
                 kl = kl_divergence(logits_orig, logits_masked)
                 alpha = self.alphas[layer]
-                if self.config.constraint == "kl":
-                    constraint = (kl - self.config.eps).mean()
-                    kept_term = log_keep if self.config.sparsity == "log" else log_keep.exp()
-                    loss = alpha * constraint + kept_term.mean(-1).mean()
-                else:
-                    constraint = log_keep.exp().mean() - self.config.budget
-                    loss = kl.mean() + alpha * constraint
+                constraint = (kl - self.config.eps).mean()
+                kept_term = log_keep if self.config.sparsity == "log" else log_keep.exp()
+                loss = alpha * constraint + kept_term.mean(-1).mean()
                 params = [*self.gate.probe_parameters, self.gate.placeholder]
                 # Probes after `layer` are unused: their .grad stays None and Adam skips them.
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -305,8 +274,8 @@ class VisionDiffMaskTrainer:
             p.grad = g
         self.gate_optimizer.step()
         self.gate_optimizer.zero_grad(set_to_none=True)
-        # d loss / d alpha = the constraint's excess (KL - eps, or kept - budget); ascend: the
-        # multiplier grows while the constraint is violated.
+        # d loss / d alpha = the constraint's excess (KL - eps); ascend: the multiplier grows
+        # while the constraint is violated.
         for group in self.alpha_optimizer.param_groups:
             group["lr"] = self.config.lr_alpha
         alpha.grad = -constraint.detach().reshape(alpha.shape)

@@ -12,10 +12,10 @@
    term (mean ``log P(kept)``), a fixed multiplier, Adam on the locations. No amortisation, so
    it shows what the objective reaches on these images when nothing has to generalise.
 
-Example (the numbers in docs/diffmask.md)::
+Example (from the repository root; research code, see experiments/README.md)::
 
-    python -m benchmarks.diffmask_diagnostics --gate runs/gate-v2 --count 40 \\
-        --out runs/gate-v2/diagnostics.json
+    python -m experiments.diffmask_diagnostics --gate benchmarks/checkpoints/diffmask-vit-tiny \\
+        --count 40 --out runs/diagnostics.json
 
 prints two markdown tables and writes them with the per-image values to ``--out``.
 """
@@ -32,25 +32,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks.diffmask_faithfulness import (
-    COMPARED,
-    add_arguments,
-    load_inputs,
-    masked_kl_top1,
-    top_k_keep,
-)
-from captum_gradmask._utils import preserved_model_state
+from benchmarks._common import masked_kl_top1
+from benchmarks.diffmask_faithfulness import COMPARED, add_arguments, load_inputs, top_k_keep
+from benchmarks.distill_diffmask import optimise_locations
 from captum_gradmask.adapters import get_adapter
 from captum_gradmask.methods.diffmask import DiffMaskGate, baseline_tokens
-from captum_gradmask.methods.diffmask.hard_concrete import log_prob_open, sample_gates
 from captum_gradmask.registry import build_method
 
-__all__ = [
-    "format_optimised",
-    "format_sweep",
-    "keep_fraction_sweep",
-    "optimise_locations",
-]
+__all__ = ["format_optimised", "format_sweep", "keep_fraction_sweep"]
 
 FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9)
 Rows = dict[str, dict[float, dict[str, list[float]]]]
@@ -97,73 +86,6 @@ def keep_fraction_sweep(
                 results[row][fraction]["kl"] += kl.tolist()
                 results[row][fraction]["top1"] += top1.tolist()
     return results
-
-
-def optimise_locations(
-    model: torch.nn.Module,
-    gate: DiffMaskGate,
-    images: Tensor,
-    steps: int = 150,
-    multiplier: float = 5.0,
-    eps: float = 0.1,
-    lr: float = 0.1,
-    init: float | Tensor = 3.0,
-    batch_size: int = 8,
-    seed: int = 0,
-    show_progress: bool = False,
-) -> tuple[Tensor, dict[str, list[float]]]:
-    """Optimise one gate location per patch and image for ``multiplier * (KL - eps) + mean
-    log P(kept)`` (the gate's hard-concrete settings and filler; Adam, a fresh optimiser per
-    batch, one noise generator seeded with ``seed`` for the whole run). ``init``: the initial
-    location of every patch, or per image and patch ``(N, patches)`` (a warm start).
-
-    Returns the locations ``(N, patches)`` and the scores of the hard mask ``P(kept) >= 0.5``:
-    per-image ``kept`` fraction, ``kl`` and ``top1``."""
-    adapter = get_adapter(model)
-    tokens = adapter.require_tokens("the per-image optimisation")
-    prefix = adapter.prefix_tokens
-    c = gate.config
-    hard_concrete = dict(temperature=c.temperature, left=c.stretch_left, right=c.stretch_right)
-    generator = torch.Generator(device=images.device).manual_seed(seed)
-    scores: dict[str, list[float]] = {"kept": [], "kl": [], "top1": []}
-    found = []
-    with preserved_model_state(model), preserved_model_state(gate):
-        for p in (*model.parameters(), *gate.parameters()):
-            p.requires_grad_(False)
-        for start in tqdm(range(0, len(images), batch_size), disable=not show_progress):
-            batch = images[start : start + batch_size]
-            with torch.no_grad():
-                states, logits = tokens.states(batch)
-                baseline = baseline_tokens(tokens, batch, prefix)
-            shape = (len(batch), states[0].shape[1] - prefix)
-            if isinstance(init, Tensor):
-                locations = init[start : start + batch_size].detach().clone().float()
-                locations = locations.to(images.device)
-                if locations.shape != shape:
-                    raise ValueError(
-                        f"`init` holds locations of shape {tuple(init.shape)}; these images "
-                        f"need ({len(images)}, {shape[1]})"
-                    )
-                locations.requires_grad_(True)
-            else:
-                locations = torch.full(shape, float(init), device=images.device, requires_grad=True)
-            optimizer = torch.optim.Adam([locations], lr=lr)
-            for _ in range(steps):
-                keep = sample_gates(locations, generator=generator, **hard_concrete)
-                kl, _ = masked_kl_top1(tokens, gate, states[0], baseline, prefix, keep, logits)
-                sparsity = log_prob_open(locations, **hard_concrete).mean(-1)
-                loss = (multiplier * (kl - eps) + sparsity).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                hard = (log_prob_open(locations, **hard_concrete).exp() >= 0.5).float()
-                kl, top1 = masked_kl_top1(tokens, gate, states[0], baseline, prefix, hard, logits)
-            found.append(locations.detach().cpu())
-            scores["kept"] += hard.mean(-1).tolist()
-            scores["kl"] += kl.tolist()
-            scores["top1"] += top1.tolist()
-    return torch.cat(found), scores
 
 
 def _mean(values: Sequence[float]) -> float:
