@@ -24,6 +24,7 @@ models from :mod:`captum_gradmask.models`, data from :mod:`captum_gradmask.data`
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -524,6 +525,35 @@ def write_grid(
         maps.append(row)
         titles.append(names[record.label] if names else str(record.label))
     report.plot_grid(images, maps, methods, output / "grid.png", titles)
+
+
+def write_source(data: str | Path, first_image: int, images: int, path: str | Path) -> Path:
+    """Write the CSV source of ``images`` files of an ImageNet sample folder from the 1-based
+    ``first_image`` (its ``annotations.csv`` rows, one per box, with absolute file paths), the
+    list ``captum-gradmask explain-dataset`` and ``evaluate`` read; returns ``path``.
+
+    Raises:
+        SystemExit: the folder has fewer images.
+    """
+    from captum_gradmask.data import BOX_COLUMNS, read_annotations
+
+    root = Path(data).resolve()
+    annotated, _ = read_annotations(
+        root / "annotations.csv", required=("file", "label"), limit=images, offset=first_image - 1
+    )
+    if len(annotated) < images:
+        raise SystemExit(
+            f"--data {str(data)!r} has {first_image - 1 + len(annotated)} images: files "
+            f"{first_image}..{first_image + images - 1} are not all there"
+        )
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "synset", *BOX_COLUMNS])
+        for file, entry in annotated.items():
+            for box in entry.boxes or [["", "", "", ""]]:
+                writer.writerow([str(root / file), entry.label, entry.synset, *box])
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:

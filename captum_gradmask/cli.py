@@ -386,7 +386,7 @@ def _add_dataset_commands(commands: Any) -> None:
 
     p = commands.add_parser("evaluate", help="run metrics over the maps of a store")
     p.add_argument("store", help="a store made by explain-dataset")
-    p.add_argument("--metrics", default="notebook", help="notebook, rise, pointing, adcc")
+    p.add_argument("--metrics", default="notebook", help="notebook, rise, pointing, adcc, captum")
     p.add_argument("--model", default=None, help="default: the model the store records")
     p.add_argument("--weights", default=None, help="default: the weights the store records")
     p.add_argument("--source", default=None, help="default: the source the store records")
@@ -398,6 +398,24 @@ def _add_dataset_commands(commands: Any) -> None:
         type=int,
         default=64,
         help="perturbed images per forward pass inside the metrics (default 64)",
+    )
+    p.add_argument(
+        "--tie-samples",
+        type=int,
+        default=10,
+        help="random tie orders averaged for the insertion/deletion columns (default 10)",
+    )
+    p.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=5,
+        help="perturbed copies per image for max-sensitivity (metric group captum; default 5)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random tie orders, Captum's perturbations and the bootstrap (0)",
     )
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
     p.add_argument("--device", default=device, help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
@@ -538,6 +556,9 @@ def _evaluate_command(args: argparse.Namespace) -> int:
             name=args.name,
             batch_size=args.batch_size,
             perturbations_per_eval=args.perturbations_per_eval,
+            tie_samples=args.tie_samples,
+            sensitivity_samples=args.sensitivity_samples,
+            seed=args.seed,
             num_workers=args.workers,
             show_progress=not args.quiet,
         )

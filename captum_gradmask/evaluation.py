@@ -15,16 +15,18 @@ Example::
     >>> images = torch.utils.data.TensorDataset(torch.rand(4, 3, 32, 32))
     >>> path = tempfile.mkdtemp() + "/maps.zarr"
     >>> _ = explain_dataset(images, model, path, method="gradmask-m1", show_progress=False)
-    >>> result = evaluate_store(path, images, model, metrics=["rise"], show_progress=False)
-    >>> result.columns, result.evaluated
-    (['insertion_rise', 'deletion_rise'], 4)
+    >>> result = evaluate_store(path, images, model, metrics=["notebook"], tie_samples=3,
+    ...     show_progress=False)
+    >>> result.columns[:4], result.evaluated
+    (['insertion_notebook', 'insertion_notebook_stable', 'insertion_notebook_reference', \
+'insertion_notebook_tie_spread'], 4)
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from captum_gradmask._utils import (
 from captum_gradmask.datasets import ItemBatch
 from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint, versions
 from captum_gradmask.metrics import (
+    PerturbationCurve,
     gradmask_notebook_deletion,
     gradmask_notebook_insertion,
     rise_deletion,
@@ -56,29 +59,53 @@ from captum_gradmask.store import StoredMaps, StoreMismatch, files_digest, open_
 
 __all__ = [
     "METRIC_COLUMNS",
+    "TIE_SUFFIXES",
     "EvaluationSummary",
     "evaluate_store",
     "save_stored_map",
+    "tie_scores",
     "write_evaluation",
 ]
 
-# Metric groups of evaluate_store and the per-image columns each writes (units of the
-# benchmark's rows: AUCs as the metric returns them, pointing hits 0/1, ADCC parts in percent).
-METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "notebook": ("insertion_notebook", "deletion_notebook"),
-    "rise": ("insertion_rise", "deletion_rise"),
-    "pointing": ("pointing_0", "pointing_15"),
-    "adcc": ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"),
-}
-_SUMMARY_SCALE = {"pointing_0": 100.0, "pointing_15": 100.0}  # hit rates in percent
-# Columns whose per-image curves are kept too (``curve_<column>``, images x points; the x
-# axis, the fraction inserted or deleted, is in the evaluation's attribute ``curves``).
-_CURVE_COLUMNS = {
+# Insertion/deletion presets, each scored under every tie policy (docs/metrics.md, "Ties"):
+# the headline column is the mean AUC over `tie_samples` random tie orders; `_stable` and
+# `_reference` keep the other two policies and `_tie_spread` the largest minus the smallest
+# AUC over all the orders scored.
+_CURVE_PRESETS = {
     "insertion_notebook": gradmask_notebook_insertion,
     "deletion_notebook": gradmask_notebook_deletion,
     "insertion_rise": rise_insertion,
     "deletion_rise": rise_deletion,
 }
+TIE_SUFFIXES = ("_stable", "_reference", "_tie_spread")
+
+
+def _tie_columns(*keys: str) -> tuple[str, ...]:
+    return tuple(column for key in keys for column in (key, *(key + s for s in TIE_SUFFIXES)))
+
+
+# Metric groups of evaluate_store and the per-image columns each writes (units of the
+# benchmark's rows: AUCs as the metric returns them, pointing hits 0/1, ADCC parts in percent).
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "notebook": _tie_columns("insertion_notebook", "deletion_notebook"),
+    "rise": _tie_columns("insertion_rise", "deletion_rise"),
+    "pointing": ("pointing_0", "pointing_15"),
+    "adcc": ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"),
+    "captum": ("infidelity", "sensitivity"),
+}
+# The evaluation settings each metric group depends on (recorded; a resumed evaluation must
+# have the same).
+_GROUP_SETTINGS = {
+    "notebook": ("tie_samples", "seed"),
+    "rise": ("tie_samples", "seed"),
+    "captum": ("seed", "sensitivity_samples"),
+}
+_SUMMARY_SCALE = {"pointing_0": 100.0, "pointing_15": 100.0}  # hit rates in percent
+# Columns whose per-image curves are kept too (``curve_<column>``, images x points, the mean
+# curve over the random tie orders; the x axis, the fraction inserted or deleted, is in the
+# evaluation's attribute ``curves``).
+_CURVE_COLUMNS = _CURVE_PRESETS
+_PRESET_COLUMNS = {preset: column for column, preset in _CURVE_PRESETS.items()}
 
 
 @dataclass(frozen=True)
@@ -122,8 +149,10 @@ def evaluate_store(
     batch_size: int | None = None,
     num_workers: int | None = None,
     perturbations_per_eval: int = 64,
-    n_resamples: int = 1000,
+    tie_samples: int = 10,
+    sensitivity_samples: int = 5,
     seed: int = 0,
+    n_resamples: int = 1000,
     show_progress: bool = True,
     metric_batch_size: int | None = None,
 ) -> EvaluationSummary:
@@ -132,9 +161,21 @@ def evaluate_store(
 
     Metric groups (:data:`METRIC_COLUMNS`): ``"notebook"`` (the GradMask authors' insertion
     and deletion), ``"rise"`` (RISE's), ``"pointing"`` (pointing game at 0 and 15 px; needs
-    boxes, e.g. a CSV source with ``xmin,ymin,xmax,ymax``) and ``"adcc"`` (re-explains each
-    image's explanation with the store's method). Only rows whose map is done and that were
-    not skipped are evaluated; rows evaluated before are not evaluated again.
+    boxes, e.g. a CSV source with ``xmin,ymin,xmax,ymax``), ``"adcc"`` (re-explains each
+    image's explanation with the store's method) and ``"captum"`` (Captum's infidelity under
+    patch removal and max-sensitivity, which re-explains perturbed copies). Only rows whose
+    map is done and that were not skipped are evaluated; rows evaluated before are not
+    evaluated again.
+
+    Each insertion/deletion curve is scored under every tie policy (``docs/metrics.md``):
+    the column itself (e.g. ``insertion_notebook``) is the mean AUC over ``tie_samples``
+    random tie orders drawn with ``seed``, ``<column>_stable`` and ``<column>_reference`` the
+    AUC under the other two policies, and ``<column>_tie_spread`` the largest minus the
+    smallest AUC over the stable, reference and random orders. Every image is scored on its
+    own with the same seed, so a row does not depend on batching or on the number of
+    processes. The settings a group depends on (``tie_samples``, ``seed``,
+    ``sensitivity_samples``) are recorded with the evaluation, and resuming it with others
+    is refused.
 
     Args:
         store: the store's path.
@@ -147,7 +188,11 @@ def evaluate_store(
         batch_size, num_workers: images per step and decoding processes, as in
             :func:`explain_dataset`.
         perturbations_per_eval: perturbed images per forward pass inside the metrics.
-        n_resamples, seed: the bootstrap of the summary.
+        tie_samples: random tie orders averaged for the insertion/deletion columns.
+        sensitivity_samples: perturbed copies per image for max-sensitivity (``"captum"``).
+        seed: seed of the random tie orders and of Captum's perturbations (each image's
+            draws start from it), and of the summary's bootstrap.
+        n_resamples: bootstrap resamples of the summary.
         show_progress: a progress bar on rank 0.
         metric_batch_size: deprecated name of ``perturbations_per_eval``.
 
@@ -156,7 +201,7 @@ def evaluate_store(
 
     Raises:
         StoreMismatch: the dataset or model is not the store's, or the evaluation ``name``
-            exists with other metric groups.
+            exists with other metric groups or settings (the message names them).
         ValueError: unknown metric groups, or ``"pointing"`` without boxes.
     """
     require_zarr()
@@ -168,6 +213,12 @@ def evaluate_store(
         perturbations_per_eval, 64, metric_batch_size, "perturbations_per_eval", "metric_batch_size"
     )
     check_positive_int(per_eval, "perturbations_per_eval")
+    check_positive_int(tie_samples, "tie_samples")
+    check_positive_int(sensitivity_samples, "sensitivity_samples")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"`seed` must be an int, got {seed!r}")
+    given = {"tie_samples": tie_samples, "seed": seed, "sensitivity_samples": sensitivity_samples}
+    settings = {key: given[key] for group in groups for key in _GROUP_SETTINGS.get(group, ())}
     if name in ("maps", "files", "targets", "predicted", "probability", "done", "errors"):
         raise ValueError(f"`name` {name!r} is one of the store's arrays; choose another name")
     maps = open_maps(store)
@@ -189,7 +240,7 @@ def evaluate_store(
             "columns (e.g. the ImageNet sample's annotations.csv)"
         )
     explainer = None
-    if "adcc" in groups:
+    if "adcc" in groups or "captum" in groups:
         explainer = method or build_method(maps.attrs["method"], model, **maps.attrs["settings"])
     columns = [column for group in groups for column in METRIC_COLUMNS[group]]
     input_shape = tuple(identity["input_shape"])
@@ -200,7 +251,7 @@ def evaluate_store(
             rank,
             world,
             device,
-            lambda: _create_evaluation(store, name, groups, columns),
+            lambda: _create_evaluation(store, name, groups, columns, settings),
             lambda: open_maps(store, mode="r+"),
         )
         results = maps.group[name]
@@ -222,7 +273,7 @@ def evaluate_store(
         with bar, preserved_model_state(model):
             for batch in loader:
                 values = _evaluate_batch(
-                    maps, dataset, model, explainer, batch, groups, device, per_eval
+                    maps, dataset, model, explainer, batch, groups, device, per_eval, given
                 )
                 where = batch.indices.numpy()
                 for column in [*columns, *curves]:
@@ -247,15 +298,38 @@ def evaluate_store(
 
 
 def _create_evaluation(
-    store: str | Path, name: str, groups: list[str], columns: list[str]
+    store: str | Path,
+    name: str,
+    groups: list[str],
+    columns: list[str],
+    settings: dict[str, Any],
 ) -> StoredMaps:
     maps = open_maps(store, mode="r+")
     if name in maps.group:
-        existing = maps.group[name].attrs.get("metrics")
+        recorded = maps.group[name].attrs.asdict()
+        existing = recorded.get("metrics")
         if existing != groups:
             raise StoreMismatch(
                 f"the store's evaluation {name!r} holds the metric groups {existing}, not "
                 f"{groups}; evaluate with those to resume it, or pass another name (--name)"
+            )
+        if recorded.get("columns") != columns:
+            raise StoreMismatch(
+                f"the store's evaluation {name!r} was made by an older version (columns "
+                f"{recorded.get('columns')}, without the tie-order columns); evaluate into "
+                "another name (--name)"
+            )
+        old = recorded.get("settings", {})
+        differences = [
+            f"{key}: {old.get(key)!r} there, {value!r} now"
+            for key, value in settings.items()
+            if old.get(key) != value
+        ]
+        if differences:
+            raise StoreMismatch(
+                f"the store's evaluation {name!r} was made with other settings, which this "
+                f"run would mix with its own: {'; '.join(differences)}; use those settings to "
+                "resume it, or pass another name (--name)"
             )
         return maps
     results = maps.group.create_group(name)
@@ -284,6 +358,7 @@ def _create_evaluation(
         {
             "metrics": groups,
             "columns": columns,
+            "settings": settings,
             "curves": curves,
             "versions": versions(),
         }
@@ -312,8 +387,9 @@ def _evaluate_batch(
     groups: list[str],
     device: torch.device,
     per_eval: int,
+    settings: dict[str, int],
 ) -> dict[str, np.ndarray]:
-    from captum_gradmask.metrics import adcc, pointing_game
+    from captum_gradmask.metrics import adcc, patch_infidelity, pointing_game, sensitivity
 
     n = len(batch.indices)
     out = {c: np.full(n, np.nan, dtype=np.float32) for g in groups for c in METRIC_COLUMNS[g]}
@@ -327,17 +403,54 @@ def _evaluate_batch(
     targets = torch.from_numpy(np.asarray(store.targets.oindex[indices])).to(device)
     rows = positions.numpy()
 
-    batching = {"perturbations_per_eval": per_eval}
-
     def put(column: str, values: Tensor) -> None:
         if column not in out:  # a curve: (B, points), created at the first one
             out[column] = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
         out[column][rows] = values.detach().float().cpu().numpy()
 
+    def explain(inputs: Tensor, target: Tensor) -> Tensor:
+        return attribution_grid(explainer, inputs, target)
+
     for column in curves:
-        curve = _CURVE_COLUMNS[column](model, images, saliency, targets, **batching)
-        put(column, curve.auc)
-        put(f"curve_{column}", curve.probabilities)
+        scores = [
+            tie_scores(
+                _CURVE_COLUMNS[column],
+                model,
+                images[i : i + 1],
+                saliency[i : i + 1],
+                targets[i : i + 1],
+                tie_samples=settings["tie_samples"],
+                seed=settings["seed"],
+                perturbations_per_eval=per_eval,
+            )
+            for i in range(len(rows))
+        ]
+        for key in (column, *(column + suffix for suffix in TIE_SUFFIXES)):
+            put(key, torch.tensor([score[key] for score in scores]))
+        put(f"curve_{column}", torch.stack([score["curve"] for score in scores]))
+    if "captum" in groups:
+        infidelity, max_sensitivity = [], []
+        for i in range(len(rows)):
+            image, target = images[i : i + 1], targets[i : i + 1]
+            infidelity.append(
+                patch_infidelity(model, image, saliency[i : i + 1], target, seed=settings["seed"])
+                .values[0]
+                .item()
+            )
+            max_sensitivity.append(
+                sensitivity(
+                    model,
+                    image,
+                    target,
+                    explanation_func=explain,
+                    n_perturb_samples=settings["sensitivity_samples"],
+                    seed=settings["seed"],
+                )
+                .values[0]
+                .item()
+            )
+        put("infidelity", torch.tensor(infidelity))
+        put("sensitivity", torch.tensor(max_sensitivity))
     if "pointing" in groups:
         from PIL import Image
 
@@ -357,16 +470,70 @@ def _evaluate_batch(
             )
             put(f"pointing_{tolerance}", game.hits)
     if "adcc" in groups:
-
-        def explain(inputs: Tensor, target: Tensor) -> Tensor:
-            return attribution_grid(explainer, inputs, target)
-
         result = adcc(
             model, images, saliency, targets, explanation_func=explain, internal_batch_size=per_eval
         )
         for column in METRIC_COLUMNS["adcc"]:
             put(column, 100.0 * getattr(result, column).float())
     return out
+
+
+def tie_scores(
+    preset: Callable[..., PerturbationCurve],
+    model: nn.Module,
+    image: Tensor,
+    saliency: Tensor,
+    target: Tensor | int,
+    *,
+    tie_samples: int = 10,
+    seed: int = 0,
+    perturbations_per_eval: int = 64,
+) -> dict[str, Any]:
+    """One insertion/deletion preset's AUC of one image under every tie policy.
+
+    Args:
+        preset: e.g. :func:`~captum_gradmask.metrics.gradmask_notebook_insertion`.
+        model: the classifier.
+        image: ``(1, C, H, W)`` model input.
+        saliency: its map (any shape the presets take).
+        target: the class explained.
+        tie_samples, seed: the random tie orders averaged for the headline.
+        perturbations_per_eval: perturbed images per forward pass.
+
+    Returns:
+        ``{key: ...}`` with ``key`` the preset's column (e.g. ``"insertion_notebook"``): the
+        mean AUC over the random orders, ``key_stable``, ``key_reference``, ``key_tie_spread``
+        (largest minus smallest AUC over the stable, reference and random orders), and
+        ``"curve"``: the mean curve over the random orders, ``(points,)``.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask.evaluation import tie_scores
+        >>> from captum_gradmask.metrics import gradmask_notebook_deletion
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+        >>> image, tied = torch.rand(1, 3, 8, 8), torch.ones(1, 8, 8)  # every pixel ties
+        >>> scores = tie_scores(gradmask_notebook_deletion, model, image, tied, 0,
+        ...     tie_samples=4)
+        >>> scores["deletion_notebook_tie_spread"] >= 0, scores["curve"].shape
+        (True, torch.Size([13]))
+    """
+    key = _PRESET_COLUMNS[preset]
+    options = {"perturbations_per_eval": perturbations_per_eval}
+    stable = preset(model, image, saliency, target, ties="stable", **options)
+    reference = preset(model, image, saliency, target, ties="reference", **options)
+    random = preset(
+        model, image, saliency, target, ties="random", tie_samples=tie_samples, seed=seed,
+        **options,
+    )  # fmt: skip
+    aucs = [float(stable.auc[0]), float(reference.auc[0]), *random.tie_auc[0].tolist()]
+    return {
+        key: float(random.auc[0]),
+        f"{key}_stable": aucs[0],
+        f"{key}_reference": aucs[1],
+        f"{key}_tie_spread": max(aucs) - min(aucs),
+        "curve": random.probabilities[0],
+    }
 
 
 def write_evaluation(store: str | Path, summary: EvaluationSummary, out: str | Path) -> Path:

@@ -308,8 +308,20 @@ def test_cli_show_and_evaluate(assets: Path, tmp_path: Path, capsys) -> None:
     images = open_source(assets / "list.csv", preprocess)
     pixels, saliency = images[4][0][None], torch.from_numpy(store.maps[4][None])
     target = int(store.targets[4])
-    expected = gradmask_notebook_insertion(model, pixels, saliency, target).auc[0]
-    assert columns["insertion_notebook"][4] == pytest.approx(float(expected), abs=1e-5)
+    # the headline is the mean over 10 random tie orders (seed 0), scored image by image
+    expected = gradmask_notebook_insertion(
+        model, pixels, saliency, target, ties="random", tie_samples=10, seed=0
+    )
+    assert columns["insertion_notebook"][4] == pytest.approx(float(expected.auc[0]), abs=1e-5)
+    reference = gradmask_notebook_insertion(model, pixels, saliency, target, ties="reference")
+    assert columns["insertion_notebook_reference"][4] == pytest.approx(
+        float(reference.auc[0]), abs=1e-5
+    )
+    every = [float(reference.auc[0]), float(columns["insertion_notebook_stable"][4])]
+    every += expected.tie_auc[0].tolist()
+    assert columns["insertion_notebook_tie_spread"][4] == pytest.approx(
+        max(every) - min(every), abs=1e-5
+    )
     with Image.open(images.path(4)) as image:
         size = (image.height, image.width)
     hit = pointing_game(
@@ -331,6 +343,31 @@ def test_cli_show_and_evaluate(assets: Path, tmp_path: Path, capsys) -> None:
     assert again.evaluated == 0 and again.summary["pointing_0"][3] == 6
     with pytest.raises(StoreMismatch, match="--name"):
         evaluate_store(out, images, model, metrics=["rise"], show_progress=False)
+    # ... and so are other tie settings, naming them
+    for change in ({"tie_samples": 3}, {"seed": 1}):
+        with pytest.raises(StoreMismatch, match=next(iter(change))):
+            evaluate_store(
+                out, images, model, metrics=["notebook", "pointing"], show_progress=False,
+                **change,
+            )  # fmt: skip
+
+
+def test_evaluation_rows_do_not_depend_on_batching(model_and_images, tmp_path: Path) -> None:
+    """Random tie orders are drawn image by image: batch size 1 and 3 give the same rows."""
+    model, images = model_and_images
+    out = tmp_path / "maps.zarr"
+    explain_dataset(images, model, out, method="gradmask-m1", show_progress=False)
+    columns = {}
+    for batch_size in (1, 3):
+        name = f"b{batch_size}"
+        evaluate_store(
+            out, images, model, metrics=["notebook"], name=name, batch_size=batch_size,
+            tie_samples=4, show_progress=False,
+        )  # fmt: skip
+        columns[batch_size] = open_maps(out).evaluation(name)
+    for column in ("insertion_notebook", "deletion_notebook_tie_spread"):
+        np.testing.assert_allclose(columns[1][column], columns[3][column], atol=1e-6)
+    assert np.nanmax(columns[1]["insertion_notebook_tie_spread"]) > 0  # patch maps tie
 
 
 def _rank_chunks(stdout: str) -> dict[int, list[int]]:

@@ -1,0 +1,68 @@
+"""The pipeline (explain-dataset, then evaluate) makes the published benchmark rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import write_source
+from captum_gradmask.datasets import open_source
+from captum_gradmask.evaluation import evaluate_store
+from captum_gradmask.explain_dataset import explain_dataset
+from captum_gradmask.models import load_model
+from captum_gradmask.store import open_maps
+
+from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "results.jsonl"
+IMAGE = "ILSVRC2012_val_00000401.JPEG"
+COLUMNS = (
+    *(
+        f"{curve}{suffix}"
+        for curve in ("insertion_notebook", "deletion_notebook")
+        for suffix in ("", "_stable", "_reference", "_tie_spread")
+    ),
+    "pointing_0",
+    "pointing_15",
+    "average_drop",
+    "increase_in_confidence",
+    "coherence",
+    "complexity",
+    "adcc",
+)
+
+
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gradmask-m1", "chefer-gae", "libragrad", "rollout"])
+def test_explain_dataset_and_evaluate_give_the_published_row(method: str, tmp_path: Path) -> None:
+    """File 401 through explain-dataset + evaluate (label target, 10 random tie orders, seed
+    0) equals its row in docs/benchmarks/results.jsonl on every notebook, pointing and ADCC
+    column, to float tolerance (the published rows come from the same library calls)."""
+    published = {
+        row["method"]: row
+        for row in map(json.loads, PUBLISHED.read_text().splitlines())
+        if row["image"] == IMAGE
+    }[method]
+    model, preprocess = load_model(HF_VIT_TINY)
+    source = write_source(IMAGENET_SAMPLE, 401, 1, tmp_path / "source.csv")
+    images = open_source(source, preprocess)
+    store = tmp_path / f"{method}.zarr"
+    explain_dataset(images, model, store, method=method, target="label", show_progress=False)
+    evaluate_store(
+        store, images, model, metrics=["notebook", "pointing", "adcc"], tie_samples=10, seed=0,
+        show_progress=False,
+    )  # fmt: skip
+    maps = open_maps(store)
+    assert (int(maps.targets[0]), int(maps.predicted[0])) == (
+        published["target"],
+        published["predicted"],
+    )
+    assert float(maps.probability[0]) == pytest.approx(published["target_probability"], rel=1e-5)
+    columns = maps.evaluation()
+    for column in COLUMNS:
+        assert float(columns[column][0]) == pytest.approx(published[column], rel=1e-4, abs=1e-3), (
+            column
+        )
