@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_zero_shot_arguments(p)
     p.set_defaults(handler=explain)
     _add_dataset_commands(commands)
+    _add_compare_command(commands)
     _add_report_command(commands)
     return parser
 
@@ -579,6 +580,94 @@ def _show_command(args: argparse.Namespace) -> int:
         _check_out(args.out, "--out")
         out = save_stored_map(args.store, args.index, args.out)
         print(f"map {args.index} of {args.store} written to {out}")
+        return 0
+
+    return _dataset_command(run)
+
+
+# --- compare: tables of several evaluated stores ------------------------------------------
+
+
+def _add_compare_command(commands: Any) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = commands.add_parser(
+        "compare",
+        help="compare evaluated stores over the same images: table.md (CIs), paired.md, "
+        "ties.md, results.csv, grid.png, cost.md",
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE", help="evaluated stores, one per method")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--name", default="metrics", help="the evaluation to read (evaluate --name)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="the method of paired.md's differences (default gradmask-m4 when compared)",
+    )
+    p.add_argument(
+        "--fitted",
+        action="append",
+        default=[],
+        metavar="METHOD=FILE",
+        help="a text file of the images METHOD was fitted on (one file name a line): those "
+        "rows are marked and left out of its numbers (repeatable)",
+    )
+    p.add_argument("--grid-images", type=int, default=4, help="rows of grid.png (4; 0: none)")
+    p.add_argument(
+        "--time-images",
+        type=int,
+        default=0,
+        help="re-explain the first K images with each method here to count passes and "
+        "seconds per image (cost.md; default 0: no cost table)",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstraps (0)")
+    p.add_argument("--device", default=device, help="cpu or cuda, for --time-images")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(handler=_compare_command)
+
+
+def _fitted_files(pairs: Sequence[str]) -> dict[str, list[str]]:
+    fitted: dict[str, list[str]] = {}
+    for pair in pairs:
+        method, sep, path = pair.partition("=")
+        if not sep or not method.strip() or not Path(path).is_file():
+            raise ValueError(
+                f"--fitted {pair!r} must be METHOD=FILE with FILE a text file of image names"
+            )
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        fitted[method.strip()] = [line.strip() for line in lines if line.strip()]
+    return fitted
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from .compare import compare_stores, stored_source
+
+    def run() -> int:
+        device = _run_device(args.device, args.threads)
+        model = dataset = None
+        if args.grid_images or args.time_images:
+            model, dataset = stored_source(args.stores[0])
+            model = model.to(device)
+        result = compare_stores(
+            args.stores,
+            args.out,
+            evaluation=args.name,
+            reference=args.reference,
+            fitted=_fitted_files(args.fitted),
+            grid_images=args.grid_images,
+            time_images=args.time_images,
+            model=model,
+            dataset=dataset,
+            n_resamples=args.bootstrap,
+            seed=args.seed,
+        )
+        print((Path(args.out) / "table.md").read_text())
+        left = f", {result.left_out} left out (not evaluated by every store)"
+        print(
+            f"{len(result.methods)} methods over {result.images} images"
+            f"{left if result.left_out else ''}; written to {args.out}: "
+            + ", ".join(p.name for p in result.written)
+        )
         return 0
 
     return _dataset_command(run)

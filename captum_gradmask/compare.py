@@ -1,0 +1,723 @@
+"""Compare evaluated map stores over the same images: tables with CIs, paired differences,
+tie policies, per-image rows, cost and a picture grid.
+
+:func:`compare_stores` takes stores made by :func:`~captum_gradmask.explain_dataset.
+explain_dataset` (one method each) and evaluated by :func:`~captum_gradmask.evaluation.
+evaluate_store`, checks that they can be compared (same model, images, target policy,
+preprocessing and evaluation settings; the first difference found is named), keeps the images
+every store has evaluated, and writes into a folder:
+
+- ``table.md``: per method and metric, the mean over images with a 95 % percentile-bootstrap
+  CI (:func:`captum_gradmask.stats.bootstrap_ci`);
+- ``paired.md``: per method and metric, the mean paired difference to a reference method with a
+  95 % bootstrap CI that resamples images jointly for every method and metric, marked where
+  it excludes 0;
+- ``ties.md``: insertion/deletion under each tie policy and their spread;
+- ``results.csv``: one row per image and method;
+- ``grid.png``: the stored maps of the first images, one column per method;
+- ``cost.md`` (with ``time_images``): forward and backward passes and seconds per image,
+  measured here by explaining the first images again with each store's method.
+
+Images a method was fitted on (``fitted``, e.g. a DiffMask gate's training files) are marked
+in ``results.csv`` and left out of that method's numbers.
+
+Example::
+
+    >>> import tempfile
+    >>> import torch
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> from captum_gradmask.compare import compare_stores
+    >>> from captum_gradmask.evaluation import evaluate_store
+    >>> from captum_gradmask.explain_dataset import explain_dataset
+    >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    ...     num_labels=5)).eval()
+    >>> images = torch.utils.data.TensorDataset(torch.rand(4, 3, 32, 32))
+    >>> folder = tempfile.mkdtemp()
+    >>> stores = []
+    >>> for method in ("gradmask-m1", "rollout"):
+    ...     path = f"{folder}/{method}.zarr"
+    ...     _ = explain_dataset(images, model, path, method=method, show_progress=False)
+    ...     _ = evaluate_store(path, images, model, tie_samples=2, show_progress=False)
+    ...     stores.append(path)
+    >>> result = compare_stores(stores, f"{folder}/compare", reference="rollout",
+    ...     grid_images=0)
+    >>> result.methods, result.images, sorted(p.name for p in result.written)
+    (['gradmask-m1', 'rollout'], 4, ['paired.md', 'results.csv', 'table.md', 'ties.md'])
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from captum_gradmask.stats import bootstrap_ci
+from captum_gradmask.store import StoredMaps, StoreMismatch, open_maps
+
+__all__ = [
+    "DEFAULT_REFERENCE",
+    "METRICS",
+    "Comparison",
+    "MetricInfo",
+    "PassCounter",
+    "compare_stores",
+    "markdown_table",
+    "measure_cost",
+    "stored_source",
+]
+
+#: The reference of ``paired.md`` when no other is named and a store holds it.
+DEFAULT_REFERENCE = "gradmask-m4"
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A metric column: its key in the rows, its table header, which way is better (``None``:
+    neither) and the factor from per-image values to table units."""
+
+    key: str
+    header: str
+    higher_is_better: bool | None
+    scale: float = 1.0
+
+    @property
+    def title(self) -> str:
+        """The header with an arrow for the better direction."""
+        arrow = {True: " ↑", False: " ↓", None: ""}[self.higher_is_better]
+        return self.header + arrow
+
+
+def _curve(key: str, header: str, higher_is_better: bool) -> tuple[MetricInfo, ...]:
+    return (
+        MetricInfo(key, header, higher_is_better),
+        MetricInfo(f"{key}_tie_spread", f"{header} tie spread", None),
+        MetricInfo(f"{key}_stable", f"{header} stable ties", higher_is_better),
+        MetricInfo(f"{key}_reference", f"{header} reference ties", higher_is_better),
+    )
+
+
+_CURVES = (
+    *_curve("insertion_notebook", "Ins. AUC (GM nb, %)", True),
+    *_curve("deletion_notebook", "Del. AUC (GM nb, %)", False),
+    *_curve("insertion_rise", "Ins. AUC (RISE)", True),
+    *_curve("deletion_rise", "Del. AUC (RISE)", False),
+)
+
+#: Every column an evaluation can hold, in table order.
+METRICS: tuple[MetricInfo, ...] = (
+    *_CURVES,
+    MetricInfo("pointing_0", "Pointing 0 px (%)", True, 100.0),
+    MetricInfo("pointing_15", "Pointing 15 px (%)", True, 100.0),
+    MetricInfo("average_drop", "Avg drop (%)", False),
+    MetricInfo("increase_in_confidence", "Incr. conf. (%)", True),
+    MetricInfo("coherence", "Coherence (%)", True),
+    MetricInfo("complexity", "Complexity (%)", False),
+    MetricInfo("adcc", "ADCC (%)", True),
+    MetricInfo("infidelity", "Infidelity", False),
+    MetricInfo("sensitivity", "Max-sens.", False),
+)
+_BY_KEY = {metric.key: metric for metric in METRICS}
+# table.md: headline columns and spreads; ties.md: the curves under each policy.
+_HEADLINE = [m for m in METRICS if not m.key.endswith(("_stable", "_reference"))]
+_TIES = list(_CURVES)
+# paired.md: the quality columns (a spread is no quality).
+_PAIRED = [m for m in _HEADLINE if m.higher_is_better is not None]
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_stores` found and wrote.
+
+    Attributes:
+        methods: one label per store, in the order given.
+        images: images every store has evaluated (the rows compared).
+        left_out: images some store has evaluated and another has not (not compared).
+        reference: the method of ``paired.md`` (``None``: not written).
+        summary: per method, per metric key ``(mean, low, high, n)`` in table units.
+        paired: per method, per metric key ``(mean, low, high, n)`` of method minus reference.
+        cost: per method ``{"forward": ..., "backward": ..., "seconds": ...}`` per image.
+        written: the files written.
+    """
+
+    methods: list[str]
+    images: int
+    left_out: int
+    reference: str | None
+    summary: dict[str, dict[str, tuple[float, float, float, int]]]
+    paired: dict[str, dict[str, tuple[float, float, float, int]]]
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    """One store over the compared rows: its label, per-image values as stored (``raw``) and in
+    table units with the fitted rows left out (``columns``), and which rows it was fitted on."""
+
+    label: str
+    store: StoredMaps
+    raw: dict[str, np.ndarray]
+    columns: dict[str, np.ndarray]
+    fitted: np.ndarray
+
+
+def compare_stores(
+    stores: Sequence[str | Path],
+    out: str | Path,
+    *,
+    evaluation: str = "metrics",
+    reference: str | None = None,
+    fitted: Mapping[str, Iterable[str]] | None = None,
+    grid_images: int = 4,
+    time_images: int = 0,
+    model: nn.Module | None = None,
+    dataset: Any = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare evaluated stores over the images they all evaluated; write the tables to ``out``.
+
+    Args:
+        stores: stores made by ``explain_dataset`` from the same images with the same model
+            and target policy, each evaluated (``evaluate_store``) with the same settings.
+        out: the folder to write (created).
+        evaluation: the evaluation sub-group to read (``evaluate --name``).
+        reference: the method the others are paired with in ``paired.md`` (default
+            :data:`DEFAULT_REFERENCE` when a store holds it, else no ``paired.md``).
+        fitted: per method label, files it was fitted on (matched against the stores' files
+            or their names): those rows are marked and left out of that method's numbers.
+        grid_images: images in ``grid.png`` (0: none).
+        time_images: re-explain the first K compared images with each store's method, in this
+            process, to count passes and seconds per image (``cost.md``); 0: no cost table.
+        model, dataset: for ``time_images`` and ``grid_images``: the model and the dataset of
+            the stores (default: rebuilt from what the stores record).
+        n_resamples, seed: the bootstraps.
+
+    Returns:
+        A :class:`Comparison`.
+
+    Raises:
+        StoreMismatch: stores that differ in model, images, target policy, preprocessing or
+            evaluation settings (the message names the field and the two stores), a store
+            without the evaluation, or two stores of one method with the same settings.
+        ValueError: bad arguments (named), or no image evaluated by every store.
+    """
+    if not stores:
+        raise ValueError("`stores` is empty: give at least one evaluated store")
+    for name, value in (("grid_images", grid_images), ("time_images", time_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    opened = [open_maps(path) for path in stores]
+    _check_comparable(opened, evaluation)
+    labels = _labels(opened)
+    fitted = {str(k): set(map(str, v)) for k, v in (fitted or {}).items()}
+    unknown = sorted(set(fitted) - set(labels))
+    if unknown:
+        raise ValueError(f"`fitted` names {unknown}, which are not among the methods {labels}")
+
+    first = opened[0]
+    files = [str(f) for f in first.files[:]]
+    evaluated = [
+        np.asarray(s.group[evaluation]["done"][:], dtype=bool) & ~s.skipped() for s in opened
+    ]
+    common = np.logical_and.reduce(evaluated)
+    left_out = int(np.count_nonzero(np.logical_or.reduce(evaluated) & ~common))
+    if not common.any():
+        raise ValueError(
+            f"no image has been evaluated ({evaluation!r}) in every store; run evaluate on each"
+        )
+    rows = np.flatnonzero(common)
+    entries = []
+    for label, store in zip(labels, opened, strict=True):
+        wanted = fitted.get(label, set())
+        marks = np.array([f in wanted or Path(f).name in wanted for f in files])[rows]
+        sub = store.group[evaluation]
+        raw = {key: np.asarray(sub[key][:], dtype=float)[rows] for key in sub.attrs["columns"]}
+        columns = {}
+        for key, values in raw.items():
+            columns[key] = np.where(marks, np.nan, values * _BY_KEY[key].scale)
+        entries.append(_Entry(label, store, raw, columns, marks))
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        e.label: {
+            key: (*bootstrap_ci(values, n_resamples, seed=seed), _count(values))
+            for key, values in e.columns.items()
+        }
+        for e in entries
+    }
+    header = _header(len(rows), left_out, entries, opened, evaluation)
+    written = [out / "table.md", out / "ties.md", out / "results.csv"]
+    (out / "table.md").write_text(header + markdown_table(summary, _HEADLINE))
+    (out / "ties.md").write_text(header + markdown_table(summary, _TIES))
+    _write_rows(out / "results.csv", entries, rows, files)
+
+    if reference is None and DEFAULT_REFERENCE in labels:
+        reference = DEFAULT_REFERENCE
+    if reference is not None and reference not in labels:
+        raise ValueError(f"`reference` {reference!r} is not among the methods {labels}")
+    paired: dict[str, dict[str, tuple[float, float, float, int]]] = {}
+    if reference is not None:
+        paired = _paired(entries, reference, n_resamples, seed)
+        (out / "paired.md").write_text(_paired_markdown(paired, reference, len(rows), n_resamples))
+        written.append(out / "paired.md")
+
+    source = None
+    if grid_images or time_images:
+        source = _source(first, model, dataset)
+    if grid_images:
+        _write_grid(out / "grid.png", entries, rows[:grid_images], source[1], files)
+        written.append(out / "grid.png")
+    cost: dict[str, dict[str, float]] = {}
+    if time_images:
+        cost_model, cost_data = source
+        for entry in entries:
+            cost[entry.label] = measure_cost(
+                _method_of(entry.store, cost_model), cost_model, cost_data, rows[:time_images],
+                entry.store.targets.oindex[rows[:time_images]],
+            )  # fmt: skip
+        (out / "cost.md").write_text(_cost_markdown(cost, reference, min(time_images, len(rows))))
+        written.append(out / "cost.md")
+    return Comparison(
+        labels, len(rows), left_out, reference, summary, paired, cost, sorted(written)
+    )
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+def _check_comparable(stores: list[StoredMaps], evaluation: str) -> None:
+    """Refuse stores whose numbers cannot be set side by side, naming the first difference."""
+    for store in stores:
+        if evaluation not in store.group:
+            raise StoreMismatch(
+                f"the store {str(store.path)!r} has no evaluation {evaluation!r}; run "
+                f"`captum-gradmask evaluate {store.path} --name {evaluation}` first"
+            )
+    first = stores[0]
+    checks: list[tuple[str, Callable[[StoredMaps], Any]]] = [
+        ("model (weights fingerprint)", lambda s: s.attrs["identity"]["model"]),
+        ("images (file list)", lambda s: s.attrs["identity"]["files_sha256"]),
+        ("target policy", lambda s: s.attrs["identity"]["target"]),
+        ("input shape", lambda s: s.attrs["identity"].get("input_shape")),
+        ("preprocessing", lambda s: s.attrs["identity"].get("preprocess")),
+    ]
+    for what, read in checks:
+        for store in stores[1:]:
+            if read(store) != read(first):
+                raise StoreMismatch(
+                    f"the stores differ in {what}: {str(first.path)!r} has {read(first)!r}, "
+                    f"{str(store.path)!r} has {read(store)!r}; compare stores of one model, "
+                    "one image list and one target policy"
+                )
+    base = first.group[evaluation].attrs.asdict().get("settings", {})
+    for store in stores[1:]:
+        settings = store.group[evaluation].attrs.asdict().get("settings", {})
+        for key in sorted(set(base) & set(settings)):
+            if base[key] != settings[key]:
+                raise StoreMismatch(
+                    f"the stores' evaluations {evaluation!r} differ in {key}: "
+                    f"{str(first.path)!r} has {base[key]!r}, {str(store.path)!r} has "
+                    f"{settings[key]!r}; evaluate every store with the same settings"
+                )
+
+
+def _labels(stores: list[StoredMaps]) -> list[str]:
+    from captum_gradmask.registry import method_label
+
+    labels = [
+        method_label(str(s.attrs.get("method")), s.attrs["identity"].get("settings", {}))
+        for s in stores
+    ]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i:
+            raise StoreMismatch(
+                f"the stores {str(stores[labels.index(label)].path)!r} and "
+                f"{str(stores[i].path)!r} hold the same method with the same settings "
+                f"({label}); give each method once"
+            )
+    return labels
+
+
+def _count(values: np.ndarray) -> int:
+    return int(np.count_nonzero(~np.isnan(values)))
+
+
+# --- tables --------------------------------------------------------------------------------
+
+
+def _format(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "–"
+    sign = "+" if signed and value > 0 else ""
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{sign}{value:.0f}"
+    if magnitude >= 10:
+        return f"{sign}{value:.1f}"
+    if magnitude >= 0.01 or value == 0:
+        return f"{sign}{value:.3f}" if magnitude < 1 else f"{sign}{value:.2f}"
+    return f"{sign}{value:.2e}"
+
+
+def markdown_table(
+    summary: Mapping[str, Mapping[str, tuple[float, float, float, int]]],
+    metrics: Sequence[MetricInfo] = _HEADLINE,
+) -> str:
+    """One row per method, one column per metric that any method has: ``mean [low, high]``;
+    a cell counted on fewer images than the row's most shows ``(n=...)``.
+
+    Example::
+
+        >>> from captum_gradmask.compare import METRICS, markdown_table
+        >>> print(markdown_table({"a": {"adcc": (70.0, 60.0, 80.0, 3)}}, METRICS), end="")
+        | method | images | ADCC (%) ↑ |
+        |---|---:|---:|
+        | a | 3 | 70.0 [60.0, 80.0] |
+    """
+    shown = [m for m in metrics if any(e.get(m.key, (0, 0, 0, 0))[3] for e in summary.values())]
+    lines = [
+        "| method | images | " + " | ".join(m.title for m in shown) + " |",
+        "|---|---:|" + "---:|" * len(shown),
+    ]
+    for method, entry in summary.items():
+        counts = [entry[m.key][3] for m in shown if m.key in entry]
+        images = max(counts, default=0)
+        cells = []
+        for metric in shown:
+            mean, low, high, n = entry.get(metric.key, (math.nan, math.nan, math.nan, 0))
+            cell = "–" if n == 0 else f"{_format(mean)} [{_format(low)}, {_format(high)}]"
+            if 0 < n < images:
+                cell += f" (n={n})"
+            cells.append(cell)
+        lines.append(f"| {method} | {images} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _header(
+    images: int, left_out: int, entries: list[_Entry], stores: list[StoredMaps], evaluation: str
+) -> str:
+    settings = stores[0].group[evaluation].attrs.asdict().get("settings", {})
+    text = f"{images} images evaluated by every store"
+    if left_out:
+        text += f" ({left_out} evaluated by some stores only are left out)"
+    fitted = [f"{e.label}: {int(e.fitted.sum())}" for e in entries if e.fitted.any()]
+    if fitted:
+        text += "; images a method was fitted on are left out of its row (" + ", ".join(fitted)
+        text += ")"
+    text += f". Target: {stores[0].attrs['identity']['target']}"
+    if settings:
+        text += "; evaluation settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
+    return text + ". Cells: mean over images [95 % percentile-bootstrap CI of the mean].\n\n"
+
+
+def _write_rows(path: Path, entries: list[_Entry], rows: np.ndarray, files: list[str]) -> None:
+    keys = [m.key for m in METRICS if any(m.key in e.columns for e in entries)]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["image", "index", "method", "target", "predicted", "probability", "fitted", *keys]
+        )
+        for entry in entries:
+            store = entry.store
+            targets, predicted = store.targets.oindex[rows], store.predicted.oindex[rows]
+            probability = store.probability.oindex[rows]
+            for position, row in enumerate(rows):
+                values = [
+                    float(entry.raw[key][position]) if key in entry.raw else math.nan
+                    for key in keys
+                ]
+                writer.writerow(
+                    [
+                        Path(files[row]).name, int(row), entry.label, int(targets[position]),
+                        int(predicted[position]), f"{float(probability[position]):.6g}",
+                        int(entry.fitted[position]),
+                        *("" if math.isnan(v) else f"{v:.6g}" for v in values),
+                    ]
+                )  # fmt: skip
+
+
+def _paired(
+    entries: list[_Entry], reference: str, n_resamples: int, seed: int
+) -> dict[str, dict[str, tuple[float, float, float, int]]]:
+    """Method minus reference per image; one set of resampled images for every method and
+    metric (a joint bootstrap over images)."""
+    base = next(e for e in entries if e.label == reference)
+    count = len(base.fitted)
+    picks = np.random.default_rng(seed).integers(0, count, size=(n_resamples, count))
+    paired = {}
+    for entry in entries:
+        if entry.label == reference:
+            continue
+        cells = {}
+        for metric in _PAIRED:
+            if metric.key not in entry.columns or metric.key not in base.columns:
+                continue
+            difference = entry.columns[metric.key] - base.columns[metric.key]
+            n = _count(difference)
+            if n == 0:
+                continue
+            with np.errstate(invalid="ignore"):
+                means = _nanmean_rows(difference[picks])
+            low, high = np.nanquantile(means, [0.025, 0.975]) if n > 1 else (math.nan,) * 2
+            cells[metric.key] = (float(np.nanmean(difference)), float(low), float(high), n)
+        paired[entry.label] = cells
+    return paired
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    counts = (~np.isnan(values)).sum(axis=1)
+    sums = np.nansum(values, axis=1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _paired_markdown(
+    paired: dict[str, dict[str, tuple[float, float, float, int]]],
+    reference: str,
+    images: int,
+    n_resamples: int,
+) -> str:
+    shown = [m for m in _PAIRED if any(m.key in cells for cells in paired.values())]
+    lines = [
+        f"Method minus {reference}, per image, over {images} images: mean paired difference "
+        f"[95 % bootstrap CI, {n_resamples} resamples of the images, drawn once for every "
+        "method and metric]. **Bold**: the CI excludes 0. The arrow says which sign is better.",
+        "",
+        "| method | " + " | ".join(m.title for m in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for method, cells in paired.items():
+        row = []
+        for metric in shown:
+            if metric.key not in cells:
+                row.append("–")
+                continue
+            mean, low, high, n = cells[metric.key]
+            text = _format(mean, signed=True)
+            if low > 0 or high < 0:
+                text = f"**{text}**"
+            text += f" [{_format(low, signed=True)}, {_format(high, signed=True)}]"
+            if n < images:
+                text += f" (n={n})"
+            row.append(text)
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- cost ----------------------------------------------------------------------------------
+
+
+class PassCounter:
+    """Count the images that go through ``model``'s forward and back through it.
+
+    ``forward``: images entering the model's ``forward`` (a batch of ``n`` counts ``n``);
+    ``backward``: images whose gradient flows back from the model's output (counted when the
+    output's gradient is computed). Passes that run parts of the model directly (submodules
+    called without the model's ``forward``) are not counted. Hooks are removed on exit.
+
+    Example::
+
+        >>> import torch
+        >>> from captum_gradmask.compare import PassCounter
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with PassCounter(model) as passes:
+        ...     x = torch.rand(3, 4, requires_grad=True)
+        ...     _ = model(x[:1])
+        ...     model(x).sum().backward()
+        >>> passes.forward, passes.backward
+        (4, 3)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.forward = 0
+        self.backward = 0
+        self._handle: Any = None
+
+    def __enter__(self) -> PassCounter:
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        from captum_gradmask._utils import extract_logits
+
+        logits = extract_logits(output)
+        self.forward += int(logits.shape[0])
+        if logits.requires_grad:
+            logits.register_hook(self._backward_hook)
+
+    def _backward_hook(self, grad: Tensor) -> None:
+        self.backward += int(grad.shape[0])
+
+
+def measure_cost(
+    method: Any, model: nn.Module, dataset: Any, indices: Sequence[int], targets: Sequence[int]
+) -> dict[str, float]:
+    """Passes and seconds per image of ``method`` on the dataset items ``indices`` (one image a
+    call, each explaining its ``targets`` entry), after one untimed warm-up call on the first.
+
+    Returns:
+        ``{"forward": ..., "backward": ..., "seconds": ...}``, means per image
+        (:class:`PassCounter`; wall-clock seconds, CUDA work included).
+    """
+    from captum_gradmask._utils import model_device
+    from captum_gradmask.explain_dataset import attribution_grid
+
+    device = model_device(model)
+
+    def explain(index: int, target: int) -> None:
+        image = dataset[int(index)]
+        pixels = (image[0] if isinstance(image, (tuple, list)) else image)[None].to(device)
+        attribution_grid(method, pixels, torch.tensor([int(target)], device=device))
+
+    explain(indices[0], targets[0])  # warm-up: allocations, lazy set-up, kernel choice
+    forward = backward = 0
+    seconds = 0.0
+    for index, target in zip(indices, targets, strict=True):
+        with PassCounter(model) as passes:
+            _synchronize(device)
+            start = time.perf_counter()
+            explain(index, target)
+            _synchronize(device)
+            seconds += time.perf_counter() - start
+        forward += passes.forward
+        backward += passes.backward
+    n = len(indices)
+    return {"forward": forward / n, "backward": backward / n, "seconds": seconds / n}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cost_markdown(cost: dict[str, dict[str, float]], reference: str | None, images: int) -> str:
+    base = cost.get(reference) if reference else None
+    lines = [
+        f"Per image, over the first {images} compared images, each explained again in one "
+        "process after an untimed warm-up call per method. Forward: images through the "
+        "model's forward; backward: images whose gradient flowed back from the model's output "
+        "(passes through parts of the model, e.g. ViT-ReciproCAM's last-block passes, are not "
+        "counted). Seconds compare methods only within this table (one machine, one run).",
+        "",
+        "| method | forward passes ↓ | backward passes ↓ | s / image ↓ |"
+        + (f" s / {reference}'s ↓ |" if base else ""),
+        "|---|---:|---:|---:|" + ("---:|" if base else ""),
+    ]
+    for method, values in cost.items():
+        line = (
+            f"| {method} | {values['forward']:.1f} | {values['backward']:.1f} | "
+            f"{_format(values['seconds'])} |"
+        )
+        if base:
+            line += f" {values['seconds'] / base['seconds']:.2f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+# --- what the stores record: model, images, methods ----------------------------------------
+
+
+def _source(store: StoredMaps, model: nn.Module | None, dataset: Any) -> tuple[nn.Module, Any]:
+    """The model and dataset of a store: the ones given, else rebuilt from its records."""
+    if model is not None and dataset is not None:
+        return model, dataset
+    loaded, images = stored_source(store)
+    return model or loaded, images if dataset is None else dataset
+
+
+def stored_source(store: str | Path | StoredMaps) -> tuple[nn.Module, Any]:
+    """The model (on the CPU, in eval mode) and the images a store was made from, rebuilt
+    from what it records (``model.spec``, ``model.weights``, zero-shot labels, ``source``).
+
+    Raises:
+        ValueError: the store does not record them (made from Python with a dataset object).
+    """
+    from captum_gradmask.datasets import open_source
+    from captum_gradmask.models import load_model
+
+    store = store if isinstance(store, StoredMaps) else open_maps(store)
+    recorded = store.attrs.get("model", {})
+    source = store.attrs.get("source")
+    if recorded.get("spec") is None or source is None:
+        raise ValueError(
+            f"the store {str(store.path)!r} does not record its model or source; pass `model` "
+            "and `dataset`"
+        )
+    labels = recorded.get("labels")
+    model, preprocess = load_model(
+        recorded["spec"],
+        weights=recorded.get("weights"),
+        labels=labels,
+        templates=recorded.get("templates") if labels else None,
+    )
+    return model, open_source(source, preprocess, limit=len(store))
+
+
+def _method_of(store: StoredMaps, model: nn.Module) -> Any:
+    from captum_gradmask.registry import build_method
+
+    return build_method(store.attrs["method"], model, **store.attrs["settings"])
+
+
+def _write_grid(
+    path: Path, entries: list[_Entry], rows: np.ndarray, dataset: Any, files: list[str]
+) -> None:
+    """The images (un-normalised) and each method's stored map over them, one row per image."""
+    from matplotlib.figure import Figure
+
+    from captum_gradmask._ops import upsample_grid
+
+    preprocess = getattr(dataset, "preprocess", None)
+    figure = Figure(figsize=(1.3 * (len(entries) + 1), 1.4 * len(rows)))
+    axes = figure.subplots(len(rows), len(entries) + 1, squeeze=False)
+    for r, row in enumerate(rows):
+        item = dataset[int(row)]
+        pixels = item[0] if isinstance(item, (tuple, list)) else item
+        if preprocess is not None:
+            mean = torch.tensor(preprocess.mean)[:, None, None]
+            std = torch.tensor(preprocess.std)[:, None, None]
+            pixels = pixels * std + mean
+        else:
+            pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp(min=1e-12)
+        image = pixels.clamp(0, 1).permute(1, 2, 0).numpy()
+        axes[r][0].imshow(image)
+        target = int(entries[0].store.targets[int(row)])
+        axes[r][0].set_title(f"{Path(files[row]).stem[-8:]} ({target})", fontsize=7)
+        grey = image.mean(axis=2)
+        for c, entry in enumerate(entries, start=1):
+            ax = axes[r][c]
+            ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+            saliency = torch.from_numpy(np.asarray(entry.store.maps[int(row)], dtype=np.float32))
+            if not torch.isnan(saliency).any():
+                up = upsample_grid(saliency[None], tuple(image.shape[:2]), 1)[0, 0].numpy()
+                ax.imshow(_display(up), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(entry.label, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.tight_layout(pad=0.2)
+    figure.savefig(path, dpi=48)
+
+
+def _display(values: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] for display, as Captum's ``visualize_image_attr`` with
+    ``sign="absolute_value"``: ``|map|`` over its 99th percentile, clipped; a non-negative map
+    has its minimum subtracted first (RISE's maps sit on a large offset)."""
+    magnitude = values - values.min() if values.min() >= 0 else np.abs(values)
+    scale = float(np.quantile(magnitude, 0.99))
+    return np.clip(magnitude / scale, 0, 1) if scale > 0 else magnitude * 0

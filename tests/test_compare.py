@@ -1,0 +1,229 @@
+"""compare_stores on stores built by hand (known per-image values) and the compare command."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captum_gradmask.cli import main
+from captum_gradmask.compare import PassCounter, compare_stores, measure_cost
+from captum_gradmask.store import StoreMismatch, create_store, open_maps
+
+FILES = [f"img{i}.png" for i in range(12)]
+COLUMNS = ["insertion_notebook", "insertion_notebook_tie_spread", "pointing_0"]
+
+
+def _store(
+    path: Path,
+    method: str,
+    insertion: np.ndarray,
+    *,
+    files: list[str] = FILES,
+    fingerprint: str = "f",
+    target: str = "label",
+    settings: dict | None = None,
+    evaluated: np.ndarray | None = None,
+) -> Path:
+    """A store of 2x2 maps with an evaluation whose insertion column is ``insertion``."""
+    n = len(files)
+    identity = {
+        "model": {"class": "Tiny", "fingerprint": fingerprint},
+        "method": method,
+        "settings": {},
+        "target": target,
+        "input_shape": [3, 8, 8],
+        "preprocess": None,
+    }
+    store = create_store(
+        path, files, (2, 2), chunk_size=4, identity=identity,
+        attrs={"method": method, "settings": {}},
+    )  # fmt: skip
+    rng = np.random.default_rng(len(method))
+    store.write(
+        np.arange(n), maps=rng.random((n, 2, 2)), targets=np.arange(n) % 3,
+        predicted=np.arange(n) % 3, probability=np.full(n, 0.5), errors=[""] * n,
+    )  # fmt: skip
+    group = store.group.create_group("metrics")
+    values = {
+        "insertion_notebook": insertion,
+        "insertion_notebook_tie_spread": np.full(n, 1.0),
+        "pointing_0": (np.arange(n) % 2).astype(float),
+    }
+    done = np.ones(n, dtype=bool) if evaluated is None else evaluated
+    for column, data in values.items():
+        group.create_array(column, shape=(n,), dtype="float32", fill_value=np.nan)
+        group[column][:] = np.where(done, data, np.nan).astype(np.float32)
+    group.create_array("done", shape=(n,), dtype="bool", fill_value=False)
+    group["done"][:] = done
+    group.attrs.update(
+        {
+            "metrics": ["notebook", "pointing"],
+            "columns": COLUMNS,
+            "settings": settings or {"tie_samples": 10, "seed": 0},
+        }
+    )
+    return path
+
+
+@pytest.fixture
+def base() -> np.ndarray:
+    return np.linspace(40.0, 70.0, len(FILES))
+
+
+def test_paired_differences_have_the_sign_and_ci_of_the_data(
+    base: np.ndarray, tmp_path: Path
+) -> None:
+    noise = np.random.default_rng(0).normal(0, 1, len(FILES))
+    stores = [
+        _store(tmp_path / "ref.zarr", "gradmask-m4", base),
+        _store(tmp_path / "better.zarr", "rollout", base + 5 + noise),
+        _store(tmp_path / "same.zarr", "saliency", base + np.tile([-8.0, 8.0], 6)),
+    ]
+    result = compare_stores(stores, tmp_path / "out", grid_images=0)
+    assert result.reference == "gradmask-m4"  # the default reference, when compared
+    mean, low, high, n = result.paired["rollout"]["insertion_notebook"]
+    assert mean == pytest.approx(5 + noise.mean(), abs=1e-4) and 0 < low < mean < high
+    assert n == len(FILES)
+    mean, low, high, _ = result.paired["saliency"]["insertion_notebook"]
+    assert mean == pytest.approx(0.0, abs=1e-4) and low < 0 < high
+    paired = (tmp_path / "out" / "paired.md").read_text()
+    rollout = next(line for line in paired.splitlines() if line.startswith("| rollout"))
+    saliency = next(line for line in paired.splitlines() if line.startswith("| saliency"))
+    assert "**+" in rollout.split("|")[2] and "**" not in saliency.split("|")[2]
+    assert "Ins. AUC (GM nb, %) ↑" in paired and "tie spread" not in paired
+    # table.md: rows are methods, arrowed headers, "mean [low, high]" cells; pointing in %
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| method | images | Ins. AUC (GM nb, %) ↑ |" in table
+    assert [line.split("|")[1].strip() for line in table.splitlines() if "| 12 |" in line] == [
+        "gradmask-m4",
+        "rollout",
+        "saliency",
+    ]
+    assert result.summary["rollout"]["pointing_0"][0] == pytest.approx(50.0)
+    assert "tie_samples=10" in table and "12 images evaluated by every store" in table
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * len(FILES) and rows[0]["image"] == "img0.png"
+    assert float(rows[1]["pointing_0"]) == 1.0  # per-image rows in the evaluation's units
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"fingerprint": "other"}, "model"),
+        ({"files": [f"other{i}.png" for i in range(12)]}, "images"),
+        ({"target": "predicted"}, "target policy"),
+        ({"settings": {"tie_samples": 3, "seed": 0}}, "tie_samples"),
+    ],
+)
+def test_stores_that_cannot_be_compared_are_refused_naming_the_field(
+    change: dict, named: str, base: np.ndarray, tmp_path: Path
+) -> None:
+    first = _store(tmp_path / "a.zarr", "gradmask-m4", base)
+    second = _store(tmp_path / "b.zarr", "rollout", base, **change)
+    with pytest.raises(StoreMismatch, match=named):
+        compare_stores([first, second], tmp_path / "out")
+    assert not (tmp_path / "out" / "table.md").exists()
+
+
+def test_unevaluated_store_and_one_method_twice_are_refused(
+    base: np.ndarray, tmp_path: Path
+) -> None:
+    first = _store(tmp_path / "a.zarr", "gradmask-m4", base)
+    twice = _store(tmp_path / "b.zarr", "gradmask-m4", base)
+    with pytest.raises(StoreMismatch, match="same method"):
+        compare_stores([first, twice], tmp_path / "out")
+    with pytest.raises(StoreMismatch, match="no evaluation 'other'"):
+        compare_stores([first], tmp_path / "out", evaluation="other")
+
+
+def test_images_not_evaluated_by_every_store_are_left_out_and_reported(
+    base: np.ndarray, tmp_path: Path
+) -> None:
+    partial = np.arange(len(FILES)) < 9
+    stores = [
+        _store(tmp_path / "a.zarr", "gradmask-m4", base),
+        _store(tmp_path / "b.zarr", "rollout", base + 1, evaluated=partial),
+    ]
+    result = compare_stores(stores, tmp_path / "out", grid_images=0)
+    assert (result.images, result.left_out) == (9, 3)
+    assert result.summary["gradmask-m4"]["insertion_notebook"][0] == pytest.approx(
+        base[:9].mean(), rel=1e-6
+    )
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "9 images evaluated by every store (3 evaluated by some stores only" in table
+
+
+def test_fitted_rows_are_marked_and_left_out_of_that_method(
+    base: np.ndarray, tmp_path: Path
+) -> None:
+    stores = [
+        _store(tmp_path / "a.zarr", "gradmask-m4", base),
+        _store(tmp_path / "b.zarr", "diffmask", base + 1),
+    ]
+    result = compare_stores(
+        stores, tmp_path / "out", fitted={"diffmask": ["img0.png", "img1.png"]}, grid_images=0
+    )
+    mean, _, _, n = result.summary["diffmask"]["insertion_notebook"]
+    assert n == 10 and mean == pytest.approx(base[2:].mean() + 1, rel=1e-6)
+    assert result.summary["gradmask-m4"]["insertion_notebook"][3] == 12  # not the others
+    assert result.paired["diffmask"]["insertion_notebook"][3] == 10
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        marked = [(r["method"], r["image"]) for r in csv.DictReader(handle) if r["fitted"] == "1"]
+    assert marked == [("diffmask", "img0.png"), ("diffmask", "img1.png")]
+    with pytest.raises(ValueError, match="not among the methods"):
+        compare_stores(stores, tmp_path / "out", fitted={"rise": ["img0.png"]})
+
+
+def test_grid_is_drawn_from_the_stored_maps(base: np.ndarray, tmp_path: Path) -> None:
+    stores = [
+        _store(tmp_path / "a.zarr", "gradmask-m4", base),
+        _store(tmp_path / "b.zarr", "rollout", base),
+    ]
+    images = torch.utils.data.TensorDataset(torch.rand(len(FILES), 3, 8, 8))
+    result = compare_stores(
+        stores, tmp_path / "out", grid_images=2, model=torch.nn.Identity(), dataset=images
+    )
+    assert tmp_path / "out" / "grid.png" in result.written
+    with Image.open(tmp_path / "out" / "grid.png") as grid:
+        width, height = grid.size
+        assert width > height > 50  # 2 rows, 3 columns
+        assert np.asarray(grid.convert("L")).std() > 10
+
+
+def test_cost_counts_forward_and_backward_passes() -> None:
+    from captum_gradmask.registry import build_method
+
+    from .models import tiny_hf_vit
+
+    model = tiny_hf_vit().eval()
+    images = torch.utils.data.TensorDataset(torch.rand(3, 3, 32, 32))
+    saliency = measure_cost(build_method("saliency", model), model, images, [0, 1], [0, 1])
+    assert saliency["backward"] == 1.0 and saliency["forward"] >= 1.0
+    assert saliency["seconds"] > 0
+    rollout = measure_cost(build_method("rollout", model), model, images, [0], [0])
+    assert rollout["backward"] == 0.0 and rollout["forward"] >= 1.0
+    # GradMask m = 1 on 2 layers: a gradient pass and masked forwards on top
+    gradmask = measure_cost(build_method("gradmask-m1", model), model, images, [0], [0])
+    assert gradmask["backward"] >= 1.0 and gradmask["forward"] > saliency["forward"]
+    with PassCounter(model) as passes:
+        model(torch.rand(2, 3, 32, 32))
+    assert passes.forward == 2 and not model._forward_hooks  # the hook is gone
+
+
+def test_compare_command_errors_are_one_line(base: np.ndarray, tmp_path: Path, capsys) -> None:
+    first = _store(tmp_path / "a.zarr", "gradmask-m4", base)
+    second = _store(tmp_path / "b.zarr", "rollout", base, target="predicted")
+    out = tmp_path / "out"
+    assert main(["compare", str(first), str(second), "--out", str(out)]) == 2
+    assert "differ in target policy" in capsys.readouterr().err
+    code = main(["compare", str(first), "--out", str(out), "--fitted", "x", "--grid-images", "0"])
+    assert code == 2 and "METHOD=FILE" in capsys.readouterr().err
+    assert main(["compare", str(first), "--out", str(out), "--grid-images", "0"]) == 0
+    assert "1 methods over 12 images" in capsys.readouterr().out
+    assert open_maps(first).done[:].all()  # compare reads, never writes, the stores
