@@ -6,6 +6,7 @@ each takes ``--model``/``--data`` (or ``--shared``) to point elsewhere.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SHARED",
     "REPO",
+    "load_rows",
     "load_split",
     "masked_kl_top1",
     "synchronize",
@@ -35,6 +37,23 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``results.jsonl`` written line by line by a benchmark script; a truncated
+    last line (a run killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def load_split(data: str | Path, first: int, count: int) -> Tensor:

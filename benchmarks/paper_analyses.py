@@ -38,8 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO, synchronize
-from benchmarks.report import bootstrap_ci, load_rows
+from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO, load_rows, synchronize
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask.data import load_imagenet_sample
 from captum_gradmask.metrics import (
@@ -49,6 +48,7 @@ from captum_gradmask.metrics import (
     pointing_game,
 )
 from captum_gradmask.models import load_model
+from captum_gradmask.stats import bootstrap_ci
 
 MASKS_PER_LAYER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 48)
 METRICS = ("insertion", "deletion", "pointing_game", "seconds")

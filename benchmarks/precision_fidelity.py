@@ -37,8 +37,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO, synchronize
-from benchmarks.report import load_rows
+from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO, load_rows, synchronize
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask.data import load_imagenet_sample
 from captum_gradmask.gradmask import AMP_DTYPES

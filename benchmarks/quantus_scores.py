@@ -29,11 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO
-from benchmarks.report import bootstrap_ci
 from captum_gradmask.data import load_imagenet_sample
 from captum_gradmask.interop import LogitsModel, quantus_explain
 from captum_gradmask.metrics import boxes_to_mask, resize_boxes
 from captum_gradmask.models import load_model
+from captum_gradmask.stats import bootstrap_ci
 
 DEFAULT_METHODS = "gradmask-m4,saliency,integrated-gradients"
 # Quantus needs features_in_step to divide H * W; it flips (channel, row, column) values, so

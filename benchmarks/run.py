@@ -1,24 +1,22 @@
-"""Benchmark GradMask against Captum's and ViT-specific attribution methods.
+"""Benchmark attribution methods on an ImageNet sample: explain-dataset, evaluate, compare.
 
-Every method explains the same model, images and targets; every metric comes from
-:mod:`captum_gradmask.metrics`; seconds per image are measured in the same run. Results go to
-``OUTPUT/results.jsonl`` one line per (image, method), appended and flushed as soon as they are
-computed, so an interrupted run loses nothing and a re-run with the same ``--output`` skips
-what is done. The settings that decide a row's values (model, data, target, seeds, tie samples,
-each method's settings) are recorded in ``config.json``; resuming a folder made with other
-settings is refused, naming them. Insertion/deletion are scored under three tie orders (see
-``docs/metrics.md``): the headline columns use random ties averaged over ``--tie-samples``
-orders; ``*_stable`` and ``*_reference`` keep the other two and ``*_tie_spread`` the range
-of the AUC over all orders scored. At the end ``table.md`` (means with 95 % bootstrap CIs),
-``ties.md`` (insertion/deletion under each tie policy), ``results.csv`` and ``grid.png``
-(heatmaps of the first ``--grid-images`` images) are written.
+A thin driver over the library (see ``docs/benchmarks.md``). For the chosen images it writes the
+source list ``OUTPUT/source.csv``, explains the images with each method into
+``OUTPUT/stores/<method>.zarr`` (:func:`~captum_gradmask.explain_dataset.explain_dataset`),
+scores each store with each metric group into the store's evaluation of that name
+(:func:`~captum_gradmask.evaluation.evaluate_store`), and compares the stores into ``OUTPUT``
+(:func:`~captum_gradmask.compare.compare_stores`: ``table.md``, ``paired.md``, ``ties.md``,
+``results.csv``, ``grid.png`` and, with ``--time-images``, ``cost.md``).
+
+Everything resumes: running the command again explains and scores only what is missing, and
+a method or metric group added later only adds its work. A store or evaluation made with
+other settings (model, images, target, method settings, tie samples, seed) is refused with
+the setting named; use another ``--output``.
 
 Example (from the repository root, with ``../shared`` present)::
 
-    python -m benchmarks.run --images 20 --output benchmarks/results/vit-tiny
-
-The runner only composes library calls: methods come from :mod:`captum_gradmask.registry`,
-models from :mod:`captum_gradmask.models`, data from :mod:`captum_gradmask.data`.
+    python -m benchmarks.run --first-image 401 --images 14 --methods gradmask-m4,rollout \\
+        --output benchmarks/results/vit-tiny-401
 """
 
 from __future__ import annotations
@@ -26,39 +24,27 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
-from benchmarks import report
-from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, REPO, synchronize
-from captum_gradmask.cli import add_zero_shot_arguments, zero_shot_labels
-from captum_gradmask.data import class_names, load_imagenet_sample
+from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, REPO
+from captum_gradmask.cli import _recorded_spec, add_zero_shot_arguments, zero_shot_labels
+from captum_gradmask.compare import compare_stores
+from captum_gradmask.datasets import open_source
+from captum_gradmask.evaluation import METRIC_COLUMNS, evaluate_store
+from captum_gradmask.explain_dataset import explain_dataset
 from captum_gradmask.gradmask import AMP_DTYPES
-from captum_gradmask.metrics import (
-    PerturbationCurve,
-    adcc,
-    gradmask_notebook_deletion,
-    gradmask_notebook_insertion,
-    patch_infidelity,
-    pointing_game,
-    rise_deletion,
-    rise_insertion,
-    sensitivity,
-)
 from captum_gradmask.models import load_model
-from captum_gradmask.registry import MethodUnavailable, build_method, method_names
+from captum_gradmask.registry import METHODS, MethodUnavailable, method_names
+from captum_gradmask.store import StoreMismatch
 
-# Metric groups selectable with --metrics; "rise" and "captum" run on the first
-# --rise-metrics-images / --captum-metrics-images images only (they cost the most).
-METRIC_GROUPS = ("notebook", "pointing", "adcc", "rise", "captum")
+#: Metric groups selectable with --metrics (each is one evaluation of every store).
+METRIC_GROUPS = tuple(METRIC_COLUMNS)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -83,11 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="folder with images/ and annotations.csv (default: ../shared's ImageNet sample)",
     )
     parser.add_argument(
-        "--images",
-        type=int,
-        default=5,
-        help="N images of the sample, from --first-image on (default 5: all methods and metrics "
-        "in about an hour on 2 CPU cores)",
+        "--images", type=int, default=5, help="N images of the sample, from --first-image on"
     )
     parser.add_argument(
         "--first-image",
@@ -106,36 +88,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated metric groups or 'all' ({', '.join(METRIC_GROUPS)})",
     )
     parser.add_argument(
-        "--rise-metrics-images",
-        type=int,
-        default=None,
-        help="RISE-preset insertion/deletion (225 forward passes per curve) on the first N "
-        "images only (default: all)",
-    )
-    parser.add_argument(
-        "--captum-metrics-images",
-        type=int,
-        default=2,
-        help="Captum infidelity and max-sensitivity on the first N images only",
-    )
-    parser.add_argument(
-        "--sensitivity-samples", type=int, default=5, help="max-sensitivity perturbations"
-    )
-    parser.add_argument(
         "--tie-samples",
         type=int,
         default=10,
-        help="random tie orders averaged for the headline insertion/deletion (default 10; "
-        "costs one forward pass per order at each point inside a tie)",
+        help="random tie orders averaged for the headline insertion/deletion (default 10)",
+    )
+    parser.add_argument(
+        "--sensitivity-samples", type=int, default=5, help="max-sensitivity perturbations (5)"
     )
     parser.add_argument("--target", choices=("label", "predicted"), default="label")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=64, help="metric forward batch")
+    parser.add_argument(
+        "--metric-perturbations-per-eval",
+        type=int,
+        default=64,
+        help="perturbed images per forward pass inside the metrics (default 64)",
+    )
     parser.add_argument(
         "--perturbations-per-eval",
         type=int,
         default=None,
         help="override the methods' perturbations_per_eval (masked images per forward pass)",
+    )
+    parser.add_argument(
+        "--images-per-call", type=int, default=8, help="images per method call (default 8)"
     )
     parser.add_argument(
         "--amp-dtype",
@@ -146,9 +122,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--diffmask-gate", default=str(DEFAULT_GATE), help="DiffMask gate folder")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "default"))
+    parser.add_argument(
+        "--reference", default=None, help="paired.md's reference method (default gradmask-m4)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--grid-images", type=int, default=4, help="rows of grid.png")
+    parser.add_argument(
+        "--time-images",
+        type=int,
+        default=0,
+        help="cost.md: re-explain the first K images with each method, counting passes and "
+        "seconds (default 0: no cost table)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -159,9 +145,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"no --data given and the shared ImageNet sample is not at {DEFAULT_DATA}; pass "
             "--data FOLDER (with images/ and annotations.csv)"
         )
-    for name in ("images", "first_image", "batch_size", "bootstrap", "tie_samples"):
+    for name in (
+        "images", "first_image", "metric_perturbations_per_eval", "images_per_call",
+        "bootstrap", "tie_samples", "sensitivity_samples",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("grid_images", "time_images"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
 
 
@@ -173,358 +165,6 @@ def _split(value: str, valid: Sequence[str], what: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown {what} {unknown}; valid: {', '.join(valid)}")
     return names
-
-
-def _timed(
-    explain: Callable[[Tensor, Any], Tensor], image: Tensor, target: int, device: torch.device
-) -> tuple[Tensor, float]:
-    """``explain(image, target)`` and its wall-clock seconds (CUDA work included)."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = explain(image, target)
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
-def _as_tensor(attributions: Any) -> Tensor:
-    if isinstance(attributions, tuple):
-        attributions = attributions[0]
-    return attributions.detach()
-
-
-def _build_methods(
-    names: Sequence[str], model: torch.nn.Module, args: argparse.Namespace
-) -> tuple[dict[str, Any], dict[str, str]]:
-    methods, skipped = {}, {}
-    for name in names:
-        try:
-            methods[name] = build_method(name, model, **_overrides(name, args))
-        except MethodUnavailable as error:
-            skipped[name] = str(error)
-            print(f"skipping {name}: {error}", file=sys.stderr)
-    return methods, skipped
-
-
-def _overrides(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """This run's changes to a method's registry settings."""
-    from captum_gradmask.registry import METHODS
-
-    overrides: dict[str, Any] = {}
-    if name == "diffmask":
-        overrides["gate"] = args.diffmask_gate if Path(args.diffmask_gate).is_dir() else None
-    if args.perturbations_per_eval is not None and "perturbations_per_eval" in (
-        METHODS[name].settings
-    ):
-        overrides["perturbations_per_eval"] = args.perturbations_per_eval
-    if args.amp_dtype is not None and "amp_dtype" in METHODS[name].settings:
-        overrides["amp_dtype"] = AMP_DTYPES[args.amp_dtype]
-    return overrides
-
-
-def _recorded_methods(config: Path) -> dict[str, Any]:
-    if not config.is_file():
-        return {}
-    return json.loads(config.read_text()).get("experiment", {}).get("methods", {})
-
-
-def _image_metrics(
-    groups: Sequence[str],
-    model: torch.nn.Module,
-    image: Tensor,
-    attributions: Tensor,
-    target: int,
-    record: Any,
-    explain: Callable[[Tensor, Tensor], Tensor],
-    index: int,
-    args: argparse.Namespace,
-) -> dict[str, float]:
-    """Every selected metric of one map (library calls only)."""
-    out: dict[str, float] = {}
-    batch = args.batch_size
-    curve_args = (model, image, attributions, target, args)
-    if "notebook" in groups:
-        out.update(tie_scores(gradmask_notebook_insertion, "insertion_notebook", *curve_args))
-        out.update(tie_scores(gradmask_notebook_deletion, "deletion_notebook", *curve_args))
-    if "rise" in groups and (args.rise_metrics_images is None or index < args.rise_metrics_images):
-        out.update(tie_scores(rise_insertion, "insertion_rise", *curve_args))
-        out.update(tie_scores(rise_deletion, "deletion_rise", *curve_args))
-    if "pointing" in groups:
-        for tolerance in (0, 15):
-            game = pointing_game(
-                attributions,
-                [record.boxes],
-                [target],
-                original_sizes=[record.original_size],
-                input_size=tuple(image.shape[-2:]),
-                tolerance=tolerance,
-            )
-            out[f"pointing_{tolerance}"] = float(game.hits[0])
-    if "adcc" in groups:
-        summary = adcc(
-            model, image, attributions, target, explanation_func=explain, internal_batch_size=batch
-        ).summary()
-        for key in ("average_drop", "increase_in_confidence", "coherence", "complexity", "adcc"):
-            out[key] = summary[key]
-    if "captum" in groups and index < args.captum_metrics_images:
-        out["infidelity"] = float(
-            patch_infidelity(
-                model,
-                image,
-                attributions,
-                target,
-                seed=args.seed,
-            ).values[0]
-        )
-        out["sensitivity"] = float(
-            sensitivity(
-                model,
-                image,
-                target,
-                explanation_func=explain,
-                n_perturb_samples=args.sensitivity_samples,
-                seed=args.seed,
-            ).values[0]
-        )
-    return out
-
-
-def tie_scores(
-    preset: Callable[..., PerturbationCurve],
-    key: str,
-    model: torch.nn.Module,
-    image: Tensor,
-    attributions: Tensor,
-    target: int,
-    args: argparse.Namespace,
-) -> dict[str, float]:
-    """One preset's AUC under each tie policy: ``key`` (random ties, mean over
-    ``args.tie_samples`` orders), ``key_stable``, ``key_reference``, and ``key_tie_spread``
-    (largest minus smallest AUC over the stable, reference and sampled orders)."""
-    options = dict(perturbations_per_eval=args.batch_size)
-    stable = preset(model, image, attributions, target, ties="stable", **options)
-    reference = preset(model, image, attributions, target, ties="reference", **options)
-    random = preset(
-        model,
-        image,
-        attributions,
-        target,
-        ties="random",
-        tie_samples=args.tie_samples,
-        seed=args.seed,
-        **options,
-    )
-    aucs = [float(stable.auc[0]), float(reference.auc[0]), *random.tie_auc[0].tolist()]
-    return {
-        key: float(random.auc[0]),
-        f"{key}_stable": aucs[0],
-        f"{key}_reference": aucs[1],
-        f"{key}_tie_spread": max(aucs) - min(aucs),
-    }
-
-
-# The arguments that change the value of a row: a folder's rows must share them.
-EXPERIMENT_ARGS = (
-    "model",
-    "weights",
-    "data",
-    "target",
-    "seed",
-    "sensitivity_samples",
-    "tie_samples",
-    "diffmask_gate",
-)
-
-
-# Method settings that only split the work into batches (or, `compile`, change the maps by float
-# rounding only); they may differ between resumed runs.
-BATCHING_SETTINGS = ("perturbations_per_eval", "internal_batch_size", "compile")
-# Settings added after folders were first written, with the default that gives the rows of
-# before: left out at that default, so older folders still resume.
-LATER_SETTINGS: dict[str, Any] = {"amp_dtype": None}
-
-
-def experiment_settings(args: argparse.Namespace, methods: dict[str, Any]) -> dict[str, Any]:
-    """What decides a row's values: the :data:`EXPERIMENT_ARGS` and each method's settings
-    (its registry settings with this run's overrides, batching left out), JSON-ready."""
-    from captum_gradmask.registry import METHODS
-
-    settings: dict[str, Any] = {name: getattr(args, name) for name in EXPERIMENT_ARGS}
-    settings["methods"] = {
-        name: {
-            key: value
-            for key, value in {**METHODS[name].settings, **_overrides(name, args)}.items()
-            if key not in BATCHING_SETTINGS
-            and not (key in LATER_SETTINGS and value is LATER_SETTINGS[key])
-        }
-        for name in methods
-    }
-    return json.loads(json.dumps(settings, default=repr))
-
-
-def check_resumable(output: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add rows to a folder whose rows were made with other settings.
-
-    Raises:
-        SystemExit: naming each differing setting with its recorded and its new value.
-    """
-    if not report.load_rows(output / "results.jsonl"):
-        return
-    config = output / "config.json"
-    recorded = json.loads(config.read_text()).get("experiment") if config.is_file() else None
-    if recorded is None:
-        raise SystemExit(
-            f"{output} holds results but no recorded settings (config.json 'experiment'), so "
-            "they cannot be checked against this run's; use another --output"
-        )
-    differences = [
-        f"{name}: {recorded.get(name)!r} there, {settings[name]!r} now"
-        for name in EXPERIMENT_ARGS
-        if recorded.get(name) != settings[name]
-    ]
-    old_methods = recorded.get("methods", {})
-    differences += [
-        f"settings of {name}: {old_methods[name]!r} there, {value!r} now"
-        for name, value in settings["methods"].items()
-        if name in old_methods and old_methods[name] != value
-    ]
-    if differences:
-        raise SystemExit(
-            f"{output} holds results made with other settings, which this run would mix with "
-            "its own; use another --output or the same settings. Differences: "
-            + "; ".join(differences)
-        )
-
-
-def _done_pairs(path: Path) -> set[tuple[str, str]]:
-    return {(row["image"], row["method"]) for row in report.load_rows(path)}
-
-
-def run(args: argparse.Namespace) -> Path:
-    """Run the benchmark described by ``args`` (see :func:`parse_args`); returns the output."""
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    output = Path(args.output)
-    (output / "maps").mkdir(parents=True, exist_ok=True)
-    results = output / "results.jsonl"
-
-    labels = zero_shot_labels(args)
-    model, preprocess = load_model(
-        args.model, weights=args.weights, labels=labels, templates=args.template
-    )
-    model = model.to(device)
-    records = load_imagenet_sample(args.data, limit=args.images, offset=args.first_image - 1)
-    names = _split(args.methods, method_names(), "methods")
-    groups = _split(args.metrics, METRIC_GROUPS, "metric groups")
-    methods, skipped = _build_methods(names, model, args)
-    settings = experiment_settings(args, methods)
-    check_resumable(output, settings)
-    recorded_methods = _recorded_methods(output / "config.json")
-    settings["methods"] = {**recorded_methods, **settings["methods"]}
-    (output / "config.json").write_text(
-        json.dumps(
-            {
-                **vars(args),
-                "skipped": skipped,
-                "torch": torch.__version__,
-                "experiment": settings,
-            },
-            indent=2,
-            default=repr,
-        )
-    )
-
-    done = _done_pairs(results)
-    warmed: set[str] = set()
-    _warm_up_model(model, preprocess, device)
-    bar = tqdm(records, desc="images", disable=args.quiet)
-    with results.open("a") as sink:
-        if results.stat().st_size and not results.read_bytes().endswith(b"\n"):
-            sink.write("\n")  # end a line cut by an interrupted run; load_rows skips it
-        for index, record in enumerate(bar):
-            image = preprocess.preprocess(record.path)[None].to(device)
-            with torch.no_grad():
-                probabilities = model_probabilities(model, image)
-            predicted = int(probabilities.argmax())
-            target = record.label if args.target == "label" else predicted
-            for name, method in methods.items():
-                key = record.path.name
-                if (key, name) in done:
-                    continue
-                bar.set_postfix_str(name)
-
-                def explain(x: Tensor, t: Any, method: Any = method) -> Tensor:
-                    return _as_tensor(method.attribute(x, target=t))
-
-                attributions, seconds = _timed(explain, image, target, device)
-                # A method's first call in a process carries one-off set-up (allocations, lazy
-                # initialisation): it is kept as warmup_seconds, out of the s / image mean.
-                first_call = name not in warmed
-                warmed.add(name)
-                row: dict[str, Any] = {
-                    "image": key,
-                    "index": index,
-                    "method": name,
-                    "label": record.label,
-                    "target": target,
-                    "predicted": predicted,
-                    "target_probability": float(probabilities[target]),
-                    "seconds": None if first_call else seconds,
-                    "warmup_seconds": seconds if first_call else None,
-                }
-                row.update(
-                    _image_metrics(
-                        groups, model, image, attributions, target, record, explain, index, args
-                    )
-                )
-                if index < args.grid_images:
-                    np.save(
-                        output / "maps" / f"{record.path.stem}__{name}.npy",
-                        attributions[0].sum(0).float().cpu().numpy().astype(np.float16),
-                    )
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-    report.write_reports(output, list(methods), args.bootstrap, args.seed)
-    write_grid(output, records[: args.grid_images], list(methods), preprocess, args.data)
-    return output
-
-
-def _warm_up_model(model: torch.nn.Module, preprocess: Any, device: torch.device) -> None:
-    """One forward and backward pass before anything is timed (kernel selection, allocator)."""
-    height, width = preprocess.size
-    image = torch.zeros(1, 3, height, width, device=device, requires_grad=True)
-    torch.autograd.grad(model_probabilities(model, image).max(), image)
-    synchronize(device)
-
-
-def model_probabilities(model: torch.nn.Module, image: Tensor) -> Tensor:
-    """Softmax of the model's logits for one image, ``(classes,)``."""
-    from captum_gradmask._utils import extract_logits
-
-    return torch.softmax(extract_logits(model(image)), dim=-1)[0]
-
-
-def write_grid(
-    output: Path, records: Sequence[Any], methods: Sequence[str], preprocess: Any, data: str
-) -> None:
-    """``grid.png`` from the maps saved under ``output/maps``."""
-    if not records or not methods:
-        return
-    names = class_names(data) if (Path(data) / "synsets.txt").is_file() else None
-    images, maps, titles = [], [], []
-    for record in records:
-        tensor = preprocess.preprocess(record.path)
-        mean = torch.tensor(preprocess.mean)[:, None, None]
-        std = torch.tensor(preprocess.std)[:, None, None]
-        images.append((tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
-        row = []
-        for name in methods:
-            path = output / "maps" / f"{record.path.stem}__{name}.npy"
-            row.append(np.load(path) if path.is_file() else None)
-        maps.append(row)
-        titles.append(names[record.label] if names else str(record.label))
-    report.plot_grid(images, maps, methods, output / "grid.png", titles)
 
 
 def write_source(data: str | Path, first_image: int, images: int, path: str | Path) -> Path:
@@ -556,8 +196,107 @@ def write_source(data: str | Path, first_image: int, images: int, path: str | Pa
     return path
 
 
+def method_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """This run's changes to a method's registry settings."""
+    options: dict[str, Any] = {}
+    settings = METHODS[name].settings
+    if name == "diffmask":
+        options["gate"] = args.diffmask_gate if Path(args.diffmask_gate).is_dir() else None
+    if args.perturbations_per_eval is not None and "perturbations_per_eval" in settings:
+        options["perturbations_per_eval"] = args.perturbations_per_eval
+    if args.amp_dtype is not None and "amp_dtype" in settings:
+        options["amp_dtype"] = AMP_DTYPES[args.amp_dtype]
+    return options
+
+
+def gate_training_files(gate: str | Path, data: str | Path) -> list[str]:
+    """The files of the sample a DiffMask gate was fitted on, from its ``gate.json``
+    (``"train_files": "indices A..B"``, 0-based positions in the sample's file order); none
+    when the gate does not record them."""
+    from captum_gradmask.data import read_annotations
+
+    record = Path(gate) / "gate.json"
+    if not record.is_file():
+        return []
+    recorded = str(json.loads(record.read_text()).get("train_files", ""))
+    found = re.fullmatch(r"indices (\d+)\.\.(\d+)", recorded)
+    if not found:
+        return []
+    first, last = int(found[1]), int(found[2])
+    annotated, _ = read_annotations(
+        Path(data) / "annotations.csv", limit=last - first + 1, offset=first
+    )
+    return [Path(file).name for file in annotated]
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the benchmark described by ``args`` (see :func:`parse_args`); returns the output."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    output = Path(args.output)
+    (output / "stores").mkdir(parents=True, exist_ok=True)
+    names = _split(args.methods, method_names(), "methods")
+    groups = _split(args.metrics, METRIC_GROUPS, "metric groups")
+
+    labels = zero_shot_labels(args)
+    model, preprocess = load_model(
+        args.model, weights=args.weights, labels=labels, templates=args.template
+    )
+    model = model.to(device)
+    source = write_source(args.data, args.first_image, args.images, output / "source.csv")
+    images = open_source(source, preprocess)
+    model_info = {
+        "spec": _recorded_spec(args.model),
+        "weights": _recorded_spec(args.weights),
+        **({"labels": labels, "templates": args.template} if labels else {}),
+    }
+    stores, skipped = [], {}
+    for name in names:
+        store = output / "stores" / f"{name}.zarr"
+        try:
+            options = method_options(name, args)
+            explain_dataset(
+                images, model, store, method=name, method_options=options,
+                target=args.target, batch_size=args.images_per_call, num_workers=0,
+                model_info=model_info, show_progress=not args.quiet,
+            )  # fmt: skip
+        except MethodUnavailable as error:
+            skipped[name] = str(error)
+            print(f"skipping {name}: {error}", file=sys.stderr)
+            continue
+        for group in groups:
+            evaluate_store(
+                store, images, model, metrics=[group], name=group,
+                batch_size=args.images_per_call, num_workers=0,
+                perturbations_per_eval=args.metric_perturbations_per_eval,
+                tie_samples=args.tie_samples, sensitivity_samples=args.sensitivity_samples,
+                seed=args.seed, n_resamples=args.bootstrap, show_progress=not args.quiet,
+            )  # fmt: skip
+        stores.append(store)
+    (output / "config.json").write_text(
+        json.dumps(
+            {**vars(args), "skipped": skipped, "torch": torch.__version__}, indent=2, default=repr
+        )
+    )
+    if not stores:
+        raise SystemExit(f"no method could run: {skipped}")
+    fitted = {}
+    if "diffmask" in names and "diffmask" not in skipped:
+        fitted["diffmask"] = gate_training_files(args.diffmask_gate, args.data)
+    compare_stores(
+        stores, output, evaluation=groups, reference=args.reference, fitted=fitted,
+        grid_images=args.grid_images, time_images=args.time_images, model=model,
+        dataset=images, n_resamples=args.bootstrap, seed=args.seed,
+    )  # fmt: skip
+    return output
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    output = run(parse_args(argv))
+    try:
+        output = run(parse_args(argv))
+    except StoreMismatch as error:
+        raise SystemExit(f"error: {error}") from None
     print((output / "table.md").read_text())
     print(f"results in {output}")
 

@@ -174,7 +174,7 @@ def compare_stores(
     stores: Sequence[str | Path],
     out: str | Path,
     *,
-    evaluation: str = "metrics",
+    evaluation: str | Sequence[str] = "metrics",
     reference: str | None = None,
     fitted: Mapping[str, Iterable[str]] | None = None,
     grid_images: int = 4,
@@ -190,7 +190,8 @@ def compare_stores(
         stores: stores made by ``explain_dataset`` from the same images with the same model
             and target policy, each evaluated (``evaluate_store``) with the same settings.
         out: the folder to write (created).
-        evaluation: the evaluation sub-group to read (``evaluate --name``).
+        evaluation: the evaluation sub-group to read (``evaluate --name``), or several whose
+            columns are put together (an image counts when every one has evaluated it).
         reference: the method the others are paired with in ``paired.md`` (default
             :data:`DEFAULT_REFERENCE` when a store holds it, else no ``paired.md``).
         fitted: per method label, files it was fitted on (matched against the stores' files
@@ -216,8 +217,12 @@ def compare_stores(
     for name, value in (("grid_images", grid_images), ("time_images", time_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    names = [evaluation] if isinstance(evaluation, str) else list(evaluation)
+    if not names:
+        raise ValueError("`evaluation` is empty: name at least one evaluation")
     opened = [open_maps(path) for path in stores]
-    _check_comparable(opened, evaluation)
+    for name in names:
+        _check_comparable(opened, name)
     labels = _labels(opened)
     fitted = {str(k): set(map(str, v)) for k, v in (fitted or {}).items()}
     unknown = sorted(set(fitted) - set(labels))
@@ -227,21 +232,26 @@ def compare_stores(
     first = opened[0]
     files = [str(f) for f in first.files[:]]
     evaluated = [
-        np.asarray(s.group[evaluation]["done"][:], dtype=bool) & ~s.skipped() for s in opened
+        np.logical_and.reduce([np.asarray(s.group[n]["done"][:], dtype=bool) for n in names])
+        & ~s.skipped()
+        for s in opened
     ]
     common = np.logical_and.reduce(evaluated)
     left_out = int(np.count_nonzero(np.logical_or.reduce(evaluated) & ~common))
     if not common.any():
         raise ValueError(
-            f"no image has been evaluated ({evaluation!r}) in every store; run evaluate on each"
+            f"no image has been evaluated ({', '.join(names)}) in every store; run evaluate on each"
         )
     rows = np.flatnonzero(common)
     entries = []
     for label, store in zip(labels, opened, strict=True):
         wanted = fitted.get(label, set())
         marks = np.array([f in wanted or Path(f).name in wanted for f in files])[rows]
-        sub = store.group[evaluation]
-        raw = {key: np.asarray(sub[key][:], dtype=float)[rows] for key in sub.attrs["columns"]}
+        raw = {}
+        for name in names:
+            sub = store.group[name]
+            for key in sub.attrs["columns"]:
+                raw.setdefault(key, np.asarray(sub[key][:], dtype=float)[rows])
         columns = {}
         for key, values in raw.items():
             columns[key] = np.where(marks, np.nan, values * _BY_KEY[key].scale)
@@ -256,7 +266,7 @@ def compare_stores(
         }
         for e in entries
     }
-    header = _header(len(rows), left_out, entries, opened, evaluation)
+    header = _header(len(rows), left_out, entries, opened, names)
     written = [out / "table.md", out / "ties.md", out / "results.csv"]
     (out / "table.md").write_text(header + markdown_table(summary, _HEADLINE))
     (out / "ties.md").write_text(header + markdown_table(summary, _TIES))
@@ -405,9 +415,11 @@ def markdown_table(
 
 
 def _header(
-    images: int, left_out: int, entries: list[_Entry], stores: list[StoredMaps], evaluation: str
+    images: int, left_out: int, entries: list[_Entry], stores: list[StoredMaps], names: list[str]
 ) -> str:
-    settings = stores[0].group[evaluation].attrs.asdict().get("settings", {})
+    settings: dict[str, Any] = {}
+    for name in names:
+        settings.update(stores[0].group[name].attrs.asdict().get("settings", {}))
     text = f"{images} images evaluated by every store"
     if left_out:
         text += f" ({left_out} evaluated by some stores only are left out)"
@@ -442,7 +454,7 @@ def _write_rows(path: Path, entries: list[_Entry], rows: np.ndarray, files: list
                         Path(files[row]).name, int(row), entry.label, int(targets[position]),
                         int(predicted[position]), f"{float(probability[position]):.6g}",
                         int(entry.fitted[position]),
-                        *("" if math.isnan(v) else f"{v:.6g}" for v in values),
+                        *("" if math.isnan(v) else f"{v:.8g}" for v in values),
                     ]
                 )  # fmt: skip
 
