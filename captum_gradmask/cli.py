@@ -645,7 +645,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     def run() -> int:
         device = _run_device(args.device, args.threads)
         model = dataset = None
-        if args.grid_images or args.time_images:
+        if args.time_images:  # (the grid alone reads the images after the stores are checked)
             model, dataset = stored_source(args.stores[0])
             model = model.to(device)
         result = compare_stores(

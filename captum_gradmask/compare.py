@@ -622,8 +622,8 @@ def _cost_markdown(cost: dict[str, dict[str, float]], reference: str | None, ima
         f"Per image, over the first {images} compared images, each explained again in one "
         "process after an untimed warm-up call per method. Forward: images through the "
         "model's forward; backward: images whose gradient flowed back from the model's output "
-        "(passes through parts of the model, e.g. ViT-ReciproCAM's last-block passes, are not "
-        "counted). Seconds compare methods only within this table (one machine, one run).",
+        "(passes that run parts of the model without its forward are not counted). Seconds "
+        "compare methods only within this table (one machine, one run).",
         "",
         "| method | forward passes ↓ | backward passes ↓ | s / image ↓ |"
         + (f" s / {reference}'s ↓ |" if base else ""),
