@@ -1,350 +1,367 @@
-"""The GradMask paper's own analyses on the shared ViT-Tiny: a hyperparameter sweep and an
-ablation study.
+"""The GradMask paper's own analyses on the shared ViT-Tiny, through the dataset pipeline: a
+hyperparameter sweep and an ablation study.
 
 - ``masks_per_layer`` m in {1, 2, 3, 4, 6, 8, 12, 16, 24, 48} (all divide ViT-Tiny's hidden
   size 192), every layer but the last;
-- layer subsets at m = 4: all but the last (the default), the last 6, the first 6, all;
+- layer subsets at m = 4: all but the last (the default), the first half, the last half, all;
 - ablations at m = 4: the summed clamped Q/K/V gradient scores as the map (no masking), the
   binary masks weighted equally, random binary masks of the same sparsity weighted by their
   confidence, no clamp, and full GradMask.
 
-For every (configuration, image): seconds to compute the map, the authors' notebook insertion
-and deletion AUC (``gradmask_notebook_insertion`` / ``_deletion``, divided by 100 so they lie in
-[0, 0.99]) and the pointing game at TorchRay's tolerance (15 px), the target being the image's
-ground-truth label. Rows go to ``OUTPUT/results.jsonl`` as soon as they are computed (a re-run
-skips what is done); configurations run cheapest first, each over all images, so a run cut
-short still has complete rows for the cheap ones. ``--report`` writes the tables
-(``OUTPUT/tables.md``, means with 95 % bootstrap CIs) and the figures (``FIGURES/*.png``).
+Each configuration is a method: the registry's GradMask with settings, or
+:class:`GradMaskAblation` for the three ablations that are not GradMask settings. Like
+``benchmarks.run`` (and into the same ``--output`` folder, whose stores it shares: the GradMask
+m = 1 and m = 4 stores of a benchmark run are this sweep's), it explains the chosen images of
+the sample with each configuration into ``OUTPUT/stores/<configuration>.zarr``
+(``explain_dataset``, target = the label), scores each store with the ``notebook`` and
+``pointing`` metric groups (``evaluate_store``, every tie policy) and compares the stores of
+each analysis (``compare_stores``) into ``OUTPUT/paper/<analysis>/``: ``table.md``,
+``paired.md`` (each configuration minus GradMask m = 4, paired over images), ``ties.md``,
+``results.csv`` and, with ``--time-images K``, ``cost.md`` (passes and seconds per image,
+measured in one process). The figures go to ``--figures`` (default ``OUTPUT/paper``).
+
+Everything resumes: the same command again computes only what is missing; configurations run
+cheapest first, each over all images.
 
 Example (from the repository root, with ``../shared`` present)::
 
-    python -m benchmarks.paper_analyses --images 8 --threads 1 --output docs/paper
-    python -m benchmarks.paper_analyses --report --output docs/paper
-
-Seconds per image are only comparable within one run on one machine.
+    python -m benchmarks.paper_analyses --first-image 401 --images 100 --threads 1 \\
+        --time-images 5 --output runs/validation-100 --figures docs/paper
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, REPO, load_rows, synchronize
+from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL
+from benchmarks.run import write_source
 from captum_gradmask import GradMaskAttribution
-from captum_gradmask.data import load_imagenet_sample
-from captum_gradmask.metrics import (
-    TORCHRAY_TOLERANCE,
-    gradmask_notebook_deletion,
-    gradmask_notebook_insertion,
-    pointing_game,
-)
+from captum_gradmask._utils import TargetType
+from captum_gradmask.cli import _recorded_spec
+from captum_gradmask.compare import Comparison, compare_stores
+from captum_gradmask.datasets import open_source
+from captum_gradmask.evaluation import evaluate_store
+from captum_gradmask.explain_dataset import explain_dataset
 from captum_gradmask.models import load_model
-from captum_gradmask.stats import bootstrap_ci
+from captum_gradmask.registry import ConfiguredMethod, build_method, method_label
 
 MASKS_PER_LAYER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 48)
-METRICS = ("insertion", "deletion", "pointing_game", "seconds")
-PANELS = ("seconds", "insertion", "deletion", "pointing_game")
-Explain = Callable[[GradMaskAttribution, Tensor, Tensor, int], Tensor]
+METRIC_GROUPS = ("notebook", "pointing")
+#: The registry name of :class:`GradMaskAblation`'s configurations.
+ABLATION = "gradmask-ablation"
+VARIANTS = ("gradients alone", "masks alone", "random masks")
+ANALYSES = {
+    "masks-per-layer": "Masks per layer (every layer but the last)",
+    "layers": "Layer subsets (m = 4)",
+    "ablation": "Ablations (m = 4, every layer but the last)",
+}
+#: The table columns the figures show: (compare's key, panel title).
+PANELS = (
+    ("insertion_notebook", "insertion AUC (%) ↑"),
+    ("deletion_notebook", "deletion AUC (%) ↓"),
+    ("pointing_15", "pointing game 15 px (%) ↑"),
+)
+
+
+class GradMaskAblation(GradMaskAttribution):
+    """GradMask with one of its parts taken away (the paper's ablation study), m = 4, every
+    layer but the last:
+
+    - ``"gradients alone"``: the summed clamped Q/K/V channel-group scores of every mask
+      (:meth:`binary_masks`'s ``scores``) as the map; no masking, no forward pass of a masked
+      image;
+    - ``"masks alone"``: the binary masks, each weighted 1;
+    - ``"random masks"``: each binary mask replaced by a uniformly random one keeping as many
+      patches, weighted by the target's softmax on the masked image
+      (:meth:`mask_confidences`). Each image draws from a generator seeded by ``seed`` and the
+      image's bytes, so a map does not depend on which images share a call.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
+        >>> GradMaskAblation(model).attribute_grid(torch.randn(2, 3, 32, 32), target=1,
+        ...     variant="masks alone").shape
+        torch.Size([2, 4, 4])
+    """
+
+    method_name = "GradMask ablation"
+
+    def attribute_grid(  # type: ignore[override]
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        variant: str = "gradients alone",
+        seed: int = 0,
+        perturbations_per_eval: int = 32,
+        internal_batch_size: int | None = None,
+        show_progress: bool = False,
+    ) -> Tensor:
+        """The ablated map ``(B, h, w)`` of each image (``variant``: one of
+        :data:`VARIANTS`)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+        found = self.binary_masks(
+            inputs, target, additional_forward_args, internal_batch_size=internal_batch_size
+        )
+        batch, count, height, width = found.masks.shape
+        if variant == "gradients alone":
+            return found.scores.sum(1).reshape(batch, height, width)
+        if variant == "masks alone":
+            return found.masks.float().sum(1)
+        images = inputs[0] if isinstance(inputs, tuple) else inputs
+        kept = found.masks.flatten(2).sum(-1).cpu()  # (B, M) patches each mask keeps
+        ranks = torch.stack([_image_ranks(image, count, height * width, seed) for image in images])
+        masks = (ranks < kept[..., None]).reshape(found.masks.shape).to(images.device)
+        confidences = self.mask_confidences(
+            inputs, masks, found.targets, additional_forward_args,
+            perturbations_per_eval=perturbations_per_eval, show_progress=show_progress,
+        )  # fmt: skip
+        return torch.einsum("bm,bmhw->bhw", confidences, masks.to(confidences.dtype))
+
+
+def _image_ranks(image: Tensor, count: int, patches: int, seed: int) -> Tensor:
+    """``(count, patches)`` random ranks of the patches, one row per mask, seeded by ``seed``
+    and the image's bytes."""
+    digest = hashlib.sha256(image.detach().cpu().contiguous().numpy().tobytes()).digest()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + int.from_bytes(digest[:6], "big"))
+    return torch.rand(count, patches, generator=generator).argsort(-1).argsort(-1)
 
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration: ``explain(gradmask, image, target, seed) -> (1, h, w)`` map."""
+    """One configuration: a registry method with settings (``method``, ``options``)."""
 
-    name: str
-    explain: Explain
-    analyses: tuple[str, ...]  # which tables it appears in
-    forwards: int  # masked forward passes per image on ViT-Tiny (for the cost order)
-    params: dict[str, Any] = field(default_factory=dict)
+    name: str  # the row's name in the tables and figures
+    store: str  # OUTPUT/stores/<store>.zarr
+    method: str
+    analyses: tuple[str, ...]
+    forwards: int  # masked forward passes per image on the model (the cost order)
+    options: dict[str, Any] = field(default_factory=dict)
+    m: int | None = None
 
+    def build(self, model: Any) -> ConfiguredMethod:
+        """The configuration's method on ``model``."""
+        if self.method == ABLATION:
+            return ConfiguredMethod(ABLATION, GradMaskAblation(model), dict(self.options))
+        return build_method(self.method, model, **self.options)
 
-def _gradmask(masks_per_layer: int = 4, layers: Any = None, clamp: bool = True) -> Explain:
-    def explain(gm: GradMaskAttribution, image: Tensor, target: Tensor, seed: int) -> Tensor:
-        return gm.attribute_grid(
-            image, target, masks_per_layer=masks_per_layer, layers=layers, clamp=clamp
-        )
-
-    return explain
-
-
-def _gradients_alone(gm: GradMaskAttribution, image: Tensor, target: Tensor, seed: int) -> Tensor:
-    found = gm.binary_masks(image, target, masks_per_layer=4)
-    return found.scores.sum(1).reshape(found.masks.shape[0], *found.masks.shape[2:])
-
-
-def _masks_alone(gm: GradMaskAttribution, image: Tensor, target: Tensor, seed: int) -> Tensor:
-    return gm.binary_masks(image, target, masks_per_layer=4).masks.float().sum(1)
-
-
-def _random_masks(gm: GradMaskAttribution, image: Tensor, target: Tensor, seed: int) -> Tensor:
-    """Each GradMask mask replaced by a uniformly random one keeping as many patches."""
-    found = gm.binary_masks(image, target, masks_per_layer=4)
-    batch, count, height, width = found.masks.shape
-    kept = found.masks.flatten(2).sum(-1)  # (B, M)
-    generator = torch.Generator().manual_seed(seed)
-    ranks = torch.rand(batch, count, height * width, generator=generator).argsort(-1).argsort(-1)
-    masks = (ranks < kept[..., None].cpu()).reshape(found.masks.shape).to(image.device)
-    confidences = gm.mask_confidences(image, masks, found.targets)
-    return torch.einsum("bm,bmhw->bhw", confidences, masks.float())
+    def label(self, model: Any) -> str:
+        """The label ``compare_stores`` gives the configuration's store."""
+        return method_label(self.method, self.build(model).settings)
 
 
 def configs(layer_count: int = 12) -> list[Config]:
-    """Every configuration, cheapest first (masked forward passes on a ``layer_count`` ViT)."""
+    """Every configuration for a ``layer_count``-layer ViT, cheapest first."""
     half = layer_count // 2
-    default = ("masks_per_layer", "layers", "ablation")
+    default = tuple(ANALYSES)
+    masked = 3 * (layer_count - 1)  # Q/K/V x every layer but the last
     out = [
-        Config("gradients alone", _gradients_alone, ("ablation",), 0),
-        Config("masks alone", _masks_alone, ("ablation",), 0),
-    ]
+        Config("gradients alone", "ablation-gradients-alone", ABLATION, ("ablation",), 0,
+               {"variant": "gradients alone"}),
+        Config("masks alone", "ablation-masks-alone", ABLATION, ("ablation",), 0,
+               {"variant": "masks alone"}),
+        Config("random masks", "ablation-random-masks", ABLATION, ("ablation",), masked * 4,
+               {"variant": "random masks", "seed": 0}),
+        Config("no clamp", "gradmask-m4-no-clamp", "gradmask-m4", ("ablation",), masked * 4,
+               {"clamp": False}),
+    ]  # fmt: skip
     for m in MASKS_PER_LAYER:
-        analyses = default if m == 4 else ("masks_per_layer",)
-        name = "GradMask m=4" if m == 4 else f"m={m}"
-        out.append(Config(name, _gradmask(m), analyses, 3 * (layer_count - 1) * m, {"m": m}))
-    layer_sets = {
+        if m in (1, 4):  # the registry's own GradMask rows
+            out.append(Config(
+                "GradMask m=4" if m == 4 else "m=1", f"gradmask-m{m}", f"gradmask-m{m}",
+                default if m == 4 else ("masks-per-layer",), masked * m, m=m,
+            ))  # fmt: skip
+        else:
+            out.append(Config(
+                f"m={m}", f"gradmask-m{m}", "gradmask-m4", ("masks-per-layer",), masked * m,
+                {"masks_per_layer": m}, m=m,
+            ))  # fmt: skip
+    subsets = {
         f"first {half}": list(range(half)),
         f"last {half}": list(range(layer_count - half, layer_count)),
         "all": "all",
     }
-    for name, layers in layer_sets.items():
+    for name, layers in subsets.items():
         count = layer_count if layers == "all" else len(layers)
-        out.append(Config(name, _gradmask(4, layers), ("layers",), 3 * count * 4))
-    out.append(Config("random masks", _random_masks, ("ablation",), 3 * (layer_count - 1) * 4))
-    out.append(
-        Config("no clamp", _gradmask(4, clamp=False), ("ablation",), 3 * (layer_count - 1) * 4)
-    )
+        out.append(Config(
+            name, f"gradmask-m4-layers-{name.replace(' ', '')}", "gradmask-m4", ("layers",),
+            3 * count * 4, {"layers": layers},
+        ))  # fmt: skip
     return sorted(out, key=lambda c: c.forwards)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_analyses")
-    parser.add_argument("--images", type=int, default=8, help="first N images of the sample")
-    parser.add_argument("--output", default=str(REPO / "docs" / "paper"))
-    parser.add_argument("--figures", default=None, help="folder of the PNGs (default OUTPUT)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0, help="random masks and bootstrap")
+    parser.add_argument("--images", type=int, default=8, help="N images of the sample")
+    parser.add_argument(
+        "--first-image", type=int, default=1, help="1-based position of the first image"
+    )
+    parser.add_argument("--output", required=True, help="results folder (resumable)")
+    parser.add_argument("--figures", default=None, help="folder of the PNGs (OUTPUT/paper)")
     parser.add_argument("--only", default=None, help="comma-separated configuration names")
-    parser.add_argument("--report", action="store_true", help="only write tables and figures")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--time-images", type=int, default=0, help="cost.md: passes and seconds on K images"
+    )
+    parser.add_argument("--tie-samples", type=int, default=10)
+    parser.add_argument("--metric-perturbations-per-eval", type=int, default=64)
+    parser.add_argument("--images-per-call", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="tie orders and bootstraps")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    for name in ("images", "first_image", "tie_samples", "images_per_call", "bootstrap"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Compute the missing (configuration, image) rows; returns the results file."""
+def run(args: argparse.Namespace) -> dict[str, Comparison]:
+    """Explain, score and compare what is missing; returns each analysis's comparison."""
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    results = output / "results.jsonl"
-    done = {(r["config"], r["image"]) for r in load_rows(results)}
+    (output / "stores").mkdir(parents=True, exist_ok=True)
     model, preprocess = load_model(args.model)
     model = model.to(args.device)
-    gm = GradMaskAttribution(model)
-    records = load_imagenet_sample(args.data, limit=args.images)
-    images = [preprocess.preprocess(r.path)[None].to(args.device) for r in records]
-    selected = configs(len(gm.adapter.layers))
+    source = write_source(args.data, args.first_image, args.images, output / "source.csv")
+    images = open_source(source, preprocess)
+    model_info = {"spec": _recorded_spec(args.model), "weights": None}
+    selected = configs(len(GradMaskAttribution(model).adapter.layers))
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
+        unknown = wanted - {c.name for c in selected}
+        if unknown:
+            raise SystemExit(f"--only names unknown configurations: {sorted(unknown)}")
         selected = [c for c in selected if c.name in wanted]
-    gm.attribute_grid(images[0], int(records[0].label))  # warm-up, not timed
-    todo = [
-        (c, i)
-        for c in selected
-        for i in range(len(records))
-        if (c.name, records[i].path.name) not in done
-    ]
-    with results.open("a") as sink:
-        for config, index in tqdm(todo, desc="configuration x image"):
-            record, image = records[index], images[index]
-            target = torch.tensor([record.label], device=image.device)
-            synchronize(image.device)
-            start = time.perf_counter()
-            grid = config.explain(gm, image, target, args.seed + index).detach()
-            synchronize(image.device)
-            seconds = time.perf_counter() - start
-            row = {
-                "config": config.name,
-                "analyses": list(config.analyses),
-                "image": record.path.name,
-                "label": record.label,
-                "seconds": seconds,
-                **config.params,
-                **_scores(model, image, grid, record),
-            }
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
+    for config in selected:
+        store = output / "stores" / f"{config.store}.zarr"
+        method: Any = config.method
+        options: dict[str, Any] | None = dict(config.options)
+        if config.method == ABLATION:
+            method, options = config.build(model), None
+        explain_dataset(
+            images, model, store, method=method, method_options=options, target="label",
+            batch_size=args.images_per_call, num_workers=0, model_info=model_info,
+            show_progress=not args.quiet,
+        )  # fmt: skip
+        for group in METRIC_GROUPS:
+            evaluate_store(
+                store, images, model, metrics=[group], name=group,
+                batch_size=args.images_per_call, num_workers=0,
+                perturbations_per_eval=args.metric_perturbations_per_eval,
+                tie_samples=args.tie_samples, seed=args.seed, n_resamples=args.bootstrap,
+                show_progress=not args.quiet,
+            )  # fmt: skip
+    return compare(args, selected, model, images)
+
+
+def compare(
+    args: argparse.Namespace, selected: Sequence[Config], model: Any, images: Any
+) -> dict[str, Comparison]:
+    """Compare each analysis's stores (those present) and draw the figures."""
+    output = Path(args.output)
+    figures = Path(args.figures) if args.figures else output / "paper"
+    figures.mkdir(parents=True, exist_ok=True)
+    reference = next(c for c in configs(len(GradMaskAttribution(model).adapter.layers))
+                     if c.name == "GradMask m=4")  # fmt: skip
+    results: dict[str, Comparison] = {}
+    for analysis in ANALYSES:
+        members = [c for c in selected if analysis in c.analyses]
+        if reference not in members:
+            members.insert(0, reference)
+        present = [c for c in members if (output / "stores" / f"{c.store}.zarr").is_dir()]
+        if len(present) < 2:
+            continue
+        built = {c.label(model): c.build(model) for c in present if c.method == ABLATION}
+        results[analysis] = compare_stores(
+            [output / "stores" / f"{c.store}.zarr" for c in present],
+            output / "paper" / analysis, evaluation=list(METRIC_GROUPS),
+            reference=reference.label(model), grid_images=4 if analysis == "ablation" else 0,
+            time_images=args.time_images, model=model, dataset=images, methods=built,
+            n_resamples=args.bootstrap, seed=args.seed,
+        )  # fmt: skip
+        names = {c.label(model): c for c in present}
+        if analysis == "masks-per-layer":
+            plot_masks_per_layer(results[analysis], names, figures / "masks_per_layer.png")
+        else:
+            plot_bars(results[analysis], names, ANALYSES[analysis], figures / f"{analysis}.png")
     return results
 
 
-def _scores(model: Any, image: Tensor, grid: Tensor, record: Any) -> dict[str, float]:
-    target = int(record.label)
-    insertion = gradmask_notebook_insertion(model, image, grid, target).auc[0]
-    deletion = gradmask_notebook_deletion(model, image, grid, target).auc[0]
-    game = pointing_game(
-        grid,
-        [record.boxes],
-        [target],
-        original_sizes=[record.original_size],
-        input_size=tuple(image.shape[-2:]),
-        tolerance=TORCHRAY_TOLERANCE,
-    )
-    return {
-        "insertion": float(insertion) / 100,
-        "deletion": float(deletion) / 100,
-        "pointing_game": float(game.hits[0]),
-    }
-
-
-# --- report -----------------------------------------------------------------------------------
-
-
-def summarize(rows: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Per configuration: ``(mean, low, high)`` of each metric and the image count."""
-    summary: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(r["config"] for r in rows):
-        own = [r for r in rows if r["config"] == name]
-        entry: dict[str, Any] = {"images": len(own), "analyses": own[0]["analyses"]}
-        for metric in METRICS:
-            entry[metric] = bootstrap_ci([r[metric] for r in own], seed=seed)
-        if "m" in own[0]:
-            entry["m"] = own[0]["m"]
-        summary[name] = entry
-    return summary
-
-
-def _cell(value: tuple[float, float, float], digits: int = 3) -> str:
-    mean, low, high = value
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
-def markdown_tables(summary: dict[str, dict[str, Any]], order: Sequence[str]) -> str:
-    """One table per analysis, rows in ``order``."""
-    titles = {
-        "masks_per_layer": "Masks per layer (every layer but the last)",
-        "layers": "Layer subsets (m = 4)",
-        "ablation": "Ablations (m = 4, every layer but the last)",
-    }
-    parts = []
-    for analysis, title in titles.items():
-        parts += [
-            f"### {title}",
-            "",
-            "| configuration | images | s / image | insertion ↑ | deletion ↓ | pointing game ↑ |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name in order:
-            entry = summary.get(name)
-            if entry is None or analysis not in entry["analyses"]:
-                continue
-            parts.append(
-                f"| {name} | {entry['images']} | {_cell(entry['seconds'], 2)} | "
-                f"{_cell(entry['insertion'])} | {_cell(entry['deletion'])} | "
-                f"{_cell(entry['pointing_game'], 2)} |"
-            )
-        parts.append("")
-    return "\n".join(parts)
-
-
-def _error_bars(
-    values: Sequence[tuple[float, float, float]],
-) -> tuple[list[float], list[list[float]]]:
+def _error_bars(values: Sequence[tuple[float, ...]]) -> tuple[list[float], list[list[float]]]:
     means = [v[0] for v in values]
     return means, [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
 
 
-def plot_masks_per_layer(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    """Seconds, insertion, deletion and pointing game against m (log axis), with 95 % CIs."""
+def plot_masks_per_layer(result: Comparison, names: Mapping[str, Config], path: Path) -> None:
+    """Insertion, deletion and pointing game (95 % CIs) and, when measured, seconds per
+    image against m (log axis)."""
     from matplotlib.figure import Figure
 
-    entries = sorted((e for e in summary.values() if "m" in e), key=lambda e: e["m"])
-    if not entries:
-        return
-    ms = [e["m"] for e in entries]
-    figure = Figure(figsize=(13, 3.2), layout="constrained")
-    axes = figure.subplots(1, 4)
-    labels = {
-        "seconds": "s / image",
-        "insertion": "insertion AUC ↑",
-        "deletion": "deletion AUC ↓",
-        "pointing_game": "pointing game ↑",
-    }
-    for ax, metric in zip(axes, PANELS, strict=True):
-        means, errors = _error_bars([e[metric] for e in entries])
-        ax.errorbar(ms, means, yerr=errors, marker="o", capsize=3)
+    entries = sorted(
+        (names[label].m, label) for label in result.methods if names[label].m is not None
+    )
+    ms = [m for m, _ in entries]
+    panels = list(PANELS) + ([("seconds", "s / image ↓")] if result.cost else [])
+    figure = Figure(figsize=(3.3 * len(panels), 3.2), layout="constrained")
+    for ax, (key, title) in zip(figure.subplots(1, len(panels)), panels, strict=True):
+        if key == "seconds":
+            ax.plot(ms, [result.cost[label]["seconds"] for _, label in entries], marker="o")
+        else:
+            means, errors = _error_bars([result.summary[label][key] for _, label in entries])
+            ax.errorbar(ms, means, yerr=errors, marker="o", capsize=3)
         ax.set_xscale("log")
         ax.set_xticks(ms, [str(m) for m in ms], fontsize=7)
         ax.minorticks_off()
         ax.set_xlabel("masks per layer m")
-        ax.set_title(labels[metric])
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    figure.suptitle(f"GradMask on ViT-Tiny: masks per layer ({entries[0]['images']}+ images)")
+    figure.suptitle(f"GradMask on ViT-Tiny: masks per layer ({result.images} images)")
     figure.savefig(path, dpi=110)
 
 
-def plot_bars(
-    summary: dict[str, dict[str, Any]], names: Sequence[str], title: str, path: Path
-) -> None:
+def plot_bars(result: Comparison, names: Mapping[str, Config], title: str, path: Path) -> None:
     """One panel per metric, one bar per configuration, 95 % CIs."""
     from matplotlib.figure import Figure
 
-    names = [n for n in names if n in summary]
-    if not names:
-        return
-    figure = Figure(figsize=(13, 3.4), layout="constrained")
-    axes = figure.subplots(1, 4)
-    labels = ("s / image", "insertion AUC ↑", "deletion AUC ↓", "pointing game ↑")
-    for ax, metric, label in zip(axes, PANELS, labels, strict=True):
-        means, errors = _error_bars([summary[n][metric] for n in names])
-        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_title(label)
+    labels = list(result.methods)
+    figure = Figure(figsize=(11, 3.4), layout="constrained")
+    for ax, (key, panel) in zip(figure.subplots(1, len(PANELS)), PANELS, strict=True):
+        means, errors = _error_bars([result.summary[label][key] for label in labels])
+        ax.bar(range(len(labels)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(
+            range(len(labels)), [names[label].name for label in labels], rotation=35,
+            ha="right", fontsize=8,
+        )  # fmt: skip
+        ax.set_title(panel, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    figure.suptitle(title)
+    figure.suptitle(f"GradMask on ViT-Tiny: {title.lower()} ({result.images} images)")
     figure.savefig(path, dpi=110)
 
 
-def report(args: argparse.Namespace) -> str:
-    """Write ``tables.md`` and the figures from ``results.jsonl``; returns the tables."""
-    output = Path(args.output)
-    figures = Path(args.figures) if args.figures else output
-    figures.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(output / "results.jsonl")
-    summary = summarize(rows, seed=args.seed)
-    order = [c.name for c in configs()]
-    order = sorted(order, key=lambda n: (summary.get(n, {}).get("m", 0), order.index(n)))
-    tables = markdown_tables(summary, order)
-    (output / "tables.md").write_text(tables)
-    plot_masks_per_layer(summary, figures / "masks_per_layer.png")
-    plot_bars(
-        summary,
-        ["GradMask m=4", "first 6", "last 6", "all"],
-        "GradMask on ViT-Tiny: which layers (m = 4); 'GradMask m=4' = all but the last",
-        figures / "layers.png",
-    )
-    plot_bars(
-        summary,
-        ["gradients alone", "masks alone", "random masks", "no clamp", "GradMask m=4"],
-        "GradMask on ViT-Tiny: ablations (m = 4)",
-        figures / "ablation.png",
-    )
-    return tables
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if not args.report:
-        run(args)
-    print(report(args))
+    results = run(parse_args(argv))
+    for analysis, result in results.items():
+        print(f"## {ANALYSES[analysis]}\n")
+        print((result.written[0].parent / "paired.md").read_text())
 
 
 if __name__ == "__main__":

@@ -181,6 +181,7 @@ def compare_stores(
     time_images: int = 0,
     model: nn.Module | None = None,
     dataset: Any = None,
+    methods: Mapping[str, Any] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> Comparison:
@@ -201,6 +202,9 @@ def compare_stores(
             process, to count passes and seconds per image (``cost.md``); 0: no cost table.
         model, dataset: for ``time_images`` and ``grid_images``: the model and the dataset of
             the stores (default: rebuilt from what the stores record).
+        methods: for ``time_images``, built methods by label, for stores whose method the
+            registry cannot rebuild (made from Python with a method object); the others are
+            rebuilt from the name and settings their store records.
         n_resamples, seed: the bootstraps.
 
     Returns:
@@ -291,9 +295,11 @@ def compare_stores(
     cost: dict[str, dict[str, float]] = {}
     if time_images:
         cost_model, cost_data = source
+        built = dict(methods or {})
         for entry in entries:
+            method = built.get(entry.label) or _method_of(entry.store, cost_model)
             cost[entry.label] = measure_cost(
-                _method_of(entry.store, cost_model), cost_model, cost_data, rows[:time_images],
+                method, cost_model, cost_data, rows[:time_images],
                 entry.store.targets.oindex[rows[:time_images]],
             )  # fmt: skip
         (out / "cost.md").write_text(_cost_markdown(cost, reference, min(time_images, len(rows))))
