@@ -536,34 +536,50 @@ def _paired_markdown(
 
 
 class PassCounter:
-    """Count the images that go through ``model``'s forward and back through it.
+    """Count the images that go through a ViT and back.
 
-    ``forward``: images entering the model's ``forward`` (a batch of ``n`` counts ``n``);
-    ``backward``: images whose gradient flows back from the model's output (counted when the
-    output's gradient is computed). Passes that run parts of the model directly (submodules
-    called without the model's ``forward``) are not counted. Hooks are removed on exit.
+    ``forward``: images through the model's last attention layer (the input of its value
+    projection), whatever runs them: the model's ``forward``, or a method that runs the blocks
+    itself (fast GradMask's and TIS's token-dropped passes, ViT-ReciproCAM's passes through
+    the last block, backward-rule methods); a batch of ``n`` counts ``n``. ``backward``:
+    images whose gradient flows back through that layer. For a model no adapter recognises,
+    the model's own forward and output are counted instead. Hooks are removed on exit.
 
     Example::
 
         >>> import torch
+        >>> from transformers import ViTConfig, ViTForImageClassification
         >>> from captum_gradmask.compare import PassCounter
-        >>> model = torch.nn.Linear(4, 2)
+        >>> model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8,
+        ...     hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...     intermediate_size=64, num_labels=5)).eval()
         >>> with PassCounter(model) as passes:
-        ...     x = torch.rand(3, 4, requires_grad=True)
+        ...     x = torch.rand(3, 3, 32, 32, requires_grad=True)
         ...     _ = model(x[:1])
-        ...     model(x).sum().backward()
+        ...     model(x).logits.sum().backward()
         >>> passes.forward, passes.backward
         (4, 3)
     """
 
     def __init__(self, model: nn.Module) -> None:
+        from captum_gradmask.adapters import get_adapter
+
         self.model = model
         self.forward = 0
         self.backward = 0
         self._handle: Any = None
+        try:
+            self._counted: nn.Module = get_adapter(model).layers[-1].value.module
+        except ValueError:
+            self._counted = model
 
     def __enter__(self) -> PassCounter:
-        self._handle = self.model.register_forward_hook(self._hook)
+        if self._counted is self.model:
+            self._handle = self.model.register_forward_hook(self._hook)
+        else:  # the input: methods with backward rules may replace the projection's output
+            self._handle = self._counted.register_forward_pre_hook(
+                lambda module, args: self._count(args[0])
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -572,10 +588,12 @@ class PassCounter:
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         from captum_gradmask._utils import extract_logits
 
-        logits = extract_logits(output)
-        self.forward += int(logits.shape[0])
-        if logits.requires_grad:
-            logits.register_hook(self._backward_hook)
+        self._count(extract_logits(output))
+
+    def _count(self, tensor: Tensor) -> None:
+        self.forward += int(tensor.shape[0])
+        if tensor.requires_grad:
+            tensor.register_hook(self._backward_hook)
 
     def _backward_hook(self, grad: Tensor) -> None:
         self.backward += int(grad.shape[0])
@@ -627,8 +645,8 @@ def _cost_markdown(cost: dict[str, dict[str, float]], reference: str | None, ima
     lines = [
         f"Per image, over the first {images} compared images, each explained again in one "
         "process after an untimed warm-up call per method. Forward: images through the "
-        "model's forward; backward: images whose gradient flowed back from the model's output "
-        "(passes that run parts of the model without its forward are not counted). Seconds "
+        "model's last attention layer (passes through the last block alone included); "
+        "backward: images whose gradient flowed back through it. Seconds "
         "compare methods only within this table (one machine, one run).",
         "",
         "| method | forward passes ↓ | backward passes ↓ | s / image ↓ |"
