@@ -538,12 +538,16 @@ def _paired_markdown(
 class PassCounter:
     """Count the images that go through a ViT and back.
 
-    ``forward``: images through the model's last attention layer (the input of its value
-    projection), whatever runs them: the model's ``forward``, or a method that runs the blocks
-    itself (fast GradMask's and TIS's token-dropped passes, ViT-ReciproCAM's passes through
-    the last block, backward-rule methods); a batch of ``n`` counts ``n``. ``backward``:
-    images whose gradient flows back through that layer. For a model no adapter recognises,
-    the model's own forward and output are counted instead. Hooks are removed on exit.
+    ``forward``: images through the model's last attention layer (the input of its
+    LayerNorm, else of its value projection), whatever runs them: the model's ``forward``, or
+    a method that runs the blocks itself (fast GradMask's and TIS's token-dropped passes,
+    ViT-ReciproCAM's passes through the last block, backward-rule methods); a batch of ``n``
+    counts ``n``. ``backward``: images whose gradient flows back through that layer. Give the
+    ``adapter`` the counted method runs (its ``adapter``) for models whose adapter taps an
+    attention it runs itself (timm EVA and BEiT, torchvision, OpenCLIP): those taps are the
+    adapter's, not the model's. Without one, a model whose counted module is not one of its
+    modules, or that no adapter recognises, is counted at its own forward and output. Hooks
+    are removed on exit.
 
     Example::
 
@@ -561,22 +565,31 @@ class PassCounter:
         (4, 3)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, adapter: Any = None) -> None:
         from captum_gradmask.adapters import get_adapter
 
         self.model = model
         self.forward = 0
         self.backward = 0
         self._handle: Any = None
-        try:
-            self._counted: nn.Module = get_adapter(model).layers[-1].value.module
-        except ValueError:
-            self._counted = model
+        self._counted: nn.Module = model
+        if adapter is None:
+            try:
+                adapter = get_adapter(model)
+            except ValueError:
+                return
+            counted = _last_layer_module(adapter)
+            # A fresh adapter's own taps (attention it runs step by step) never run when a
+            # method runs another adapter: count at the model's forward then.
+            if any(module is counted for module in model.modules()):
+                self._counted = counted
+        else:
+            self._counted = _last_layer_module(adapter)
 
     def __enter__(self) -> PassCounter:
         if self._counted is self.model:
             self._handle = self.model.register_forward_hook(self._hook)
-        else:  # the input: methods with backward rules may replace the projection's output
+        else:  # the input: methods with backward rules may replace the module's output
             self._handle = self._counted.register_forward_pre_hook(
                 lambda module, args: self._count(args[0])
             )
@@ -597,6 +610,14 @@ class PassCounter:
 
     def _backward_hook(self, grad: Tensor) -> None:
         self.backward += int(grad.shape[0])
+
+
+def _last_layer_module(adapter: Any) -> nn.Module:
+    """A module every pass of the adapter's model runs once per image in its last layer: the
+    last block's attention LayerNorm (token-level methods run it too), else the last layer's
+    value projection."""
+    norms = adapter.tokens.attention_norms if adapter.tokens is not None else None
+    return norms[-1] if norms else adapter.layers[-1].value.module
 
 
 def measure_cost(
@@ -623,7 +644,7 @@ def measure_cost(
     forward = backward = 0
     seconds = 0.0
     for index, target in zip(indices, targets, strict=True):
-        with PassCounter(model) as passes:
+        with PassCounter(model, getattr(method, "adapter", None)) as passes:
             _synchronize(device)
             start = time.perf_counter()
             explain(index, target)

@@ -224,6 +224,21 @@ def test_cost_counts_forward_and_backward_passes() -> None:
         method = build_method(name, model, **dict(options))
         cost = measure_cost(method, model, images, [0], [0])
         assert (cost["forward"], cost["backward"]) == (forward, backward), name
+    # Families whose adapter taps an attention it runs itself (torchvision, timm EVA): the
+    # taps are the method's adapter's, so the cost is counted there.
+    from captum_gradmask.adapters import get_adapter
+
+    from .models import tiny_timm_eva, tiny_torchvision_vit
+
+    data = torch.utils.data.TensorDataset(torch.rand(1, 3, 28, 28))  # both take 28 x 28
+    for other in (tiny_torchvision_vit(), tiny_timm_eva()):
+        masks = 3 * (len(get_adapter(other).layers) - 1) * 4
+        cost = measure_cost(build_method("gradmask-m4", other), other, data, [0], [0])
+        assert (cost["forward"], cost["backward"]) == (1 + masks, 1), type(other).__name__
+    tv = tiny_torchvision_vit()
+    reciprocam = build_method("vit-reciprocam", tv)
+    h, w = reciprocam.grid_size((28, 28))
+    assert measure_cost(reciprocam, tv, data, [0], [0])["forward"] == 1 + h * w
     with PassCounter(model) as passes:
         model(torch.rand(2, 3, 32, 32))
     assert passes.forward == 2
