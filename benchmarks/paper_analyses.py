@@ -244,7 +244,9 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
     source = write_source(args.data, args.first_image, args.images, output / "source.csv")
     images = open_source(source, preprocess)
     model_info = {"spec": _recorded_spec(args.model), "weights": None}
-    selected = configs(len(GradMaskAttribution(model).adapter.layers))
+    everything = configs(len(GradMaskAttribution(model).adapter.layers))
+    reference = next(c for c in everything if c.name == "GradMask m=4")
+    selected = everything
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
         unknown = wanted - {c.name for c in selected}
@@ -270,18 +272,18 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
                 tie_samples=args.tie_samples, seed=args.seed, n_resamples=args.bootstrap,
                 show_progress=not args.quiet,
             )  # fmt: skip
-    return compare(args, selected, model, images)
+    return compare(args, selected, reference, model, images)
 
 
 def compare(
-    args: argparse.Namespace, selected: Sequence[Config], model: Any, images: Any
-) -> dict[str, Comparison]:
-    """Compare each analysis's stores (those present) and draw the figures."""
+    args: argparse.Namespace, selected: Sequence[Config], reference: Config, model: Any,
+    images: Any,
+) -> dict[str, Comparison]:  # fmt: skip
+    """Compare each analysis's stores (those present) with ``reference``'s and draw the
+    figures."""
     output = Path(args.output)
     figures = Path(args.figures) if args.figures else output / "paper"
     figures.mkdir(parents=True, exist_ok=True)
-    reference = next(c for c in configs(len(GradMaskAttribution(model).adapter.layers))
-                     if c.name == "GradMask m=4")  # fmt: skip
     results: dict[str, Comparison] = {}
     for analysis in ANALYSES:
         members = [c for c in selected if analysis in c.analyses]
@@ -290,7 +292,8 @@ def compare(
         present = [c for c in members if (output / "stores" / f"{c.store}.zarr").is_dir()]
         if len(present) < 2:
             continue
-        built = {c.label(model): c.build(model) for c in present if c.method == ABLATION}
+        names = {c.label(model): c for c in present}
+        built = {label: c.build(model) for label, c in names.items() if c.method == ABLATION}
         results[analysis] = compare_stores(
             [output / "stores" / f"{c.store}.zarr" for c in present],
             output / "paper" / analysis, evaluation=list(METRIC_GROUPS),
@@ -298,7 +301,6 @@ def compare(
             time_images=args.time_images, model=model, dataset=images, methods=built,
             n_resamples=args.bootstrap, seed=args.seed,
         )  # fmt: skip
-        names = {c.label(model): c for c in present}
         if analysis == "masks-per-layer":
             plot_masks_per_layer(results[analysis], names, figures / "masks_per_layer.png")
         else:
