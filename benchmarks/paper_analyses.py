@@ -221,6 +221,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tie-samples", type=int, default=10)
     parser.add_argument("--metric-perturbations-per-eval", type=int, default=64)
     parser.add_argument("--images-per-call", type=int, default=8)
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="images per store chunk (default 32)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="tie orders and bootstraps")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -261,8 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
             method, options = config.build(model), None
         explain_dataset(
             images, model, store, method=method, method_options=options, target="label",
-            batch_size=args.images_per_call, num_workers=0, model_info=model_info,
-            show_progress=not args.quiet,
+            batch_size=args.images_per_call, chunk_size=args.chunk_size, num_workers=0,
+            model_info=model_info, show_progress=not args.quiet,
         )  # fmt: skip
         for group in METRIC_GROUPS:
             evaluate_store(

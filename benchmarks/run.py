@@ -114,6 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--images-per-call", type=int, default=8, help="images per method call (default 8)"
     )
     parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="images per store chunk, the unit a killed run loses (new stores only; default 32)",
+    )
+    parser.add_argument(
         "--amp-dtype",
         choices=sorted(AMP_DTYPES),
         default=None,
@@ -151,6 +157,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        parser.error("--chunk-size must be >= 1")
     for name in ("grid_images", "time_images"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -258,8 +266,9 @@ def run(args: argparse.Namespace) -> Path:
             options = method_options(name, args)
             explain_dataset(
                 images, model, store, method=name, method_options=options,
-                target=args.target, batch_size=args.images_per_call, num_workers=0,
-                model_info=model_info, show_progress=not args.quiet,
+                target=args.target, batch_size=args.images_per_call,
+                chunk_size=args.chunk_size, num_workers=0, model_info=model_info,
+                show_progress=not args.quiet,
             )  # fmt: skip
         except MethodUnavailable as error:
             skipped[name] = str(error)

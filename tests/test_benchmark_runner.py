@@ -147,10 +147,12 @@ def test_driver_end_to_end_and_resume(
 def test_predicted_target(setup: tuple[Path, Path], tmp_path: Path) -> None:
     data, model = setup
     output = tmp_path / "out"
-    main([*_argv(data, model, output, "saliency", "pointing"), "--target", "predicted"])
+    main([*_argv(data, model, output, "saliency", "pointing"), "--target", "predicted",
+          "--chunk-size", "1"])  # fmt: skip
     rows = _rows(output)
     assert len(rows) == 2 and all(r["target"] == r["predicted"] for r in rows)
     assert all("adcc" not in r and r["pointing_15"] in ("0", "1") for r in rows)
+    assert open_maps(output / "stores" / "saliency.zarr").chunk_size == 1
 
 
 def test_parse_args_errors(tmp_path: Path) -> None:
@@ -158,6 +160,8 @@ def test_parse_args_errors(tmp_path: Path) -> None:
         parse_args(["--data", str(tmp_path), "--model", "x", "--images", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--data", str(tmp_path), "--model", "x", "--time-images", "-1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(tmp_path), "--model", "x", "--chunk-size", "0"])
 
 
 def test_resume_refuses_other_settings_naming_them(

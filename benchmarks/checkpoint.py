@@ -1,0 +1,86 @@
+"""Make a long benchmark run's folder small enough to commit, so a later machine resumes it.
+
+A run of ``benchmarks.run`` or ``benchmarks.paper_analyses`` outlives the machine it started
+on only through what is committed. Everything in a run folder is small except the maps of
+pixel-level methods (224 x 224 floats per image). Once an image is scored by every metric
+group the run asks for, its map is needed again only for ``grid.png`` (the first rows), so this
+tool lists in ``RUN/.gitignore`` the map chunks whose images are all scored and lie beyond
+``--keep-rows``, and takes already committed ones out of the index. A resumed run finds those
+images explained and scored and does no work for them; ``compare`` reads their scores, and the
+grid's rows keep their maps. Nothing is deleted from this machine.
+
+Example (from the repository root)::
+
+    python -m benchmarks.checkpoint benchmarks/runs/validation-100 \\
+        --groups notebook,pointing,adcc
+    git add benchmarks/runs && git commit -m "benchmark runs: checkpoint"
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from captum_gradmask.store import open_maps
+
+HEADER = "# written by python -m benchmarks.checkpoint: map chunks of fully scored images\n"
+
+
+def prunable_chunks(store: str | Path, groups: Sequence[str], keep_rows: int) -> list[Path]:
+    """The ``maps`` chunk files of ``store`` (relative to it) whose images are all scored by
+    every group in ``groups`` (or not explained) and come after the first ``keep_rows``."""
+    maps = open_maps(store)
+    done = np.asarray(maps.done[:], dtype=bool)
+    scored = np.ones_like(done)
+    for group in groups:
+        if group in maps.group:
+            scored &= np.asarray(maps.group[group]["done"][:], dtype=bool)
+        else:
+            scored[:] = False
+    pending = done & ~scored
+    size = maps.chunk_size
+    out = []
+    for chunk in Path(store, "maps", "c").glob("*"):
+        first = int(chunk.name) * size
+        if first >= keep_rows and not pending[first : first + size].any():
+            out += [path.relative_to(store) for path in chunk.rglob("*") if path.is_file()]
+    return sorted(out)
+
+
+def checkpoint(run: str | Path, groups: Sequence[str], keep_rows: int = 4) -> list[Path]:
+    """Write ``run/.gitignore`` listing every store's prunable map chunks and untrack those
+    that are committed; returns the listed paths (relative to ``run``)."""
+    run = Path(run)
+    listed = []
+    for store in sorted(run.glob("stores/*.zarr")):
+        listed += [store.relative_to(run) / p for p in prunable_chunks(store, groups, keep_rows)]
+    (run / ".gitignore").write_text(HEADER + "".join(f"/{p.as_posix()}\n" for p in listed))
+    if listed:
+        subprocess.run(
+            ["git", "rm", "-q", "--cached", "--ignore-unmatch", "--", *map(str, listed)],
+            cwd=run,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return listed
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint")
+    parser.add_argument("run", help="a run folder (with stores/)")
+    parser.add_argument(
+        "--groups", required=True, help="comma-separated metric groups the run scores"
+    )
+    parser.add_argument("--keep-rows", type=int, default=4, help="rows of grid.png (4)")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    listed = checkpoint(args.run, groups, args.keep_rows)
+    print(f"{args.run}: {len(listed)} map chunk files left out of git")
+
+
+if __name__ == "__main__":
+    main()

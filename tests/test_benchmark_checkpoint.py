@@ -1,0 +1,61 @@
+"""benchmarks.checkpoint: which map chunks a committed run folder leaves out."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zarr")
+
+from benchmarks.checkpoint import checkpoint, prunable_chunks
+from captum_gradmask.store import create_store, open_maps
+
+
+def _store(path, explained, scored, groups=("notebook", "pointing")):
+    """8 images in chunks of 2, rows ``explained`` written, rows ``scored`` done in every
+    group (the last group left out of rows not in ``scored``)."""
+    store = create_store(path, [f"{i}.png" for i in range(8)], (3, 3), chunk_size=2,
+                         identity={"method": "demo"})  # fmt: skip
+    rows = sorted(explained)
+    store.write(rows, maps=np.ones((len(rows), 3, 3)), targets=[1] * len(rows),
+                predicted=[1] * len(rows), probability=[0.5] * len(rows),
+                errors=[""] * len(rows))  # fmt: skip
+    group = open_maps(path, mode="r+").group
+    for name in groups:
+        done = group.create_group(name).create_array("done", shape=(8,), chunks=(2,), dtype="bool")
+        done[:] = np.isin(np.arange(8), sorted(scored))
+    return path
+
+
+def _chunks(paths):
+    return sorted({int(p.parts[2]) for p in paths})
+
+
+def test_keeps_grid_rows_and_unscored_images(tmp_path):
+    # chunks: 0 = rows 0-1 (grid), 1 = 2-3 scored, 2 = 4-5 (5 explained, not scored), 3 = 6-7
+    # not explained
+    path = _store(tmp_path / "a.zarr", explained={0, 1, 2, 3, 4, 5}, scored={0, 1, 2, 3, 4})
+    paths = prunable_chunks(path, ["notebook", "pointing"], keep_rows=2)
+    assert _chunks(paths) == [1]
+    assert all(p.parts[:2] == ("maps", "c") for p in paths)
+    assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=0)) == [0, 1]
+    assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == []
+
+
+def test_checkpoint_writes_gitignore_and_untracks(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    run = tmp_path / "run"
+    _store(run / "stores" / "m.zarr", explained=set(range(8)), scored=set(range(6)))
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    listed = checkpoint(run, ["notebook", "pointing"], keep_rows=2)
+    assert _chunks(p.relative_to("stores/m.zarr") for p in listed) == [1, 2]
+    tracked = subprocess.run(["git", "ls-files"], cwd=tmp_path, capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    assert "m.zarr/maps/c/0/" in tracked and "m.zarr/maps/c/3/" in tracked
+    assert "m.zarr/maps/c/1/" not in tracked and "m.zarr/maps/c/2/" not in tracked
+    ignored = (run / ".gitignore").read_text()
+    assert "/stores/m.zarr/maps/c/1/0/0" in ignored
+    assert (run / "stores/m.zarr/maps/c/1/0/0").is_file()  # nothing deleted
+    assert open_maps(run / "stores" / "m.zarr").done[:].all()
