@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,3 +60,35 @@ def test_checkpoint_writes_gitignore_and_untracks(tmp_path):
     assert "/stores/m.zarr/maps/c/1/0/0" in ignored
     assert (run / "stores/m.zarr/maps/c/1/0/0").is_file()  # nothing deleted
     assert open_maps(run / "stores" / "m.zarr").done[:].all()
+
+
+def test_a_run_resumes_from_a_checkout_without_the_left_out_maps(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """Commit a run folder through the checkpoint, clone it (left-out maps gone): the driver
+    explains and scores nothing again and writes the same results."""
+    from benchmarks.run import main
+
+    from .test_benchmark_runner import _argv, _refuse_work, _tiny_dataset, _tiny_model
+
+    data, model = _tiny_dataset(tmp_path / "data"), _tiny_model(tmp_path / "model")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    run = repo / "run"
+    argv = [*_argv(data, model, run, "saliency", "pointing"), "--chunk-size", "1"]
+    argv += ["--grid-images", "1"]
+    main(argv)
+    before = (run / "results.csv").read_text()
+    listed = checkpoint(run, ["pointing"], keep_rows=1)
+    assert listed == [Path("stores/saliency.zarr/maps/c/1/0/0")]  # image 2 of 2
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "run"], cwd=repo, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    assert not (clone / "run" / listed[0]).exists()
+
+    _refuse_work(monkeypatch)
+    main([*argv[: argv.index("--output")], "--output", str(clone / "run"),
+          *argv[argv.index("--output") + 2 :]])  # fmt: skip
+    assert (clone / "run" / "results.csv").read_text() == before
