@@ -592,7 +592,7 @@ def _add_compare_command(commands: Any) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = commands.add_parser(
         "compare",
-        help="compare evaluated stores over the same images: table.md (CIs), paired.md, "
+        help="compare evaluated stores over the images they share: table.md (CIs), paired.md, "
         "ties.md, results.csv, grid.png, cost.md",
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="evaluated stores, one per method")

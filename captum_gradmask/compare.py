@@ -1,11 +1,12 @@
-"""Compare evaluated map stores over the same images: tables with CIs, paired differences,
-tie policies, per-image rows, cost and a picture grid.
+"""Compare evaluated map stores over the images they share: tables with CIs, paired
+differences, tie policies, per-image rows, cost and a picture grid.
 
 :func:`compare_stores` takes stores made by :func:`~captum_gradmask.explain_dataset.
 explain_dataset` (one method each) and evaluated by :func:`~captum_gradmask.evaluation.
-evaluate_store`, checks that they can be compared (same model, images, target policy,
-preprocessing and evaluation settings; the first difference found is named), keeps the images
-every store has evaluated, and writes into a folder:
+evaluate_store`, checks that they can be compared (same model, target policy, preprocessing
+and evaluation settings; the first difference found is named), keeps the images every store
+has evaluated (matched by file, so a 500-image store and a 100-image store are compared over
+the 100 they share), and writes into a folder:
 
 - ``table.md``: per method and metric, the mean over images with a 95 % percentile-bootstrap
   CI (:func:`captum_gradmask.stats.bootstrap_ci`);
@@ -160,11 +161,13 @@ class Comparison:
 
 @dataclass
 class _Entry:
-    """One store over the compared rows: its label, per-image values as stored (``raw``) and in
-    table units with the fitted rows left out (``columns``), and which rows it was fitted on."""
+    """One store over the compared images: its label, its rows of those images (``rows``),
+    per-image values as stored (``raw``) and in table units with the fitted rows left out
+    (``columns``), and which rows it was fitted on."""
 
     label: str
     store: StoredMaps
+    rows: np.ndarray
     raw: dict[str, np.ndarray]
     columns: dict[str, np.ndarray]
     fitted: np.ndarray
@@ -188,8 +191,10 @@ def compare_stores(
     """Compare evaluated stores over the images they all evaluated; write the tables to ``out``.
 
     Args:
-        stores: stores made by ``explain_dataset`` from the same images with the same model
-            and target policy, each evaluated (``evaluate_store``) with the same settings.
+        stores: stores made by ``explain_dataset`` with the same model and target policy,
+            each evaluated (``evaluate_store``) with the same settings. Their images are
+            matched by file (as the stores record it); the compared images are those every
+            store has evaluated, in the first store's order.
         out: the folder to write (created).
         evaluation: the evaluation sub-group to read (``evaluate --name``), or several whose
             columns are put together (an image counts when every one has evaluated it).
@@ -211,9 +216,10 @@ def compare_stores(
         A :class:`Comparison`.
 
     Raises:
-        StoreMismatch: stores that differ in model, images, target policy, preprocessing or
-            evaluation settings (the message names the field and the two stores), a store
-            without the evaluation, or two stores of one method with the same settings.
+        StoreMismatch: stores that differ in model, target policy, preprocessing or
+            evaluation settings (the message names the field and the two stores), that explain
+            one file for different targets, a store without the evaluation, or two stores of
+            one method with the same settings.
         ValueError: bad arguments (named), or no image evaluated by every store.
     """
     if not stores:
@@ -235,31 +241,26 @@ def compare_stores(
 
     first = opened[0]
     files = [str(f) for f in first.files[:]]
-    evaluated = [
-        np.logical_and.reduce([np.asarray(s.group[n]["done"][:], dtype=bool) for n in names])
-        & ~s.skipped()
-        for s in opened
-    ]
-    common = np.logical_and.reduce(evaluated)
-    left_out = int(np.count_nonzero(np.logical_or.reduce(evaluated) & ~common))
-    if not common.any():
+    aligned, left_out = _shared_rows(opened, names)
+    if not len(aligned[0]):
         raise ValueError(
-            f"no image has been evaluated ({', '.join(names)}) in every store; run evaluate on each"
+            f"no image has been evaluated ({', '.join(names)}) in every store; run evaluate on "
+            "each (the stores' images are matched by file)"
         )
-    rows = np.flatnonzero(common)
+    rows = aligned[0]  # the first store's rows: its order, its files, its dataset
     entries = []
-    for label, store in zip(labels, opened, strict=True):
+    for label, store, own in zip(labels, opened, aligned, strict=True):
         wanted = fitted.get(label, set())
-        marks = np.array([f in wanted or Path(f).name in wanted for f in files])[rows]
+        marks = np.array([files[r] in wanted or Path(files[r]).name in wanted for r in rows])
         raw = {}
         for name in names:
             sub = store.group[name]
             for key in sub.attrs["columns"]:
-                raw.setdefault(key, np.asarray(sub[key][:], dtype=float)[rows])
+                raw.setdefault(key, np.asarray(sub[key][:], dtype=float)[own])
         columns = {}
         for key, values in raw.items():
             columns[key] = np.where(marks, np.nan, values * _BY_KEY[key].scale)
-        entries.append(_Entry(label, store, raw, columns, marks))
+        entries.append(_Entry(label, store, own, raw, columns, marks))
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,7 @@ def compare_stores(
     if grid_images or time_images:
         source = _source(first, model, dataset)
     if grid_images:
-        _write_grid(out / "grid.png", entries, rows[:grid_images], source[1], files)
+        _write_grid(out / "grid.png", entries, grid_images, source[1], files)
         written.append(out / "grid.png")
     cost: dict[str, dict[str, float]] = {}
     if time_images:
@@ -300,7 +301,7 @@ def compare_stores(
             method = built.get(entry.label) or _method_of(entry.store, cost_model)
             cost[entry.label] = measure_cost(
                 method, cost_model, cost_data, rows[:time_images],
-                entry.store.targets.oindex[rows[:time_images]],
+                entry.store.targets.oindex[entry.rows[:time_images]],
             )  # fmt: skip
         (out / "cost.md").write_text(_cost_markdown(cost, reference, min(time_images, len(rows))))
         written.append(out / "cost.md")
@@ -323,7 +324,6 @@ def _check_comparable(stores: list[StoredMaps], evaluation: str) -> None:
     first = stores[0]
     checks: list[tuple[str, Callable[[StoredMaps], Any]]] = [
         ("model (weights fingerprint)", lambda s: s.attrs["identity"]["model"]),
-        ("images (file list)", lambda s: s.attrs["identity"]["files_sha256"]),
         ("target policy", lambda s: s.attrs["identity"]["target"]),
         ("input shape", lambda s: s.attrs["identity"].get("input_shape")),
         ("preprocessing", lambda s: s.attrs["identity"].get("preprocess")),
@@ -334,7 +334,7 @@ def _check_comparable(stores: list[StoredMaps], evaluation: str) -> None:
                 raise StoreMismatch(
                     f"the stores differ in {what}: {str(first.path)!r} has {read(first)!r}, "
                     f"{str(store.path)!r} has {read(store)!r}; compare stores of one model, "
-                    "one image list and one target policy"
+                    "one target policy"
                 )
     base = first.group[evaluation].attrs.asdict().get("settings", {})
     for store in stores[1:]:
@@ -346,6 +346,38 @@ def _check_comparable(stores: list[StoredMaps], evaluation: str) -> None:
                     f"{str(first.path)!r} has {base[key]!r}, {str(store.path)!r} has "
                     f"{settings[key]!r}; evaluate every store with the same settings"
                 )
+
+
+def _shared_rows(stores: list[StoredMaps], names: list[str]) -> tuple[list[np.ndarray], int]:
+    """Each store's rows of the images every store has evaluated (under every evaluation in
+    ``names``), matched by file and in the first store's order, and how many images some store
+    has evaluated and another has not.
+
+    Raises:
+        StoreMismatch: two stores explained one image for different targets (the file named).
+    """
+    evaluated = []
+    for store in stores:
+        done = np.logical_and.reduce(
+            [np.asarray(store.group[n]["done"][:], dtype=bool) for n in names]
+        ) & ~store.skipped()  # fmt: skip
+        files = [str(f) for f in store.files[:]]
+        evaluated.append({files[row]: int(row) for row in np.flatnonzero(done)})
+    common = [f for f in evaluated[0] if all(f in e for e in evaluated[1:])]
+    every = set().union(*evaluated)
+    aligned = [np.array([e[f] for f in common], dtype=np.int64) for e in evaluated]
+    first_targets = stores[0].targets.oindex[aligned[0]]
+    for store, rows in zip(stores[1:], aligned[1:], strict=True):
+        differ = np.flatnonzero(store.targets.oindex[rows] != first_targets)
+        if len(differ):
+            file = common[int(differ[0])]
+            raise StoreMismatch(
+                f"the stores {str(stores[0].path)!r} and {str(store.path)!r} explain {file!r} "
+                f"for different targets ({int(first_targets[differ[0]])} and "
+                f"{int(store.targets.oindex[rows][differ[0]])}); compare stores of one target "
+                "policy"
+            )
+    return aligned, len(every) - len(common)
 
 
 def _labels(stores: list[StoredMaps]) -> list[str]:
@@ -447,9 +479,9 @@ def _write_rows(path: Path, entries: list[_Entry], rows: np.ndarray, files: list
             ["image", "index", "method", "target", "predicted", "probability", "fitted", *keys]
         )
         for entry in entries:
-            store = entry.store
-            targets, predicted = store.targets.oindex[rows], store.predicted.oindex[rows]
-            probability = store.probability.oindex[rows]
+            store, own = entry.store, entry.rows
+            targets, predicted = store.targets.oindex[own], store.predicted.oindex[own]
+            probability = store.probability.oindex[own]
             for position, row in enumerate(rows):
                 values = [
                     float(entry.raw[key][position]) if key in entry.raw else math.nan
@@ -731,14 +763,16 @@ def _method_of(store: StoredMaps, model: nn.Module) -> Any:
 
 
 def _write_grid(
-    path: Path, entries: list[_Entry], rows: np.ndarray, dataset: Any, files: list[str]
+    path: Path, entries: list[_Entry], count: int, dataset: Any, files: list[str]
 ) -> None:
-    """The images (un-normalised) and each method's stored map over them, one row per image."""
+    """The first ``count`` compared images (un-normalised) and each method's stored map over
+    them, one row per image."""
     from matplotlib.figure import Figure
 
     from captum_gradmask._ops import upsample_grid
 
     preprocess = getattr(dataset, "preprocess", None)
+    rows = entries[0].rows[:count]
     figure = Figure(figsize=(1.3 * (len(entries) + 1), 1.4 * len(rows)))
     axes = figure.subplots(len(rows), len(entries) + 1, squeeze=False)
     for r, row in enumerate(rows):
@@ -758,7 +792,8 @@ def _write_grid(
         for c, entry in enumerate(entries, start=1):
             ax = axes[r][c]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-            saliency = torch.from_numpy(np.asarray(entry.store.maps[int(row)], dtype=np.float32))
+            stored = entry.store.maps[int(entry.rows[r])]
+            saliency = torch.from_numpy(np.asarray(stored, dtype=np.float32))
             if not torch.isnan(saliency).any():
                 up = upsample_grid(saliency[None], tuple(image.shape[:2]), 1)[0, 0].numpy()
                 ax.imshow(_display(up), cmap="jet", alpha=0.5, vmin=0, vmax=1)

@@ -116,7 +116,6 @@ def test_paired_differences_have_the_sign_and_ci_of_the_data(
     ("change", "named"),
     [
         ({"fingerprint": "other"}, "model"),
-        ({"files": [f"other{i}.png" for i in range(12)]}, "images"),
         ({"target": "predicted"}, "target policy"),
         ({"settings": {"tie_samples": 3, "seed": 0}}, "tie_samples"),
     ],
@@ -129,6 +128,44 @@ def test_stores_that_cannot_be_compared_are_refused_naming_the_field(
     with pytest.raises(StoreMismatch, match=named):
         compare_stores([first, second], tmp_path / "out")
     assert not (tmp_path / "out" / "table.md").exists()
+
+
+def test_stores_of_other_image_lists_are_compared_over_the_files_they_share(
+    base: np.ndarray, tmp_path: Path
+) -> None:
+    # the second store: files img3..img11 (its rows 0-8) and three files the first lacks
+    files = [*FILES[3:], "new0.png", "new1.png", "new2.png"]
+    other = np.linspace(10.0, 20.0, len(files))
+    stores = [
+        _store(tmp_path / "a.zarr", "gradmask-m4", base),
+        _store(tmp_path / "b.zarr", "rollout", other, files=files),
+    ]
+    result = compare_stores(stores, tmp_path / "out", grid_images=0)
+    assert (result.images, result.left_out) == (9, 6)
+    assert result.summary["gradmask-m4"]["insertion_notebook"][0] == pytest.approx(
+        base[3:].mean(), rel=1e-6
+    )
+    assert result.summary["rollout"]["insertion_notebook"][0] == pytest.approx(
+        other[:9].mean(), rel=1e-6
+    )
+    assert result.paired["rollout"]["insertion_notebook"][0] == pytest.approx(
+        (other[:9] - base[3:]).mean(), rel=1e-5
+    )
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["method"] == "rollout"]
+    assert [r["image"] for r in rows] == FILES[3:]
+    assert [int(r["index"]) for r in rows] == list(range(3, 12))  # the first store's rows
+    assert [float(r["insertion_notebook"]) for r in rows] == pytest.approx(other[:9], rel=1e-6)
+    # no file in common: nothing to compare
+    elsewhere = _store(
+        tmp_path / "c.zarr", "saliency", base, files=[f"x{i}.png" for i in range(12)]
+    )
+    with pytest.raises(ValueError, match="matched by file"):
+        compare_stores([stores[0], elsewhere], tmp_path / "out2")
+    # one file explained for two targets (here: the list reversed, targets by row)
+    reversed_ = _store(tmp_path / "d.zarr", "saliency", base, files=FILES[::-1])
+    with pytest.raises(StoreMismatch, match="different targets"):
+        compare_stores([stores[0], reversed_], tmp_path / "out3")
 
 
 def test_unevaluated_store_and_one_method_twice_are_refused(
