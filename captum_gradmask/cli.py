@@ -597,7 +597,12 @@ def _add_compare_command(commands: Any) -> None:
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="evaluated stores, one per method")
     p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument("--name", default="metrics", help="the evaluation to read (evaluate --name)")
+    p.add_argument(
+        "--name",
+        default="metrics",
+        help="the evaluation to read (evaluate --name), or several, comma-separated, whose "
+        "columns are put together (default metrics)",
+    )
     p.add_argument(
         "--reference",
         default=None,
@@ -651,7 +656,7 @@ def _compare_command(args: argparse.Namespace) -> int:
         result = compare_stores(
             args.stores,
             args.out,
-            evaluation=args.name,
+            evaluation=[name.strip() for name in args.name.split(",") if name.strip()],
             reference=args.reference,
             fitted=_fitted_files(args.fitted),
             grid_images=args.grid_images,

@@ -296,4 +296,14 @@ def test_compare_command_errors_are_one_line(base: np.ndarray, tmp_path: Path, c
     assert code == 2 and "METHOD=FILE" in capsys.readouterr().err
     assert main(["compare", str(first), "--out", str(out), "--grid-images", "0"]) == 0
     assert "1 methods over 12 images" in capsys.readouterr().out
+    # several evaluations, comma-separated: their columns side by side
+    extra = open_maps(first, mode="r+").group.create_group("extra")
+    for column, value in (("adcc", 55.0), ("done", True)):
+        extra.create_array(column, shape=(12,), dtype=type(value).__name__)
+        extra[column][:] = value
+    extra.attrs.update({"metrics": ["adcc"], "columns": ["adcc"], "settings": {}})
+    argv = ["compare", str(first), "--out", str(out), "--grid-images", "0"]
+    assert main([*argv, "--name", "metrics, extra"]) == 0
+    table = (out / "table.md").read_text()
+    assert "ADCC (%) ↑" in table and "55.0 [55.0, 55.0]" in table and "Ins. AUC" in table
     assert open_maps(first).done[:].all()  # compare reads, never writes, the stores
