@@ -519,14 +519,15 @@ def tie_scores(
         (True, torch.Size([13]))
     """
     key = _PRESET_COLUMNS[preset]
-    options = {"perturbations_per_eval": perturbations_per_eval}
-    stable = preset(model, image, saliency, target, ties="stable", **options)
-    reference = preset(model, image, saliency, target, ties="reference", **options)
+    # one pass: the three policies share every perturbed image their cuts do not split
     random = preset(
         model, image, saliency, target, ties="random", tie_samples=tie_samples, seed=seed,
-        **options,
+        with_fixed_orders=True, perturbations_per_eval=perturbations_per_eval,
     )  # fmt: skip
-    aucs = [float(stable.auc[0]), float(reference.auc[0]), *random.tie_auc[0].tolist()]
+    assert random.stable_auc is not None and random.reference_auc is not None
+    assert random.tie_auc is not None
+    aucs = [float(random.stable_auc[0]), float(random.reference_auc[0])]
+    aucs += random.tie_auc[0].tolist()
     return {
         key: float(random.auc[0]),
         f"{key}_stable": aucs[0],

@@ -229,6 +229,44 @@ def test_random_ties_cost_nothing_and_change_nothing_on_maps_without_ties() -> N
     assert sum(calls) > stable_images
 
 
+@pytest.mark.parametrize("preset", [gradmask_notebook_deletion, rise_insertion])
+def test_fixed_orders_in_the_random_pass_equal_their_own_curves_and_share_points(preset) -> None:
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return self.inner(x)
+
+    model = Counting()
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    distinct = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(1)).float()
+    for saliency in (tie_heavy_grid(0), distinct.view(1, 32, 32)):
+        calls.clear()
+        alone = {p: preset(model, image, saliency, 2, ties=p) for p in ("stable", "reference")}
+        random = preset(model, image, saliency, 2, ties="random", tie_samples=4, seed=3)
+        separate = sum(calls)
+        calls.clear()
+        joint = preset(model, image, saliency, 2, ties="random", tie_samples=4, seed=3,
+                       with_fixed_orders=True)  # fmt: skip
+        torch.testing.assert_close(joint.stable_auc, alone["stable"].auc)
+        torch.testing.assert_close(joint.reference_auc, alone["reference"].auc)
+        torch.testing.assert_close(joint.tie_auc, random.tie_auc)
+        torch.testing.assert_close(joint.probabilities, random.probabilities)
+        assert sum(calls) < separate  # the points no cut splits are evaluated once
+    # without ties the three policies cost one curve: the random pass alone
+    calls.clear()
+    preset(model, image, saliency, 2, ties="random", tie_samples=4, seed=3)
+    assert sum(calls) == separate // 3
+    assert random.stable_auc is None and random.reference_auc is None
+    with pytest.raises(ValueError, match="with_fixed_orders"):
+        preset(model, image, saliency, 2, ties="stable", with_fixed_orders=True)
+
+
 def test_tie_policy_errors_and_preset_options() -> None:
     model, image, grid = tiny_model(), torch.rand(1, 3, 32, 32), tie_heavy_grid(0)
     with pytest.raises(ValueError, match="ties"):

@@ -88,6 +88,9 @@ class PerturbationCurve:
         ties: the tie policy that ordered units of equal score.
         tie_auc: ``(B, tie_samples)`` AUC under each sampled tie order (``ties="random"``
             only, else ``None``); ``auc`` is their mean.
+        stable_auc, reference_auc: ``(B,)`` AUC under the ``"stable"`` and ``"reference"``
+            orders, computed in the same pass (``with_fixed_orders=True`` only, else
+            ``None``).
     """
 
     mode: str
@@ -99,6 +102,8 @@ class PerturbationCurve:
     protocol: str = "custom"
     ties: str = "stable"
     tie_auc: Tensor | None = None
+    stable_auc: Tensor | None = None
+    reference_auc: Tensor | None = None
 
     @property
     def mean_auc(self) -> float:
@@ -337,6 +342,7 @@ def perturbation_curve(
     ties: TiePolicy = "stable",
     tie_samples: int = 1,
     seed: int = 0,
+    with_fixed_orders: bool = False,
     baseline: BaselineType = "zeros",
     blur_kernel_size: int = 11,
     blur_sigma: float = 5.0,
@@ -363,6 +369,9 @@ def perturbation_curve(
     expected score under an arbitrary order, the fair number for piecewise-constant maps.
     Only points whose ``k``-th and ``(k+1)``-th units tie depend on the order, so only those
     are evaluated once per order; a map without ties costs no more than with ``"stable"``.
+    ``with_fixed_orders=True`` adds the ``"stable"`` and ``"reference"`` orders to the same
+    pass (their AUCs in ``stable_auc`` and ``reference_auc``), which shares every other point:
+    the three policies of a map without ties cost one curve.
 
     Args:
         forward_func: a model or function returning logits (a tensor or a Hugging Face output).
@@ -384,6 +393,8 @@ def perturbation_curve(
         ties: ``"stable"``, ``"reference"`` or ``"random"``, see :func:`rank_units`.
         tie_samples: random tie orders averaged with ``ties="random"``.
         seed: seed of the random tie orders.
+        with_fixed_orders: also score the ``"stable"`` and ``"reference"`` orders, in the same
+            pass (``ties="random"`` only).
         baseline: what replaces (deletion) or precedes (insertion) the image: ``"zeros"``,
             ``"blur"`` (:func:`gaussian_blur` with ``blur_kernel_size``/``blur_sigma``),
             ``"mean"`` (per image and channel), a number, or a tensor broadcasting to inputs.
@@ -437,6 +448,14 @@ def perturbation_curve(
     n_units = scores.shape[1]
     grid_h, grid_w = height // ph, width // pw
     orders = rank_units(scores, ties, tie_samples=tie_samples, seed=seed)
+    if with_fixed_orders:
+        if ties != "random":
+            raise ValueError(
+                f"`with_fixed_orders` = True needs ties='random' (it adds the stable and "
+                f"reference orders to the random ones), got ties={ties!r}"
+            )
+        fixed = [rank_units(scores, policy) for policy in ("stable", "reference")]
+        orders = torch.cat([*fixed, orders])
     n_orders = orders.shape[0]
     ranks = torch.empty(orders.shape, dtype=torch.int32, device=device)
     positions = torch.arange(n_units, dtype=torch.int32, device=device)
@@ -484,6 +503,10 @@ def perturbation_curve(
     if prepend_zero_point:
         x = torch.cat([x.new_zeros(1), x])
         per_order = torch.cat([per_order.new_zeros(n_orders, batch, 1), per_order], dim=2)
+    fixed_auc: list[Tensor | None] = [None, None]
+    if with_fixed_orders:
+        fixed_auc = list(_auc(x, per_order[:2].double(), auc_rule).float())
+        per_order = per_order[2:]
     probabilities = per_order.mean(0)
     auc = _auc(x, probabilities.double(), auc_rule).float()
     tie_auc = _auc(x, per_order.double(), auc_rule).float().T if ties == "random" else None
@@ -497,6 +520,8 @@ def perturbation_curve(
         protocol=protocol,
         ties=ties,
         tie_auc=tie_auc,
+        stable_auc=fixed_auc[0],
+        reference_auc=fixed_auc[1],
     )
 
 

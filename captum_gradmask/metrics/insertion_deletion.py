@@ -56,6 +56,8 @@ class PresetOptions(TypedDict, total=False):
     - ``ties``: ``"reference"`` (default: the reference code's order), ``"stable"`` or
       ``"random"`` (see :func:`rank_units`);
     - ``tie_samples``, ``seed``: random tie orders averaged with ``ties="random"``;
+    - ``with_fixed_orders``: with ``ties="random"``, also the stable and reference orders'
+      AUCs, in the same pass (:func:`~captum_gradmask.metrics.perturbation_curve`);
     - ``perturbations_per_eval``: perturbed images per forward call (default 64;
       ``batch_size`` is its deprecated name);
     - ``additional_forward_args``, ``channel_reduction``, ``show_progress``.
@@ -64,6 +66,7 @@ class PresetOptions(TypedDict, total=False):
     ties: TiePolicy
     tie_samples: int
     seed: int
+    with_fixed_orders: bool
     perturbations_per_eval: int
     batch_size: int
     additional_forward_args: Any
