@@ -2,12 +2,12 @@
 
 A run of ``benchmarks.run`` or ``benchmarks.paper_analyses`` outlives the machine it started
 on only through what is committed. Everything in a run folder is small except the maps of
-pixel-level methods (224 x 224 floats per image). Once an image is scored by every metric
-group the run asks for, its map is needed again only for ``grid.png`` (the first rows), so this
-tool lists in ``RUN/.gitignore`` the map chunks whose images are all scored and lie beyond
-``--keep-rows``, and takes already committed ones out of the index. A resumed run finds those
-images explained and scored and does no work for them; ``compare`` reads their scores, and the
-grid's rows keep their maps. Nothing is deleted from this machine.
+pixel-level methods (224 x 224 floats per image; patch grids are kept). Once an image is
+scored by every metric group the run asks for, its map is needed again only for ``grid.png``
+(the first rows), so this tool lists in ``RUN/.gitignore`` the map chunks whose images are all
+scored and lie beyond ``--keep-rows``, and takes already committed ones out of the index. A
+resumed run finds those images explained and scored and does no work for them; ``compare``
+reads their scores, and the grid's rows keep their maps. Nothing is deleted from this machine.
 
 Example (from the repository root)::
 
@@ -30,10 +30,19 @@ from captum_gradmask.store import open_maps
 HEADER = "# written by python -m benchmarks.checkpoint: map chunks of fully scored images\n"
 
 
-def prunable_chunks(store: str | Path, groups: Sequence[str], keep_rows: int) -> list[Path]:
+#: Maps of at most this many values an image (patch grids) are small and always kept.
+SMALL_MAP = 64 * 64
+
+
+def prunable_chunks(
+    store: str | Path, groups: Sequence[str], keep_rows: int, small: int = SMALL_MAP
+) -> list[Path]:
     """The ``maps`` chunk files of ``store`` (relative to it) whose images are all scored by
-    every group in ``groups`` (or not explained) and come after the first ``keep_rows``."""
+    every group in ``groups`` (or not explained) and come after the first ``keep_rows``; none
+    when the store's maps have at most ``small`` values an image (patch grids)."""
     maps = open_maps(store)
+    if np.prod(maps.maps.shape[1:]) <= small:
+        return []
     done = np.asarray(maps.done[:], dtype=bool)
     scored = np.ones_like(done)
     for group in groups:
@@ -51,13 +60,17 @@ def prunable_chunks(store: str | Path, groups: Sequence[str], keep_rows: int) ->
     return sorted(out)
 
 
-def checkpoint(run: str | Path, groups: Sequence[str], keep_rows: int = 4) -> list[Path]:
-    """Write ``run/.gitignore`` listing every store's prunable map chunks and untrack those
-    that are committed; returns the listed paths (relative to ``run``)."""
+def checkpoint(
+    run: str | Path, groups: Sequence[str], keep_rows: int = 4, small: int = SMALL_MAP
+) -> list[Path]:
+    """Write ``run/.gitignore`` listing every store's prunable map chunks
+    (:func:`prunable_chunks`) and untrack those that are committed; returns the listed paths
+    (relative to ``run``)."""
     run = Path(run)
     listed = []
     for store in sorted(run.glob("stores/*.zarr")):
-        listed += [store.relative_to(run) / p for p in prunable_chunks(store, groups, keep_rows)]
+        found = prunable_chunks(store, groups, keep_rows, small)
+        listed += [store.relative_to(run) / p for p in found]
     (run / ".gitignore").write_text(HEADER + "".join(f"/{p.as_posix()}\n" for p in listed))
     if listed:
         subprocess.run(

@@ -17,10 +17,10 @@ from captum_gradmask.store import create_store, open_maps
 def _store(path, explained, scored, groups=("notebook", "pointing")):
     """8 images in chunks of 2, rows ``explained`` written, rows ``scored`` done in every
     group (the last group left out of rows not in ``scored``)."""
-    store = create_store(path, [f"{i}.png" for i in range(8)], (3, 3), chunk_size=2,
+    store = create_store(path, [f"{i}.png" for i in range(8)], (65, 65), chunk_size=2,
                          identity={"method": "demo"})  # fmt: skip
     rows = sorted(explained)
-    store.write(rows, maps=np.ones((len(rows), 3, 3)), targets=[1] * len(rows),
+    store.write(rows, maps=np.ones((len(rows), 65, 65)), targets=[1] * len(rows),
                 predicted=[1] * len(rows), probability=[0.5] * len(rows),
                 errors=[""] * len(rows))  # fmt: skip
     group = open_maps(path, mode="r+").group
@@ -43,6 +43,11 @@ def test_keeps_grid_rows_and_unscored_images(tmp_path):
     assert all(p.parts[:2] == ("maps", "c") for p in paths)
     assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=0)) == [0, 1]
     assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == []
+    patches = create_store(tmp_path / "b.zarr", ["0.png", "1.png"], (64, 64), chunk_size=1,
+                           identity={"method": "demo"})  # fmt: skip
+    patches.write([0, 1], maps=np.ones((2, 64, 64)), targets=[1, 1], predicted=[1, 1],
+                  probability=[0.5, 0.5], errors=["", ""])  # fmt: skip
+    assert prunable_chunks(tmp_path / "b.zarr", [], keep_rows=0) == []  # a patch grid: kept
 
 
 def test_checkpoint_writes_gitignore_and_untracks(tmp_path):
@@ -79,7 +84,7 @@ def test_a_run_resumes_from_a_checkout_without_the_left_out_maps(
     argv += ["--grid-images", "1"]
     main(argv)
     before = (run / "results.csv").read_text()
-    listed = checkpoint(run, ["pointing"], keep_rows=1)
+    listed = checkpoint(run, ["pointing"], keep_rows=1, small=0)  # 32 x 32 maps
     assert listed == [Path("stores/saliency.zarr/maps/c/1/0/0")]  # image 2 of 2
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
