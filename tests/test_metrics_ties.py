@@ -200,19 +200,22 @@ def test_random_ties_average_the_curves_of_the_sampled_orders() -> None:
     assert curve.ties == "random"
 
 
+class Counting(torch.nn.Module):
+    """The tiny model, recording the batch size of every forward call in ``calls``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model()
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.inner(x)
+
+
 def test_random_ties_cost_nothing_and_change_nothing_on_maps_without_ties() -> None:
-    calls: list[int] = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = tiny_model()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            calls.append(x.shape[0])
-            return self.inner(x)
-
     model = Counting()
+    calls = model.calls
     image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     distinct = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0)).float()
     saliency = distinct.view(1, 32, 32)
@@ -231,18 +234,8 @@ def test_random_ties_cost_nothing_and_change_nothing_on_maps_without_ties() -> N
 
 @pytest.mark.parametrize("preset", [gradmask_notebook_deletion, rise_insertion])
 def test_fixed_orders_in_the_random_pass_equal_their_own_curves_and_share_points(preset) -> None:
-    calls: list[int] = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = tiny_model()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            calls.append(x.shape[0])
-            return self.inner(x)
-
     model = Counting()
+    calls = model.calls
     image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     distinct = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(1)).float()
     for saliency in (tie_heavy_grid(0), distinct.view(1, 32, 32)):
