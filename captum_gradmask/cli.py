@@ -667,10 +667,15 @@ def _compare_command(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         print((Path(args.out) / "table.md").read_text())
-        left = f", {result.left_out} left out (not evaluated by every store)"
+        notes = []
+        if result.left_out:
+            notes.append(f"{result.left_out} left out (not evaluated by every store)")
+        if result.not_shared:
+            notes.append(f"{result.not_shared} in some stores' image lists only")
         print(
             f"{len(result.methods)} methods over {result.images} images"
-            f"{left if result.left_out else ''}; written to {args.out}: "
+            + "".join(f", {note}" for note in notes)
+            + f"; written to {args.out}: "
             + ", ".join(p.name for p in result.written)
         )
         return 0

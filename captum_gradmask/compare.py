@@ -141,12 +141,15 @@ class Comparison:
     Attributes:
         methods: one label per store, in the order given.
         images: images every store has evaluated (the rows compared).
-        left_out: images some store has evaluated and another has not (not compared).
+        left_out: images in every store's list that some store has evaluated and another
+            has not (not compared).
         reference: the method of ``paired.md`` (``None``: not written).
         summary: per method, per metric key ``(mean, low, high, n)`` in table units.
         paired: per method, per metric key ``(mean, low, high, n)`` of method minus reference.
         cost: per method ``{"forward": ..., "backward": ..., "seconds": ...}`` per image.
         written: the files written.
+        not_shared: images evaluated by a store but absent from another store's list (not
+            compared; e.g. files 1-400 of a 500-image store beside 100-image stores).
     """
 
     methods: list[str]
@@ -157,6 +160,7 @@ class Comparison:
     paired: dict[str, dict[str, tuple[float, float, float, int]]]
     cost: dict[str, dict[str, float]] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
+    not_shared: int = 0
 
 
 @dataclass
@@ -241,7 +245,7 @@ def compare_stores(
 
     first = opened[0]
     files = [str(f) for f in first.files[:]]
-    aligned, left_out = _shared_rows(opened, names)
+    aligned, left_out, not_shared = _shared_rows(opened, names)
     if not len(aligned[0]):
         raise ValueError(
             f"no image has been evaluated ({', '.join(names)}) in every store; run evaluate on "
@@ -271,7 +275,7 @@ def compare_stores(
         }
         for e in entries
     }
-    header = _header(len(rows), left_out, entries, opened, names)
+    header = _header(len(rows), left_out, not_shared, entries, opened, names)
     written = [out / "table.md", out / "ties.md", out / "results.csv"]
     (out / "table.md").write_text(header + markdown_table(summary, _HEADLINE))
     (out / "ties.md").write_text(header + markdown_table(summary, _TIES))
@@ -306,8 +310,9 @@ def compare_stores(
         (out / "cost.md").write_text(_cost_markdown(cost, reference, min(time_images, len(rows))))
         written.append(out / "cost.md")
     return Comparison(
-        labels, len(rows), left_out, reference, summary, paired, cost, sorted(written)
-    )
+        labels, len(rows), left_out, reference, summary, paired, cost, sorted(written),
+        not_shared,
+    )  # fmt: skip
 
 
 # --- checks --------------------------------------------------------------------------------
@@ -348,23 +353,26 @@ def _check_comparable(stores: list[StoredMaps], evaluation: str) -> None:
                 )
 
 
-def _shared_rows(stores: list[StoredMaps], names: list[str]) -> tuple[list[np.ndarray], int]:
+def _shared_rows(stores: list[StoredMaps], names: list[str]) -> tuple[list[np.ndarray], int, int]:
     """Each store's rows of the images every store has evaluated (under every evaluation in
-    ``names``), matched by file and in the first store's order, and how many images some store
-    has evaluated and another has not.
+    ``names``), matched by file and in the first store's order; how many images of every
+    store's list some store has evaluated and another has not; and how many evaluated images
+    are missing from some store's list.
 
     Raises:
         StoreMismatch: two stores explained one image for different targets (the file named).
     """
-    evaluated = []
+    evaluated, listed = [], []
     for store in stores:
         done = np.logical_and.reduce(
             [np.asarray(store.group[n]["done"][:], dtype=bool) for n in names]
         ) & ~store.skipped()  # fmt: skip
         files = [str(f) for f in store.files[:]]
         evaluated.append({files[row]: int(row) for row in np.flatnonzero(done)})
+        listed.append(set(files))
     common = [f for f in evaluated[0] if all(f in e for e in evaluated[1:])]
     every = set().union(*evaluated)
+    shared = every.intersection(*listed)
     aligned = [np.array([e[f] for f in common], dtype=np.int64) for e in evaluated]
     first_targets = stores[0].targets.oindex[aligned[0]]
     for store, rows in zip(stores[1:], aligned[1:], strict=True):
@@ -377,7 +385,7 @@ def _shared_rows(stores: list[StoredMaps], names: list[str]) -> tuple[list[np.nd
                 f"{int(store.targets.oindex[rows][differ[0]])}); compare stores of one target "
                 "policy"
             )
-    return aligned, len(every) - len(common)
+    return aligned, len(shared) - len(common), len(every) - len(shared)
 
 
 def _labels(stores: list[StoredMaps]) -> list[str]:
@@ -453,7 +461,12 @@ def markdown_table(
 
 
 def _header(
-    images: int, left_out: int, entries: list[_Entry], stores: list[StoredMaps], names: list[str]
+    images: int,
+    left_out: int,
+    not_shared: int,
+    entries: list[_Entry],
+    stores: list[StoredMaps],
+    names: list[str],
 ) -> str:
     settings: dict[str, Any] = {}
     for name in names:
@@ -461,6 +474,8 @@ def _header(
     text = f"{images} images evaluated by every store"
     if left_out:
         text += f" ({left_out} evaluated by some stores only are left out)"
+    if not_shared:
+        text += f"; {not_shared} more are in some stores' image lists only"
     fitted = [f"{e.label}: {int(e.fitted.sum())}" for e in entries if e.fitted.any()]
     if fitted:
         text += "; images a method was fitted on are left out of its row (" + ", ".join(fitted)

@@ -131,7 +131,7 @@ def test_stores_that_cannot_be_compared_are_refused_naming_the_field(
 
 
 def test_stores_of_other_image_lists_are_compared_over_the_files_they_share(
-    base: np.ndarray, tmp_path: Path
+    base: np.ndarray, tmp_path: Path, capsys
 ) -> None:
     # the second store: files img3..img11 (its rows 0-8) and three files the first lacks
     files = [*FILES[3:], "new0.png", "new1.png", "new2.png"]
@@ -141,7 +141,12 @@ def test_stores_of_other_image_lists_are_compared_over_the_files_they_share(
         _store(tmp_path / "b.zarr", "rollout", other, files=files),
     ]
     result = compare_stores(stores, tmp_path / "out", grid_images=0)
-    assert (result.images, result.left_out) == (9, 6)
+    assert (result.images, result.left_out, result.not_shared) == (9, 0, 6)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "9 images evaluated by every store; 6 more are in some stores' image lists only" in table
+    argv = ["compare", *map(str, stores), "--out", str(tmp_path / "cli"), "--grid-images", "0"]
+    assert main(argv) == 0
+    assert "over 9 images, 6 in some stores' image lists only;" in capsys.readouterr().out
     assert result.summary["gradmask-m4"]["insertion_notebook"][0] == pytest.approx(
         base[3:].mean(), rel=1e-6
     )
