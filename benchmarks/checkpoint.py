@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +35,15 @@ SMALL_MAP = 64 * 64
 
 
 def prunable_chunks(
-    store: str | Path, groups: Sequence[str], keep_rows: int, small: int = SMALL_MAP
+    store: str | Path,
+    groups: Sequence[str],
+    keep_rows: int | Iterable[int],
+    small: int = SMALL_MAP,
 ) -> list[Path]:
     """The ``maps`` chunk files of ``store`` (relative to it) whose images are all scored by
-    every group in ``groups`` (or not explained) and come after the first ``keep_rows``; none
-    when the store's maps have at most ``small`` values an image (patch grids)."""
+    every group in ``groups`` (or not explained) and hold none of ``keep_rows`` (a number:
+    the first rows; else the rows); none when the store's maps have at most ``small`` values
+    an image (patch grids)."""
     maps = open_maps(store)
     if np.prod(maps.maps.shape[1:]) <= small:
         return []
@@ -52,24 +56,30 @@ def prunable_chunks(
             scored[:] = False
     pending = done & ~scored
     size = maps.chunk_size
+    keep = range(keep_rows) if isinstance(keep_rows, int) else keep_rows
+    kept = {row // size for row in keep}
     out = []
     for chunk in Path(store, "maps", "c").glob("*"):
         first = int(chunk.name) * size
-        if first >= keep_rows and not pending[first : first + size].any():
+        if int(chunk.name) not in kept and not pending[first : first + size].any():
             out += [path.relative_to(store) for path in chunk.rglob("*") if path.is_file()]
     return sorted(out)
 
 
 def checkpoint(
-    run: str | Path, groups: Sequence[str], keep_rows: int = 4, small: int = SMALL_MAP
+    run: str | Path,
+    groups: Sequence[str],
+    keep_rows: int | Iterable[int] = 4,
+    small: int = SMALL_MAP,
 ) -> list[Path]:
     """Write ``run/.gitignore`` listing every store's prunable map chunks
     (:func:`prunable_chunks`) and untrack those that are committed; returns the listed paths
     (relative to ``run``)."""
     run = Path(run)
+    keep = keep_rows if isinstance(keep_rows, int) else list(keep_rows)
     listed = []
     for store in sorted(run.glob("stores/*.zarr")):
-        found = prunable_chunks(store, groups, keep_rows, small)
+        found = prunable_chunks(store, groups, keep, small)
         listed += [store.relative_to(run) / p for p in found]
     (run / ".gitignore").write_text(HEADER + "".join(f"/{p.as_posix()}\n" for p in listed))
     if listed:
@@ -88,10 +98,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--groups", required=True, help="comma-separated metric groups the run scores"
     )
-    parser.add_argument("--keep-rows", type=int, default=4, help="rows of grid.png (4)")
+    parser.add_argument(
+        "--keep-rows",
+        default="0:4",
+        help="rows whose maps stay, as START:STOP ranges, comma-separated: the rows grid.png "
+        "shows (default 0:4)",
+    )
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    listed = checkpoint(args.run, groups, args.keep_rows)
+    rows = []
+    for part in args.keep_rows.split(","):
+        start, sep, stop = part.partition(":")
+        if not sep or not start.strip().isdigit() or not stop.strip().isdigit():
+            parser.error(f"--keep-rows {args.keep_rows!r}: give START:STOP ranges (0:4,400:404)")
+        rows += range(int(start), int(stop))
+    listed = checkpoint(args.run, groups, rows)
     print(f"{args.run}: {len(listed)} map chunk files left out of git")
 
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("zarr")
 
-from benchmarks.checkpoint import checkpoint, prunable_chunks
+from benchmarks.checkpoint import checkpoint, main, prunable_chunks
 from captum_gradmask.store import create_store, open_maps
 
 
@@ -43,6 +43,7 @@ def test_keeps_grid_rows_and_unscored_images(tmp_path):
     assert all(p.parts[:2] == ("maps", "c") for p in paths)
     assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=0)) == [0, 1]
     assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == []
+    assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=[3])) == [0]
     patches = create_store(tmp_path / "b.zarr", ["0.png", "1.png"], (64, 64), chunk_size=1,
                            identity={"method": "demo"})  # fmt: skip
     patches.write([0, 1], maps=np.ones((2, 64, 64)), targets=[1, 1], predicted=[1, 1],
@@ -55,7 +56,8 @@ def test_checkpoint_writes_gitignore_and_untracks(tmp_path):
     run = tmp_path / "run"
     _store(run / "stores" / "m.zarr", explained=set(range(8)), scored=set(range(6)))
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
-    listed = checkpoint(run, ["notebook", "pointing"], keep_rows=2)
+    main([str(run), "--groups", "notebook,pointing", "--keep-rows", "0:2"])
+    listed = [Path(line[1:]) for line in (run / ".gitignore").read_text().splitlines()[1:]]
     assert _chunks(p.relative_to("stores/m.zarr") for p in listed) == [1, 2]
     tracked = subprocess.run(["git", "ls-files"], cwd=tmp_path, capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
