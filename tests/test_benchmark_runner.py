@@ -257,6 +257,34 @@ def test_first_image_selects_later_files(setup: tuple[Path, Path], tmp_path: Pat
         main([*argv, "--first-image", "2", "--images", "5", "--output", str(tmp_path / "x")])
 
 
+def test_runs_of_other_image_lists_compare_over_the_files_they_share(
+    setup: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """A 2-image run and a 1-image run of the second file: compare (the CLI) takes that file
+    from both, with the grid and the cost table, and its rows equal each run's own."""
+    from captum_gradmask.cli import main as cli
+
+    data, model = setup
+    both, second = tmp_path / "both", tmp_path / "second"
+    main(_argv(data, model, both, "saliency", "pointing"))
+    argv = _argv(data, model, second, "gradmask-m1", "pointing")
+    argv[argv.index("--images") + 1] = "1"
+    main([*argv, "--first-image", "2"])
+    out = tmp_path / "compare"
+    stores = [second / "stores" / "gradmask-m1.zarr", both / "stores" / "saliency.zarr"]
+    argv = ["compare", *map(str, stores), "--name", "pointing", "--out", str(out)]
+    assert cli([*argv, "--grid-images", "1", "--time-images", "1", "--device", "cpu"]) == 0
+    assert "over 1 images, 1 in some stores' image lists only" in capsys.readouterr().out
+    rows = _rows(out)
+    assert [(r["image"], r["method"], r["index"]) for r in rows] == [
+        ("img_1.png", "gradmask-m1", "0"),
+        ("img_1.png", "saliency", "0"),
+    ]
+    own = {r["method"]: r for r in _rows(both) + _rows(second) if r["image"] == "img_1.png"}
+    assert all(r["pointing_15"] == own[r["method"]]["pointing_15"] for r in rows)
+    assert (out / "grid.png").is_file() and "| saliency |" in (out / "cost.md").read_text()
+
+
 def test_gate_training_files_come_from_the_gate_record(
     setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
