@@ -40,10 +40,12 @@ def prunable_chunks(
     keep_rows: int | Iterable[int],
     small: int = SMALL_MAP,
 ) -> list[Path]:
-    """The ``maps`` chunk files of ``store`` (relative to it) whose images are all scored by
-    every group in ``groups`` (or not explained) and hold none of ``keep_rows`` (a number:
-    the first rows; else the rows); none when the store's maps have at most ``small`` values
-    an image (patch grids)."""
+    """What of ``store`` (paths relative to it) stays out of git: nothing when its maps have at
+    most ``small`` values an image (patch grids); the whole store (``Path(".")``) while some
+    explained image is not yet scored by every group in ``groups`` (its large maps would be
+    needed, and committing them bloats the history: a resumed run explains it again); else
+    the ``maps`` chunk files holding none of ``keep_rows`` (a number: the first rows; else the
+    rows)."""
     maps = open_maps(store)
     if np.prod(maps.maps.shape[1:]) <= small:
         return []
@@ -55,13 +57,14 @@ def prunable_chunks(
         else:
             scored[:] = False
     pending = done & ~scored
+    if pending.any():
+        return [Path(".")]
     size = maps.chunk_size
     keep = range(keep_rows) if isinstance(keep_rows, int) else keep_rows
     kept = {row // size for row in keep}
     out = []
     for chunk in Path(store, "maps", "c").glob("*"):
-        first = int(chunk.name) * size
-        if int(chunk.name) not in kept and not pending[first : first + size].any():
+        if int(chunk.name) not in kept:
             out += [path.relative_to(store) for path in chunk.rglob("*") if path.is_file()]
     return sorted(out)
 
@@ -84,7 +87,7 @@ def checkpoint(
     (run / ".gitignore").write_text(HEADER + "".join(f"/{p.as_posix()}\n" for p in listed))
     if listed:
         subprocess.run(
-            ["git", "rm", "-q", "--cached", "--ignore-unmatch", "--", *map(str, listed)],
+            ["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", *map(str, listed)],
             cwd=run,
             check=True,
             stdout=subprocess.DEVNULL,

@@ -37,13 +37,14 @@ def _chunks(paths):
 def test_keeps_grid_rows_and_unscored_images(tmp_path):
     # chunks: 0 = rows 0-1 (grid), 1 = 2-3 scored, 2 = 4-5 (5 explained, not scored), 3 = 6-7
     # not explained
-    path = _store(tmp_path / "a.zarr", explained={0, 1, 2, 3, 4, 5}, scored={0, 1, 2, 3, 4})
+    path = _store(tmp_path / "a.zarr", explained={0, 1, 2, 3, 4}, scored={0, 1, 2, 3, 4})
     paths = prunable_chunks(path, ["notebook", "pointing"], keep_rows=2)
-    assert _chunks(paths) == [1]
+    assert _chunks(paths) == [1, 2]
     assert all(p.parts[:2] == ("maps", "c") for p in paths)
-    assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=0)) == [0, 1]
-    assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == []
-    assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=[3])) == [0]
+    assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=0)) == [0, 1, 2]
+    assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=[3])) == [0, 2]
+    # an explained image not yet scored by every group: the whole store stays out
+    assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == [Path(".")]
     patches = create_store(tmp_path / "b.zarr", ["0.png", "1.png"], (64, 64), chunk_size=1,
                            identity={"method": "demo"})  # fmt: skip
     patches.write([0, 1], maps=np.ones((2, 64, 64)), targets=[1, 1], predicted=[1, 1],
@@ -54,19 +55,22 @@ def test_keeps_grid_rows_and_unscored_images(tmp_path):
 def test_checkpoint_writes_gitignore_and_untracks(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     run = tmp_path / "run"
-    _store(run / "stores" / "m.zarr", explained=set(range(8)), scored=set(range(6)))
+    _store(run / "stores" / "m.zarr", explained=set(range(6)), scored=set(range(6)))
+    _store(run / "stores" / "p.zarr", explained=set(range(8)), scored=set(range(6)))
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
     main([str(run), "--groups", "notebook,pointing", "--keep-rows", "0:2"])
     listed = [Path(line[1:]) for line in (run / ".gitignore").read_text().splitlines()[1:]]
+    assert Path("stores/p.zarr") in listed  # images 6-7 explained, not scored
+    listed.remove(Path("stores/p.zarr"))
     assert _chunks(p.relative_to("stores/m.zarr") for p in listed) == [1, 2]
     tracked = subprocess.run(["git", "ls-files"], cwd=tmp_path, capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
-    assert "m.zarr/maps/c/0/" in tracked and "m.zarr/maps/c/3/" in tracked
+    assert "m.zarr/maps/c/0/" in tracked and "m.zarr/done/" in tracked and "p.zarr" not in tracked
     assert "m.zarr/maps/c/1/" not in tracked and "m.zarr/maps/c/2/" not in tracked
     ignored = (run / ".gitignore").read_text()
     assert "/stores/m.zarr/maps/c/1/0/0" in ignored
     assert (run / "stores/m.zarr/maps/c/1/0/0").is_file()  # nothing deleted
-    assert open_maps(run / "stores" / "m.zarr").done[:].all()
+    assert open_maps(run / "stores" / "p.zarr").done[:].all()
 
 
 def test_a_run_resumes_from_a_checkout_without_the_left_out_maps(
