@@ -5,7 +5,8 @@ on only through what is committed. Everything in a run folder is small except th
 pixel-level methods (224 x 224 floats per image; patch grids are kept). Once an image is
 scored by every metric group the run asks for, its map is needed again only for ``grid.png``
 (the first rows), so this tool lists in ``RUN/.gitignore`` the map chunks whose images are all
-scored and lie beyond ``--keep-rows``, and takes already committed ones out of the index. A
+scored and lie beyond ``--keep-rows`` (a pixel-level store with explained images not yet
+scored is listed whole), and takes already committed ones out of the index. A
 resumed run finds those images explained and scored and does no work for them; ``compare``
 reads their scores, and the grid's rows keep their maps. Nothing is deleted from this machine.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from captum_gradmask.store import open_maps
 
-HEADER = "# written by python -m benchmarks.checkpoint: map chunks of fully scored images\n"
+HEADER = "# written by python -m benchmarks.checkpoint: large maps git does not keep\n"
 
 
 #: Maps of at most this many values an image (patch grids) are small and always kept.
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--keep-rows {args.keep_rows!r}: give START:STOP ranges (0:4,400:404)")
         rows += range(int(start), int(stop))
     listed = checkpoint(args.run, groups, rows)
-    print(f"{args.run}: {len(listed)} map chunk files left out of git")
+    print(f"{args.run}: {len(listed)} map chunk files or part-scored stores left out of git")
 
 
 if __name__ == "__main__":
