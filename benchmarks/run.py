@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -195,12 +196,16 @@ def write_source(data: str | Path, first_image: int, images: int, path: str | Pa
             f"{first_image}..{first_image + images - 1} are not all there"
         )
     path = Path(path)
-    with path.open("w", newline="") as handle:
+    # written beside and renamed: a run started at the same moment in the same folder (another
+    # method, see benchmarks/runs/resume.sh) never reads a half-written list
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    with partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "label", "synset", *BOX_COLUMNS])
         for file, entry in annotated.items():
             for box in entry.boxes or [["", "", "", ""]]:
                 writer.writerow([str(root / file), entry.label, entry.synset, *box])
+    os.replace(partial, path)
     return path
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.run import gate_training_files, main, method_options, parse_args
+from benchmarks.run import gate_training_files, main, method_options, parse_args, write_source
 from captum_gradmask.store import open_maps
 
 from .models import tiny_hf_vit
@@ -255,6 +255,21 @@ def test_first_image_selects_later_files(setup: tuple[Path, Path], tmp_path: Pat
         parse_args([*argv, "--first-image", "0"])
     with pytest.raises(SystemExit, match="not all there"):
         main([*argv, "--first-image", "2", "--images", "5", "--output", str(tmp_path / "x")])
+
+
+def test_source_list_is_replaced_whole(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Rewriting ``source.csv`` (another method's run starting in the same folder) replaces the
+    file by a rename: a reader that opened the old list still reads all of it, never a
+    truncated one, and no partial file is left beside it."""
+    data, _ = setup
+    (tmp_path / "run").mkdir()
+    path = write_source(data, 1, 2, tmp_path / "run" / "source.csv")
+    with path.open() as reader:
+        assert write_source(data, 2, 1, path) == path  # rewritten while `reader` is open
+        assert len(list(csv.DictReader(reader))) == 2  # the whole first list
+    with path.open() as handle:
+        assert [Path(r["file"]).name for r in csv.DictReader(handle)] == ["img_1.png"]
+    assert [p.name for p in path.parent.iterdir()] == ["source.csv"]
 
 
 def test_runs_of_other_image_lists_compare_over_the_files_they_share(

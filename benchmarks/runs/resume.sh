@@ -1,28 +1,82 @@
 #!/usr/bin/env bash
-# Start (or resume) the long benchmark runs in the background, one process per core (lanes a
-# and b), each holding a lock so that running this twice starts nothing new. Each lane runs
-# its commands in order; a finished command redoes nothing when run again. See README.md.
+# Start (or resume) the long benchmark runs in the background: two lanes, one process and one
+# core each, share one list of units (a unit: one method's store in a run folder, or one
+# configuration of the paper's analyses). Lane a takes the units in order and lane b from the
+# end, so they meet wherever the work splits evenly; a unit's lock keeps the other lane off
+# it, and a finished unit redoes nothing, so running this again resumes. See README.md.
+#
+#   bash benchmarks/runs/resume.sh            # start both lanes (logs .a.log, .b.log)
+#   bash benchmarks/runs/resume.sh --lane a   # run lane a in the foreground
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+script=$(realpath "$0")
+cd "$(dirname "$script")/../.."
 runs=benchmarks/runs
 python=${PYTHON:-python}  # the environment the project is installed in
-lane() {  # lane NAME SCRIPT: run the bash SCRIPT under NAME's lock, output in .NAME.log
-    (setsid nohup flock -n "$runs/.$1.lock" bash -ec "$2" >>"$runs/.$1.log" 2>&1 &)
-}
+
 run="$python -m benchmarks.run --threads 1 --quiet --metrics notebook,pointing,adcc --seed 0"
-# the five peers of the 500-image table and GradMask m = 4: their 100-image rows come from the
-# 500-image stores (compare matches images by file); libragrad-fullgrad is libragrad's alias
-peers_a=gradmask-m4,libragrad,attnlrp,chefer-gae
-peers_b=tis,vit-reciprocam
-others=gradmask-m1,gradmask-mheads,gradmask-fast,gradmask-libragrad,saliency,input-x-gradient
-others+=,integrated-gradients,gradient-shap,smoothgrad,occlusion,feature-ablation,kernel-shap
-others+=,layer-gradcam,rollout,vit-reciprocam-1x1,libragrad-ixg,libragrad-ig,rise,diffmask
-lane a "
-$run --first-image 401 --images 100 --chunk-size 4 --methods $others --output $runs/validation-100
-$run --first-image 1 --images 500 --chunk-size 10 --methods $peers_a --output $runs/bench-500-a
-"
-lane b "
-$python -m benchmarks.paper_analyses --first-image 401 --images 100 --threads 1 --time-images 5 \
-    --chunk-size 4 --quiet --output $runs/paper-100 --figures $runs/paper-100/paper
-$run --first-image 1 --images 500 --chunk-size 10 --methods $peers_b --output $runs/bench-500-b
-"
+validation="$run --first-image 401 --images 100 --chunk-size 4 --output $runs/validation-100"
+bench_a="$run --first-image 1 --images 500 --chunk-size 10 --output $runs/bench-500-a"
+bench_b="$run --first-image 1 --images 500 --chunk-size 10 --output $runs/bench-500-b"
+paper="$python -m benchmarks.paper_analyses --first-image 401 --images 100 --threads 1"
+paper+=" --chunk-size 4 --quiet --output $runs/paper-100 --figures $runs/paper-100/paper"
+
+units=()  # "lock name|command", about in order of cost
+# every method but the six of the 500-image table (compare takes files 401-500 from their
+# stores) and libragrad-fullgrad (libragrad's alias), on files 401-500
+for method in gradmask-m1 gradmask-mheads gradmask-fast gradmask-libragrad saliency \
+    input-x-gradient integrated-gradients gradient-shap smoothgrad occlusion feature-ablation \
+    kernel-shap layer-gradcam rollout vit-reciprocam-1x1 libragrad-ixg libragrad-ig rise \
+    diffmask; do
+    units+=("validation-100.$method|$validation --methods $method")
+done
+# GradMask m = 4 and the five peers on files 1-500 (two folders, as the runs began)
+for method in gradmask-m4 libragrad attnlrp chefer-gae; do
+    units+=("bench-500-a.$method|$bench_a --methods $method")
+done
+units+=("bench-500-b.vit-reciprocam|$bench_b --methods vit-reciprocam")
+# the paper's analyses on files 401-500, one configuration a unit (store name: --only name)
+paper_configs=(
+    "ablation-gradients-alone:gradients alone" "ablation-masks-alone:masks alone"
+    "gradmask-m1:m=1" "gradmask-m2:m=2" "gradmask-m4-layers-first6:first 6"
+    "gradmask-m4-layers-last6:last 6" "gradmask-m3:m=3" "ablation-random-masks:random masks"
+    "gradmask-m4-no-clamp:no clamp" "gradmask-m4:GradMask m=4" "gradmask-m4-layers-all:all"
+    "gradmask-m6:m=6" "gradmask-m8:m=8" "gradmask-m12:m=12" "gradmask-m16:m=16"
+    "gradmask-m24:m=24" "gradmask-m48:m=48"
+)
+paper_locks=()
+for entry in "${paper_configs[@]}"; do
+    units+=("paper-100.${entry%%:*}|$paper --only '${entry#*:}'")
+    paper_locks+=("$runs/.unit.paper-100.${entry%%:*}.lock")
+done
+units+=("bench-500-b.tis|$bench_b --methods tis")
+
+lane() {  # lane a|b: every unit once (b from the end), then lane a draws the paper's figures
+    local order=("${!units[@]}") i name command code
+    if [ "$1" = b ]; then
+        mapfile -t order < <(printf '%s\n' "${order[@]}" | tac)
+    fi
+    for i in "${order[@]}"; do
+        name=${units[$i]%%|*} command=${units[$i]#*|}
+        code=0
+        flock -n -E 75 "$runs/.unit.$name.lock" bash -c "$command" || code=$?
+        case $code in
+            0) echo "$(date -u +%FT%TZ) done: $name" ;;
+            75) echo "$(date -u +%FT%TZ) skipped (the other lane has it): $name" ;;
+            *) echo "$(date -u +%FT%TZ) FAILED ($code): $name" ;;
+        esac
+    done
+    if [ "$1" = a ]; then  # every configuration's lock held: compare them all, with costs
+        local wait=()
+        for lock in "${paper_locks[@]}"; do wait+=(flock "$lock"); done
+        "${wait[@]}" bash -c "$paper --time-images 5" && echo "$(date -u +%FT%TZ) done: paper"
+    fi
+}
+
+if [ "${1:-}" = --lane ]; then
+    lane "$2"
+    exit
+fi
+for name in a b; do
+    (setsid nohup flock -n "$runs/.$name.lock" bash "$script" --lane "$name" \
+        >>"$runs/.$name.log" 2>&1 &)
+done
