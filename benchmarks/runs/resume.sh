@@ -66,9 +66,9 @@ lane() {  # lane a|b: every unit once (b from the end), then lane a draws the pa
         esac
     done
     if [ "$1" = a ]; then  # every configuration's lock held: compare them all, with costs
-        local wait=()
-        for lock in "${paper_locks[@]}"; do wait+=(flock "$lock"); done
-        "${wait[@]}" bash -c "$paper --time-images 5" && echo "$(date -u +%FT%TZ) done: paper"
+        local locked=()
+        for lock in "${paper_locks[@]}"; do locked+=(flock "$lock"); done
+        "${locked[@]}" bash -c "$paper --time-images 5" && echo "$(date -u +%FT%TZ) done: paper"
     fi
 }
 
