@@ -5,8 +5,9 @@ on only through what is committed. Everything in a run folder is small except th
 pixel-level methods (224 x 224 floats per image; patch grids are kept). Once an image is
 scored by every metric group the run asks for, its map is needed again only for ``grid.png``
 (the first rows), so this tool lists in ``RUN/.gitignore`` the map chunks whose images are all
-scored and lie beyond ``--keep-rows`` (a pixel-level store with explained images not yet
-scored is listed whole), and takes already committed ones out of the index. A
+scored and lie beyond ``--keep-rows`` (a chunk with an explained image not yet scored is
+committed: another machine scores it from there), and takes already committed ones out of
+the index. A
 resumed run finds those images explained and scored and does no work for them; ``compare``
 reads their scores, and the grid's rows keep their maps. Nothing is deleted from this machine.
 
@@ -42,11 +43,10 @@ def prunable_chunks(
     small: int = SMALL_MAP,
 ) -> list[Path]:
     """What of ``store`` (paths relative to it) stays out of git: nothing when its maps have at
-    most ``small`` values an image (patch grids); the whole store (``Path(".")``) while some
-    explained image is not yet scored by every group in ``groups`` (its large maps would be
-    needed, and committing them bloats the history: a resumed run explains it again); else
-    the ``maps`` chunk files holding none of ``keep_rows`` (a number: the first rows; else the
-    rows)."""
+    most ``small`` values an image (patch grids); else the ``maps`` chunk files holding none of
+    ``keep_rows`` (a number: the first rows; else the rows) and no explained image that some
+    group in ``groups`` has not scored yet (its map is needed to score it on another
+    machine; ``benchmarks.run --score-every`` keeps such images few)."""
     maps = open_maps(store)
     if np.prod(maps.maps.shape[1:]) <= small:
         return []
@@ -57,12 +57,10 @@ def prunable_chunks(
             scored &= np.asarray(maps.group[group]["done"][:], dtype=bool)
         else:
             scored[:] = False
-    pending = done & ~scored
-    if pending.any():
-        return [Path(".")]
     size = maps.chunk_size
     keep = range(keep_rows) if isinstance(keep_rows, int) else keep_rows
-    kept = {row // size for row in keep}
+    unscored = np.flatnonzero(done & ~scored)
+    kept = {row // size for row in keep} | {int(row) // size for row in unscored}
     out = []
     for chunk in Path(store, "maps", "c").glob("*"):
         if int(chunk.name) not in kept:
@@ -117,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--keep-rows {args.keep_rows!r}: give START:STOP ranges (0:4,400:404)")
         rows += range(int(start), int(stop))
     listed = checkpoint(args.run, groups, rows)
-    print(f"{args.run}: {len(listed)} map chunk files or part-scored stores left out of git")
+    print(f"{args.run}: {len(listed)} map chunk files left out of git")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ A thin driver over the library (see ``docs/benchmarks.md``). For the chosen imag
 source list ``OUTPUT/source.csv``, explains the images with each method into
 ``OUTPUT/stores/<method>.zarr`` (:func:`~captum_gradmask.explain_dataset.explain_dataset`),
 scores each store with each metric group into the store's evaluation of that name
-(:func:`~captum_gradmask.evaluation.evaluate_store`), and compares the stores into ``OUTPUT``
+(:func:`~captum_gradmask.evaluation.evaluate_store`; ``--score-every`` images at a time,
+explaining and scoring in turn), and compares the stores into ``OUTPUT``
 (:func:`~captum_gradmask.compare.compare_stores`: ``table.md``, ``paired.md``, ``ties.md``,
 ``results.csv``, ``grid.png`` and, with ``--time-images``, ``cost.md``).
 
@@ -121,6 +122,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="images per store chunk, the unit a killed run loses (new stores only; default 32)",
     )
     parser.add_argument(
+        "--score-every",
+        type=int,
+        default=32,
+        help="explain this many images, score them with every metric group, and go on: a "
+        "killed run keeps the scores of all but one block (default 32)",
+    )
+    parser.add_argument(
         "--amp-dtype",
         choices=sorted(AMP_DTYPES),
         default=None,
@@ -154,7 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     for name in (
         "images", "first_image", "metric_perturbations_per_eval", "images_per_call",
-        "bootstrap", "tie_samples", "sensitivity_samples",
+        "bootstrap", "tie_samples", "sensitivity_samples", "score_every",
     ):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -269,24 +277,30 @@ def run(args: argparse.Namespace) -> Path:
         store = output / "stores" / f"{name}.zarr"
         try:
             options = method_options(name, args)
-            explain_dataset(
-                images, model, store, method=name, method_options=options,
-                target=args.target, batch_size=args.images_per_call,
-                chunk_size=args.chunk_size, num_workers=0, model_info=model_info,
-                show_progress=not args.quiet,
-            )  # fmt: skip
+            # explain a block, score it with every group, repeat: a killed run loses at most
+            # one block's scores, and a checkpoint commits few maps not yet scored
+            while True:
+                block = explain_dataset(
+                    images, model, store, method=name, method_options=options,
+                    target=args.target, batch_size=args.images_per_call,
+                    chunk_size=args.chunk_size, num_workers=0, model_info=model_info,
+                    show_progress=not args.quiet, max_images=args.score_every,
+                )  # fmt: skip
+                for group in groups:
+                    evaluate_store(
+                        store, images, model, metrics=[group], name=group,
+                        batch_size=args.images_per_call, num_workers=0,
+                        perturbations_per_eval=args.metric_perturbations_per_eval,
+                        tie_samples=args.tie_samples,
+                        sensitivity_samples=args.sensitivity_samples, seed=args.seed,
+                        n_resamples=args.bootstrap, show_progress=not args.quiet,
+                    )  # fmt: skip
+                if block.written < args.score_every:
+                    break
         except MethodUnavailable as error:
             skipped[name] = str(error)
             print(f"skipping {name}: {error}", file=sys.stderr)
             continue
-        for group in groups:
-            evaluate_store(
-                store, images, model, metrics=[group], name=group,
-                batch_size=args.images_per_call, num_workers=0,
-                perturbations_per_eval=args.metric_perturbations_per_eval,
-                tie_samples=args.tie_samples, sensitivity_samples=args.sensitivity_samples,
-                seed=args.seed, n_resamples=args.bootstrap, show_progress=not args.quiet,
-            )  # fmt: skip
         stores.append(store)
     (output / "config.json").write_text(
         json.dumps(

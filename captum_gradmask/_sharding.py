@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["barrier", "process_group", "rank0_first", "shard"]
+__all__ = ["barrier", "first_rows", "process_group", "rank0_first", "shard"]
 
 T = TypeVar("T")
 
@@ -42,6 +42,17 @@ def shard(
         rows = (np.flatnonzero(~done[start : start + chunk_size]) + start).tolist()
         batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return mine, batches
+
+
+def first_rows(batches: list[list[int]], count: int) -> list[list[int]]:
+    """The batches holding the first ``count`` rows of ``batches`` (the last one cut)."""
+    out: list[list[int]] = []
+    for rows in batches:
+        if count <= 0:
+            break
+        out.append(rows[:count])
+        count -= len(out[-1])
+    return out
 
 
 @contextlib.contextmanager

@@ -165,6 +165,7 @@ def explain_dataset(
     num_workers: int | None = None,
     model_info: Mapping[str, Any] | None = None,
     show_progress: bool = True,
+    max_images: int | None = None,
 ) -> RunSummary:
     """Explain every image of ``dataset`` into the map store ``out`` (created, or resumed).
 
@@ -191,6 +192,9 @@ def explain_dataset(
         model_info: more about the model to record (e.g. ``{"spec": ..., "weights": ...}``,
             what the CLI passes and ``evaluate`` reloads).
         show_progress: a progress bar (images/s) on rank 0.
+        max_images: explain at most this many of the images not yet done (per process) and
+            return; a later call goes on. A caller alternates explaining and scoring this way,
+            so that a killed run leaves few explained images unscored (default: all).
 
     Returns:
         A :class:`RunSummary` of this rank's work.
@@ -207,6 +211,8 @@ def explain_dataset(
     policy = _check_target(target)
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
+    if max_images is not None:
+        check_positive_int(max_images, "max_images")
     if policy == "label" and getattr(dataset, "labels", ()) is None:
         raise ValueError(
             "`target`='label' needs labels, and this dataset has none (a flat folder, or a CSV "
@@ -265,6 +271,9 @@ def explain_dataset(
             lambda: open_maps(out, mode="r+"),
         )
         chunks, batches = _sharding.shard(store.done[:], store.chunk_size, batch_size, rank, world)
+        if max_images is not None:
+            batches = _sharding.first_rows(batches, max_images)
+            chunks = sorted({rows[0] // store.chunk_size for rows in batches})
         _sharding.barrier(world, device)  # every rank has read `done` before any writes
         loader = datasets.loader(dataset, batches, input_shape, num_workers, pin_memory)
         total = sum(len(b) for b in batches)

@@ -43,8 +43,10 @@ def test_keeps_grid_rows_and_unscored_images(tmp_path):
     assert all(p.parts[:2] == ("maps", "c") for p in paths)
     assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=0)) == [0, 1, 2]
     assert _chunks(prunable_chunks(path, ["notebook", "pointing"], keep_rows=[3])) == [0, 2]
-    # an explained image not yet scored by every group: the whole store stays out
-    assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == [Path(".")]
+    # explained images not yet scored by every group: their chunks stay in
+    assert prunable_chunks(path, ["notebook", "pointing", "adcc"], keep_rows=0) == []
+    part = _store(tmp_path / "c.zarr", explained={0, 1, 2, 3, 4, 5}, scored={0, 1, 2, 4, 5})
+    assert _chunks(prunable_chunks(part, ["notebook", "pointing"], keep_rows=0)) == [0, 2]
     patches = create_store(tmp_path / "b.zarr", ["0.png", "1.png"], (64, 64), chunk_size=1,
                            identity={"method": "demo"})  # fmt: skip
     patches.write([0, 1], maps=np.ones((2, 64, 64)), targets=[1, 1], predicted=[1, 1],
@@ -60,13 +62,15 @@ def test_checkpoint_writes_gitignore_and_untracks(tmp_path):
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
     main([str(run), "--groups", "notebook,pointing", "--keep-rows", "0:2"])
     listed = [Path(line[1:]) for line in (run / ".gitignore").read_text().splitlines()[1:]]
-    assert Path("stores/p.zarr") in listed  # images 6-7 explained, not scored
-    listed.remove(Path("stores/p.zarr"))
-    assert _chunks(p.relative_to("stores/m.zarr") for p in listed) == [1, 2]
+    in_p = [p.relative_to("stores/p.zarr") for p in listed if p.parts[1] == "p.zarr"]
+    assert _chunks(in_p) == [1, 2]  # chunk 3: images 6-7 explained, not scored
+    in_m = [p.relative_to("stores/m.zarr") for p in listed if p.parts[1] == "m.zarr"]
+    assert _chunks(in_m) == [1, 2] and len(in_m) + len(in_p) == len(listed)
     tracked = subprocess.run(["git", "ls-files"], cwd=tmp_path, capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
-    assert "m.zarr/maps/c/0/" in tracked and "m.zarr/done/" in tracked and "p.zarr" not in tracked
+    assert "m.zarr/maps/c/0/" in tracked and "m.zarr/done/" in tracked
     assert "m.zarr/maps/c/1/" not in tracked and "m.zarr/maps/c/2/" not in tracked
+    assert "p.zarr/maps/c/3/" in tracked and "p.zarr/maps/c/2/" not in tracked
     ignored = (run / ".gitignore").read_text()
     assert "/stores/m.zarr/maps/c/1/0/0" in ignored
     assert (run / "stores/m.zarr/maps/c/1/0/0").is_file()  # nothing deleted

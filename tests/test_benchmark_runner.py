@@ -272,6 +272,42 @@ def test_source_list_is_replaced_whole(setup: tuple[Path, Path], tmp_path: Path)
     assert [p.name for p in path.parent.iterdir()] == ["source.csv"]
 
 
+def test_score_every_alternates_explaining_and_scoring(
+    setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--score-every 1`` each image is scored by every group before the next one is
+    explained (a run killed between them leaves no explained image unscored); the default
+    explains both images first."""
+    from captum_gradmask import evaluation, explain_dataset
+
+    data, model = setup
+    calls: list[tuple[str, int]] = []
+    explain, evaluate = explain_dataset._explain_batch, evaluation._evaluate_batch
+
+    def spy_explain(method, model, batch, *args, **kwargs):
+        calls.extend(("explain", int(i)) for i in batch.indices)
+        return explain(method, model, batch, *args, **kwargs)
+
+    def spy_evaluate(store, dataset, model, explainer, batch, groups, *args, **kwargs):
+        calls.extend((f"score {'+'.join(groups)}", int(i)) for i in batch.indices)
+        return evaluate(store, dataset, model, explainer, batch, groups, *args, **kwargs)
+
+    monkeypatch.setattr(explain_dataset, "_explain_batch", spy_explain)
+    monkeypatch.setattr(evaluation, "_evaluate_batch", spy_evaluate)
+    argv = _argv(data, model, tmp_path / "one", "saliency", "notebook,pointing")
+    main([*argv, "--score-every", "1"])
+    assert calls == [
+        ("explain", 0), ("score notebook", 0), ("score pointing", 0),
+        ("explain", 1), ("score notebook", 1), ("score pointing", 1),
+    ]  # fmt: skip
+    calls.clear()
+    main(_argv(data, model, tmp_path / "all", "saliency", "notebook,pointing"))
+    assert calls[:2] == [("explain", 0), ("explain", 1)]
+    assert (tmp_path / "one" / "results.csv").read_text() == (
+        tmp_path / "all" / "results.csv"
+    ).read_text()
+
+
 def test_runs_of_other_image_lists_compare_over_the_files_they_share(
     setup: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:

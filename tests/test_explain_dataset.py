@@ -237,6 +237,27 @@ def test_amp_dtype_is_part_of_a_stores_identity(
     assert explained.sum() == 6 and difference.max() <= 0.05 * fp32_maps[explained].max()
 
 
+def test_max_images_explains_that_many_pending_images_a_call(
+    model_and_images, tmp_path: Path
+) -> None:
+    """Calls of ``max_images=3`` take the pending rows in order, 3 at a time (a batch cut at
+    the limit), and end with the maps of one call over everything."""
+    model, images = model_and_images
+    out = tmp_path / "maps.zarr"
+    steps = []
+    for _ in range(4):
+        run = _run(images, model, out, max_images=3)
+        steps.append((run.written, open_maps(out).done[:].tolist()))
+    assert [written for written, _ in steps] == [3, 3, 1, 0]
+    assert steps[0][1] == [True] * 3 + [False] * 4
+    assert steps[1][1] == [True] * 6 + [False]
+    assert steps[2][1] == [True] * 7
+    whole = _run(images, model, tmp_path / "whole.zarr")
+    np.testing.assert_allclose(open_maps(out).maps[:], open_maps(whole.store).maps[:], atol=1e-6)
+    with pytest.raises(ValueError, match="`max_images`"):
+        _run(images, model, tmp_path / "c.zarr", max_images=0)
+
+
 def test_bad_arguments_are_named(model_and_images, tmp_path: Path, monkeypatch) -> None:
     model, images = model_and_images
     with pytest.raises(ValueError, match="`target`"):

@@ -14,9 +14,9 @@ runs=benchmarks/runs
 python=${PYTHON:-python}  # the environment the project is installed in
 
 run="$python -m benchmarks.run --threads 1 --quiet --metrics notebook,pointing,adcc --seed 0"
-validation="$run --first-image 401 --images 100 --chunk-size 4 --output $runs/validation-100"
-bench_a="$run --first-image 1 --images 500 --chunk-size 10 --output $runs/bench-500-a"
-bench_b="$run --first-image 1 --images 500 --chunk-size 10 --output $runs/bench-500-b"
+validation="$run --first-image 401 --images 100 --chunk-size 4 --score-every 4 --output $runs/validation-100"
+bench_a="$run --first-image 1 --images 500 --chunk-size 10 --score-every 10 --output $runs/bench-500-a"
+bench_b="$run --first-image 1 --images 500 --chunk-size 10 --score-every 10 --output $runs/bench-500-b"
 paper="$python -m benchmarks.paper_analyses --first-image 401 --images 100 --threads 1"
 paper+=" --chunk-size 4 --quiet --output $runs/paper-100 --figures $runs/paper-100/paper"
 
