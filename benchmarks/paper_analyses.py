@@ -41,15 +41,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL
+from benchmarks._common import DEFAULT_DATA, DEFAULT_MODEL, explain_and_score
 from benchmarks.run import write_source
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask._utils import TargetType
 from captum_gradmask.cli import _recorded_spec
 from captum_gradmask.compare import Comparison, compare_stores
 from captum_gradmask.datasets import open_source
-from captum_gradmask.evaluation import evaluate_store
-from captum_gradmask.explain_dataset import explain_dataset
 from captum_gradmask.models import load_model
 from captum_gradmask.registry import ConfiguredMethod, build_method, method_label
 
@@ -224,13 +222,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="images per store chunk (default 32)"
     )
+    parser.add_argument(
+        "--score-every", type=int, default=32, help="images explained, then scored, at a time"
+    )
     parser.add_argument("--seed", type=int, default=0, help="tie orders and bootstraps")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in ("images", "first_image", "tie_samples", "images_per_call", "bootstrap"):
+    for name in (
+        "images", "first_image", "tie_samples", "images_per_call", "bootstrap", "score_every",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -262,19 +265,14 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
         options: dict[str, Any] | None = dict(config.options)
         if config.method == ABLATION:
             method, options = config.build(model), None
-        explain_dataset(
-            images, model, store, method=method, method_options=options, target="label",
-            batch_size=args.images_per_call, chunk_size=args.chunk_size, num_workers=0,
-            model_info=model_info, show_progress=not args.quiet,
+        explain_and_score(
+            images, model, store, method=method, method_options=options,
+            groups=METRIC_GROUPS, score_every=args.score_every,
+            batch_size=args.images_per_call, chunk_size=args.chunk_size,
+            model_info=model_info, perturbations_per_eval=args.metric_perturbations_per_eval,
+            tie_samples=args.tie_samples, seed=args.seed, n_resamples=args.bootstrap,
+            show_progress=not args.quiet,
         )  # fmt: skip
-        for group in METRIC_GROUPS:
-            evaluate_store(
-                store, images, model, metrics=[group], name=group,
-                batch_size=args.images_per_call, num_workers=0,
-                perturbations_per_eval=args.metric_perturbations_per_eval,
-                tie_samples=args.tie_samples, seed=args.seed, n_resamples=args.bootstrap,
-                show_progress=not args.quiet,
-            )  # fmt: skip
     return compare(args, selected, reference, model, images)
 
 

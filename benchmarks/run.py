@@ -34,12 +34,17 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import DEFAULT_DATA, DEFAULT_GATE, DEFAULT_MODEL, REPO
+from benchmarks._common import (
+    DEFAULT_DATA,
+    DEFAULT_GATE,
+    DEFAULT_MODEL,
+    REPO,
+    explain_and_score,
+)
 from captum_gradmask.cli import _recorded_spec, add_zero_shot_arguments, zero_shot_labels
 from captum_gradmask.compare import compare_stores
 from captum_gradmask.datasets import open_source
-from captum_gradmask.evaluation import METRIC_COLUMNS, evaluate_store
-from captum_gradmask.explain_dataset import explain_dataset
+from captum_gradmask.evaluation import METRIC_COLUMNS
 from captum_gradmask.gradmask import AMP_DTYPES
 from captum_gradmask.models import load_model
 from captum_gradmask.registry import METHODS, MethodUnavailable, method_names
@@ -276,27 +281,14 @@ def run(args: argparse.Namespace) -> Path:
     for name in names:
         store = output / "stores" / f"{name}.zarr"
         try:
-            options = method_options(name, args)
-            # explain a block, score it with every group, repeat: a killed run loses at most
-            # one block's scores, and a checkpoint commits few maps not yet scored
-            while True:
-                block = explain_dataset(
-                    images, model, store, method=name, method_options=options,
-                    target=args.target, batch_size=args.images_per_call,
-                    chunk_size=args.chunk_size, num_workers=0, model_info=model_info,
-                    show_progress=not args.quiet, max_images=args.score_every,
-                )  # fmt: skip
-                for group in groups:
-                    evaluate_store(
-                        store, images, model, metrics=[group], name=group,
-                        batch_size=args.images_per_call, num_workers=0,
-                        perturbations_per_eval=args.metric_perturbations_per_eval,
-                        tie_samples=args.tie_samples,
-                        sensitivity_samples=args.sensitivity_samples, seed=args.seed,
-                        n_resamples=args.bootstrap, show_progress=not args.quiet,
-                    )  # fmt: skip
-                if block.written < args.score_every:
-                    break
+            explain_and_score(
+                images, model, store, method=name, method_options=method_options(name, args),
+                groups=groups, score_every=args.score_every, target=args.target,
+                batch_size=args.images_per_call, chunk_size=args.chunk_size,
+                model_info=model_info, perturbations_per_eval=args.metric_perturbations_per_eval,
+                tie_samples=args.tie_samples, sensitivity_samples=args.sensitivity_samples,
+                seed=args.seed, n_resamples=args.bootstrap, show_progress=not args.quiet,
+            )  # fmt: skip
         except MethodUnavailable as error:
             skipped[name] = str(error)
             print(f"skipping {name}: {error}", file=sys.stderr)

@@ -92,14 +92,16 @@ def test_analyses_share_a_benchmark_runs_stores_and_pair_with_m4(
     only = "GradMask m=4,m=1,m=2,masks alone,random masks,first 1"
     argv = [*common, "--only", only, "--time-images", "1"]
     with monkeypatch.context() as patched:  # the benchmark's m = 4 store is not redone
+        from captum_gradmask import explain_dataset as explain_module
+
         calls: list[str] = []
-        real = paper_analyses.explain_dataset
+        real = explain_module.explain_dataset
 
         def spy(dataset, model, store, **kwargs):
             calls.append(Path(store).name)
             return real(dataset, model, store, **kwargs)
 
-        patched.setattr(paper_analyses, "explain_dataset", spy)
+        patched.setattr(explain_module, "explain_dataset", spy)
         results = paper_analyses.run(paper_analyses.parse_args(argv))
     assert "gradmask-m4.zarr" in calls  # visited, found complete
     assert sorted(results) == ["ablation", "layers", "masks-per-layer"]
