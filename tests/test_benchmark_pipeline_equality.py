@@ -18,11 +18,15 @@ from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "results.jsonl"
 IMAGE = "ILSVRC2012_val_00000401.JPEG"
+# Not the "_reference" columns (nor "_tie_spread", which spans them): the reference order is
+# numpy's default argsort, whose order of tied values depends on the CPU's SIMD sort (AVX-512
+# or AVX2), so they are machine-dependent by definition; test_metrics_ties.py checks that
+# order against numpy on the machine that runs the tests.
 COLUMNS = (
     *(
         f"{curve}{suffix}"
         for curve in ("insertion_notebook", "deletion_notebook")
-        for suffix in ("", "_stable", "_reference", "_tie_spread")
+        for suffix in ("", "_stable")
     ),
     "pointing_0",
     "pointing_15",
@@ -40,7 +44,8 @@ COLUMNS = (
 def test_explain_dataset_and_evaluate_give_the_published_row(method: str, tmp_path: Path) -> None:
     """File 401 through explain-dataset + evaluate (label target, 10 random tie orders, seed
     0) equals its row in docs/benchmarks/results.jsonl on every notebook, pointing and ADCC
-    column, to float tolerance (the published rows come from the same library calls)."""
+    column but the reference order's, to float tolerance (the published rows come from the
+    same library calls)."""
     published = {
         row["method"]: row
         for row in map(json.loads, PUBLISHED.read_text().splitlines())
