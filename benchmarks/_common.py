@@ -7,7 +7,7 @@ each takes ``--model``/``--data`` (or ``--shared``) to point elsewhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,41 +39,23 @@ def explain_and_score(
     model: torch.nn.Module,
     store: Path,
     *,
-    method: Any,
-    method_options: dict[str, Any] | None,
     groups: Sequence[str],
     score_every: int,
-    target: str = "label",
-    batch_size: int = 8,
-    chunk_size: int | None = None,
-    model_info: dict[str, Any] | None = None,
-    perturbations_per_eval: int = 64,
-    tie_samples: int = 10,
-    sensitivity_samples: int = 5,
-    seed: int = 0,
-    n_resamples: int = 1000,
-    show_progress: bool = True,
+    explain: Mapping[str, Any],
+    score: Mapping[str, Any],
 ) -> None:
-    """Explain ``images`` into ``store`` and score it with each metric group in ``groups`` (one
-    evaluation of that name each), ``score_every`` images at a time: a killed run leaves at
-    most one block explained and not scored, and a checkpoint (``benchmarks.checkpoint``)
-    commits few unscored maps. Resumes like the library calls it makes."""
+    """Explain ``images`` into ``store`` (``explain_dataset`` with the options ``explain``)
+    and score it with each metric group in ``groups`` (an ``evaluate_store`` evaluation of
+    that name each, with the options ``score``), ``score_every`` images at a time: a killed
+    run leaves at most one block explained and not scored, and a checkpoint
+    (``benchmarks.checkpoint``) commits few unscored maps. Resumes like the calls it makes."""
     from captum_gradmask.evaluation import evaluate_store
     from captum_gradmask.explain_dataset import explain_dataset
 
     while True:
-        block = explain_dataset(
-            images, model, store, method=method, method_options=method_options,
-            target=target, batch_size=batch_size, chunk_size=chunk_size, num_workers=0,
-            model_info=model_info, show_progress=show_progress, max_images=score_every,
-        )  # fmt: skip
+        block = explain_dataset(images, model, store, max_images=score_every, **explain)
         for group in groups:
-            evaluate_store(
-                store, images, model, metrics=[group], name=group, batch_size=batch_size,
-                num_workers=0, perturbations_per_eval=perturbations_per_eval,
-                tie_samples=tie_samples, sensitivity_samples=sensitivity_samples, seed=seed,
-                n_resamples=n_resamples, show_progress=show_progress,
-            )  # fmt: skip
+            evaluate_store(store, images, model, metrics=[group], name=group, **score)
         if block.written < score_every:
             return
 

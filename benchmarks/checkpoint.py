@@ -7,9 +7,9 @@ scored by every metric group the run asks for, its map is needed again only for 
 (the first rows), so this tool lists in ``RUN/.gitignore`` the map chunks whose images are all
 scored and lie beyond ``--keep-rows`` (a chunk with an explained image not yet scored is
 committed: another machine scores it from there), and takes already committed ones out of
-the index. A
-resumed run finds those images explained and scored and does no work for them; ``compare``
-reads their scores, and the grid's rows keep their maps. Nothing is deleted from this machine.
+the index. A resumed run finds those images explained and scored and does no work for them;
+``compare`` reads their scores, and the grid's rows keep their maps. Nothing is deleted from
+this machine.
 
 Example (from the repository root)::
 

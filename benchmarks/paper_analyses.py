@@ -265,13 +265,20 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
         options: dict[str, Any] | None = dict(config.options)
         if config.method == ABLATION:
             method, options = config.build(model), None
-        explain_and_score(
-            images, model, store, method=method, method_options=options,
-            groups=METRIC_GROUPS, score_every=args.score_every,
-            batch_size=args.images_per_call, chunk_size=args.chunk_size,
-            model_info=model_info, perturbations_per_eval=args.metric_perturbations_per_eval,
+        explain = dict(
+            method=method, method_options=options, target="label",
+            batch_size=args.images_per_call, chunk_size=args.chunk_size, num_workers=0,
+            model_info=model_info, show_progress=not args.quiet,
+        )  # fmt: skip
+        score = dict(
+            batch_size=args.images_per_call, num_workers=0,
+            perturbations_per_eval=args.metric_perturbations_per_eval,
             tie_samples=args.tie_samples, seed=args.seed, n_resamples=args.bootstrap,
             show_progress=not args.quiet,
+        )  # fmt: skip
+        explain_and_score(
+            images, model, store, groups=METRIC_GROUPS, score_every=args.score_every,
+            explain=explain, score=score,
         )  # fmt: skip
     return compare(args, selected, reference, model, images)
 

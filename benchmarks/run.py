@@ -281,13 +281,20 @@ def run(args: argparse.Namespace) -> Path:
     for name in names:
         store = output / "stores" / f"{name}.zarr"
         try:
-            explain_and_score(
-                images, model, store, method=name, method_options=method_options(name, args),
-                groups=groups, score_every=args.score_every, target=args.target,
-                batch_size=args.images_per_call, chunk_size=args.chunk_size,
-                model_info=model_info, perturbations_per_eval=args.metric_perturbations_per_eval,
+            explain = dict(
+                method=name, method_options=method_options(name, args), target=args.target,
+                batch_size=args.images_per_call, chunk_size=args.chunk_size, num_workers=0,
+                model_info=model_info, show_progress=not args.quiet,
+            )  # fmt: skip
+            score = dict(
+                batch_size=args.images_per_call, num_workers=0,
+                perturbations_per_eval=args.metric_perturbations_per_eval,
                 tie_samples=args.tie_samples, sensitivity_samples=args.sensitivity_samples,
                 seed=args.seed, n_resamples=args.bootstrap, show_progress=not args.quiet,
+            )  # fmt: skip
+            explain_and_score(
+                images, model, store, groups=groups, score_every=args.score_every,
+                explain=explain, score=score,
             )  # fmt: skip
         except MethodUnavailable as error:
             skipped[name] = str(error)

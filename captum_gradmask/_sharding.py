@@ -14,16 +14,22 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["barrier", "first_rows", "process_group", "rank0_first", "shard"]
+__all__ = ["barrier", "process_group", "rank0_first", "shard"]
 
 T = TypeVar("T")
 
 
 def shard(
-    done: np.ndarray, chunk_size: int, batch_size: int, rank: int, world: int
+    done: np.ndarray,
+    chunk_size: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    limit: int | None = None,
 ) -> tuple[list[int], list[list[int]]]:
     """This rank's chunks (every ``world``-th chunk with rows not done) and its batches of
-    pending rows; a batch never spans two chunks, so one process writes each chunk."""
+    pending rows; a batch never spans two chunks, so one process writes each chunk. With
+    ``limit``, only the first ``limit`` of those rows (the last batch cut) and their chunks."""
     done = np.asarray(done, dtype=bool)
     starts = range(0, len(done), chunk_size)
     pending = [c for c, s in enumerate(starts) if not done[s : s + chunk_size].all()]
@@ -35,24 +41,17 @@ def shard(
             UserWarning,
             stacklevel=2,
         )
-    mine = pending[rank::world]
-    batches = []
-    for chunk in mine:
+    mine, batches = [], []
+    for chunk in pending[rank::world]:
+        if limit is not None and limit <= 0:
+            break
         start = chunk * chunk_size
         rows = (np.flatnonzero(~done[start : start + chunk_size]) + start).tolist()
+        if limit is not None:
+            rows, limit = rows[:limit], limit - len(rows[:limit])
+        mine.append(chunk)
         batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return mine, batches
-
-
-def first_rows(batches: list[list[int]], count: int) -> list[list[int]]:
-    """The batches holding the first ``count`` rows of ``batches`` (the last one cut)."""
-    out: list[list[int]] = []
-    for rows in batches:
-        if count <= 0:
-            break
-        out.append(rows[:count])
-        count -= len(out[-1])
-    return out
 
 
 @contextlib.contextmanager

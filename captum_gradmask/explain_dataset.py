@@ -270,10 +270,9 @@ def explain_dataset(
             lambda: _create_or_resume(out, files, map_shape, chunk_size, identity, attrs),
             lambda: open_maps(out, mode="r+"),
         )
-        chunks, batches = _sharding.shard(store.done[:], store.chunk_size, batch_size, rank, world)
-        if max_images is not None:
-            batches = _sharding.first_rows(batches, max_images)
-            chunks = sorted({rows[0] // store.chunk_size for rows in batches})
+        chunks, batches = _sharding.shard(
+            store.done[:], store.chunk_size, batch_size, rank, world, limit=max_images
+        )
         _sharding.barrier(world, device)  # every rank has read `done` before any writes
         loader = datasets.loader(dataset, batches, input_shape, num_workers, pin_memory)
         total = sum(len(b) for b in batches)
