@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "extract_logits",
     "format_target",
     "forward_logits",
+    "model_fingerprint",
     "preserved_model_state",
     "recorded",
     "renamed_keyword",
@@ -461,3 +463,14 @@ def model_device(model: nn.Module) -> torch.device:
     if parameter is None:
         raise TypeError(f"`model` must be a torch nn.Module with parameters, got {model!r}")
     return parameter.device
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the model's class and state dict (names, shapes, dtypes and bytes): two
+    models give the same fingerprint exactly when they hold the same weights."""
+    digest = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()

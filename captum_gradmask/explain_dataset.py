@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import sys
 import time
 from collections.abc import Mapping
@@ -63,10 +62,16 @@ from captum_gradmask._utils import (
     check_positive_int,
     forward_logits,
     model_device,
+    model_fingerprint,
     preserved_model_state,
 )
 from captum_gradmask.datasets import ItemBatch
-from captum_gradmask.registry import PERFORMANCE_SETTINGS, AttributionMethod, build_method
+from captum_gradmask.registry import (
+    LOCATION_SETTINGS,
+    PERFORMANCE_SETTINGS,
+    AttributionMethod,
+    build_method,
+)
 from captum_gradmask.store import StoredMaps, create_store, open_maps, require_zarr
 
 __all__ = [
@@ -139,17 +144,6 @@ def attribution_grid(method: Any, inputs: Tensor, target: Tensor) -> Tensor:
     if isinstance(attributions, tuple):
         attributions = attributions[0]
     return reduce_channels(attributions, "sum")[:, 0]
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's class and state dict (names, shapes, dtypes and bytes): two
-    models give the same fingerprint exactly when they hold the same weights."""
-    digest = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=16)
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def explain_dataset(
@@ -245,7 +239,11 @@ def explain_dataset(
     identity = {
         "model": {"class": type(model).__name__, "fingerprint": fingerprint},
         "method": method_name,
-        "settings": {k: v for k, v in settings.items() if k not in PERFORMANCE_SETTINGS},
+        "settings": {
+            k: v
+            for k, v in settings.items()
+            if k not in PERFORMANCE_SETTINGS and k not in LOCATION_SETTINGS
+        },
         "target": policy,
         "input_shape": list(input_shape),
         "preprocess": preprocess,

@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -54,6 +55,7 @@ from captum_gradmask.adapters import ViTAdapter, get_adapter
 
 __all__ = [
     "DEPRECATED_NAMES",
+    "LOCATION_SETTINGS",
     "METHODS",
     "PERFORMANCE_SETTINGS",
     "AttributionMethod",
@@ -457,6 +459,11 @@ PERFORMANCE_SETTINGS = frozenset(
     {"perturbations_per_eval", "internal_batch_size", "show_progress", "compile"}
 )
 
+#: Settings that say where something is, not what it computes (DiffMask's ``gate`` folder;
+#: the gate's weights are identified by ``gate_fingerprint``): left out of labels and of a
+#: store's identity, so a store still resumes after its gate folder moves.
+LOCATION_SETTINGS = frozenset({"gate"})
+
 
 def method_label(name: str, settings: Mapping[str, Any]) -> str:
     """The method's name with the settings that differ from its registered ones (batching
@@ -479,7 +486,8 @@ def method_label(name: str, settings: Mapping[str, Any]) -> str:
         f"{key}={str(value).replace('torch.', '')}"
         for key, value in settings.items()
         if key not in PERFORMANCE_SETTINGS
-        and key != "gate"
+        and key not in LOCATION_SETTINGS
+        and key != "gate_fingerprint"
         and registered.get(key, missing) not in (value, "heads")
     ]
     return f"{name} ({', '.join(shown)})" if shown else name
@@ -503,7 +511,8 @@ def method_settings(name: str, **overrides: Any) -> dict[str, Any]:
     """
     name = canonical_name(name)
     settings = _spec(name).settings
-    unknown = sorted(set(overrides) - set(settings) - ({"gate"} if name == "diffmask" else set()))
+    extra = {"gate", "gate_fingerprint"} if name == "diffmask" else set()
+    unknown = sorted(set(overrides) - set(settings) - extra)
     if unknown:
         raise ValueError(
             f"unknown setting(s) {unknown} for method {name!r}; its settings are: "
@@ -613,18 +622,42 @@ def _build(
         method = implementation(model, adapter, **settings)
         return ConfiguredMethod(name, method, settings, call_settings={})
     if name == "diffmask":
-        gate = settings.pop("gate", None)
-        if gate is None:
-            raise MethodUnavailable(
-                "diffmask needs a gate trained for this model: pass gate=<folder> (the benchmark "
-                "runner: --diffmask-gate FOLDER)"
-            )
+        gate = _diffmask_gate(settings)
         method = implementation(model, gate, adapter=adapter)
-    else:
-        method = implementation(model, adapter=adapter)
+        calls = {k: v for k, v in settings.items() if k not in ("gate", "gate_fingerprint")}
+        return ConfiguredMethod(name, method, settings, call_settings=calls)
+    method = implementation(model, adapter=adapter)
     if settings.get("masks_per_layer") == "heads":
         settings["masks_per_layer"] = method.adapter.layers[0].num_heads
     return ConfiguredMethod(name, method, settings)
+
+
+def _diffmask_gate(settings: dict[str, Any]) -> Any:
+    """Load DiffMask's ``gate`` and record it in ``settings``: ``gate`` becomes the folder's
+    absolute path (``None`` for a gate object, which a store cannot reopen) and
+    ``gate_fingerprint`` the digest of its weights, checked against a given one."""
+    from captum_gradmask._utils import model_fingerprint
+    from captum_gradmask.methods.diffmask import DiffMaskGate
+
+    gate = settings.get("gate")
+    if gate is None:
+        raise MethodUnavailable(
+            "diffmask needs a gate trained for this model: pass gate=<folder> (the benchmark "
+            "runner: --diffmask-gate FOLDER)"
+        )
+    folder = None
+    if not isinstance(gate, DiffMaskGate):
+        folder = str(Path(gate).resolve())
+        gate = DiffMaskGate.load(folder)
+    fingerprint = model_fingerprint(gate)
+    expected = settings.get("gate_fingerprint")
+    if expected is not None and expected != fingerprint:
+        raise ValueError(
+            f"`gate_fingerprint` is {expected!r} but the gate {folder or '(object)'} has "
+            f"{fingerprint!r}: it is not the gate the maps were made with"
+        )
+    settings.update(gate=folder, gate_fingerprint=fingerprint)
+    return gate
 
 
 def settings_table(names: Mapping[str, MethodSpec] | None = None) -> str:

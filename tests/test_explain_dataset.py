@@ -27,6 +27,7 @@ from captum_gradmask.evaluation import evaluate_store
 from captum_gradmask.explain_dataset import explain_dataset
 from captum_gradmask.metrics import gradmask_notebook_insertion, pointing_game
 from captum_gradmask.models import load_model
+from captum_gradmask.registry import build_method
 from captum_gradmask.store import StoredMaps, StoreMismatch, open_maps
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
@@ -235,6 +236,40 @@ def test_amp_dtype_is_part_of_a_stores_identity(
     explained = ~np.isnan(fp32_maps).any(axis=(1, 2))  # the corrupt file has no map
     difference = np.abs(bf16_maps - fp32_maps)[explained]
     assert explained.sum() == 6 and difference.max() <= 0.05 * fp32_maps[explained].max()
+
+
+def test_a_diffmask_store_records_its_gate_for_resuming_and_for_adcc(
+    model_and_images, tmp_path: Path
+) -> None:
+    """ADCC explains the masked image again with the store's method: a DiffMask store keeps
+    its gate's folder (to rebuild it) and the digest of its weights (its identity)."""
+    from captum_gradmask.adapters import get_adapter
+    from captum_gradmask.methods.diffmask import DiffMaskGate, GateConfig
+
+    model, images = model_and_images
+    config = GateConfig.for_adapter(get_adapter(model))
+    torch.manual_seed(1)
+    DiffMaskGate(config).save(tmp_path / "gate")
+    torch.manual_seed(2)
+    DiffMaskGate(config).save(tmp_path / "other")
+    out = tmp_path / "maps.zarr"
+    _run(images, model, out, method="diffmask", method_options={"gate": tmp_path / "gate"})
+    stored = open_maps(out)
+    assert stored.attrs["settings"]["gate"] == str((tmp_path / "gate").resolve())
+    assert "gate" not in stored.attrs["identity"]["settings"]
+    fingerprint = stored.attrs["identity"]["settings"]["gate_fingerprint"]
+    summary = evaluate_store(out, images, model, metrics=["adcc"], name="adcc", show_progress=False)
+    assert summary.evaluated == 6
+    coherence = np.asarray(open_maps(out).evaluation("adcc")["coherence"][:])
+    assert np.isfinite(coherence).sum() == 6
+    # another gate's weights are another experiment; the same gate moved elsewhere resumes
+    with pytest.raises(StoreMismatch, match="gate_fingerprint"):
+        _run(images, model, out, method="diffmask", method_options={"gate": tmp_path / "other"})
+    (tmp_path / "gate").rename(tmp_path / "moved")
+    moved = _run(images, model, out, method="diffmask", method_options={"gate": tmp_path / "moved"})
+    assert moved.written == 0
+    with pytest.raises(ValueError, match="not the gate the maps were made with"):
+        build_method("diffmask", model, gate=tmp_path / "other", gate_fingerprint=fingerprint)
 
 
 def test_max_images_explains_that_many_pending_images_a_call(
