@@ -593,7 +593,7 @@ def _add_compare_command(commands: Any) -> None:
     p = commands.add_parser(
         "compare",
         help="compare evaluated stores over the images they share: table.md (CIs), paired.md, "
-        "ties.md, results.csv, grid.png, cost.md",
+        "standing.md, ties.md, results.csv, grid.png, cost.md",
     )
     p.add_argument("stores", nargs="+", metavar="STORE", help="evaluated stores, one per method")
     p.add_argument("--out", required=True, help="the folder to write")

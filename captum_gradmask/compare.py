@@ -13,6 +13,9 @@ the 100 they share), and writes into a folder:
 - ``paired.md``: per method and metric, the mean paired difference to a reference method with a
   95 % bootstrap CI that resamples images jointly for every method and metric, marked where
   it excludes 0;
+- ``standing.md`` (with a reference): per metric, the reference's rank and the methods it is
+  ahead of, tied with and behind by the paired CIs; per method, those metrics and (with
+  ``cost.md``) the cost relative to the reference;
 - ``ties.md``: insertion/deletion under each tie policy and their spread;
 - ``results.csv``: one row per image and method;
 - ``grid.png``: the stored maps of the first images, one column per method;
@@ -43,8 +46,10 @@ Example::
     ...     stores.append(path)
     >>> result = compare_stores(stores, f"{folder}/compare", reference="rollout",
     ...     grid_images=0)
-    >>> result.methods, result.images, sorted(p.name for p in result.written)
-    (['gradmask-m1', 'rollout'], 4, ['paired.md', 'results.csv', 'table.md', 'ties.md'])
+    >>> result.methods, result.images
+    (['gradmask-m1', 'rollout'], 4)
+    >>> sorted(p.name for p in result.written)
+    ['paired.md', 'results.csv', 'standing.md', 'table.md', 'ties.md']
 """
 
 from __future__ import annotations
@@ -309,6 +314,10 @@ def compare_stores(
             )  # fmt: skip
         (out / "cost.md").write_text(_cost_markdown(cost, reference, min(time_images, len(rows))))
         written.append(out / "cost.md")
+    if reference is not None:
+        text = _standing_markdown(summary, paired, cost, reference, len(rows))
+        (out / "standing.md").write_text(text)
+        written.append(out / "standing.md")
     return Comparison(
         labels, len(rows), left_out, reference, summary, paired, cost, sorted(written),
         not_shared,
@@ -576,6 +585,81 @@ def _paired_markdown(
                 text += f" (n={n})"
             row.append(text)
         lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(cells: tuple[float, float, float, int], better_higher: bool) -> str:
+    """``ahead``/``behind`` (the reference, when the paired CI excludes 0) or ``tied``."""
+    _, low, high, _ = cells
+    if not (low > 0 or high < 0):  # includes 0, or NaN (one image)
+        return "tied"
+    method_better = low > 0 if better_higher else high < 0
+    return "behind" if method_better else "ahead"
+
+
+def _standing_markdown(
+    summary: dict[str, dict[str, tuple[float, float, float, int]]],
+    paired: dict[str, dict[str, tuple[float, float, float, int]]],
+    cost: dict[str, dict[str, float]],
+    reference: str,
+    images: int,
+) -> str:
+    """Where the reference stands: per metric, its rank and the methods it is ahead of, tied
+    with and behind (paired CIs); per method, the metrics of each kind and the cost ratio."""
+    shown = [m for m in _PAIRED if any(m.key in cells for cells in paired.values())]
+    lines = [
+        f"Where {reference} stands, over {images} images. *Ahead of* / *behind*: the 95 % "
+        f"bootstrap CI of the paired difference (`paired.md`) excludes 0; *tied*: it does not. "
+        "Rank: of the methods' means, 1 = best.",
+        "",
+        f"| metric | {reference} | rank | best mean | {reference} ahead of | tied with | "
+        f"{reference} behind |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    per_method: dict[str, dict[str, list[str]]] = {
+        method: {"ahead": [], "tied": [], "behind": []} for method in paired
+    }
+    for metric in shown:
+        sign = 1.0 if metric.higher_is_better else -1.0
+        means = {
+            method: cells[metric.key][0]
+            for method, cells in summary.items()
+            if metric.key in cells and not math.isnan(cells[metric.key][0])
+        }
+        if reference not in means:
+            continue
+        order = sorted(means, key=lambda method: -sign * means[method])
+        rank = 1 + sum(sign * means[m] > sign * means[reference] for m in means)
+        kinds: dict[str, list[str]] = {"ahead": [], "tied": [], "behind": []}
+        for method, cells in paired.items():
+            if metric.key in cells:
+                kind = _verdict(cells[metric.key], bool(metric.higher_is_better))
+                kinds[kind].append(method)
+                per_method[method][kind].append(metric.title)
+        lines.append(
+            f"| {metric.title} | {_format(means[reference])} | {rank} of {len(means)} | "
+            f"{order[0]} {_format(means[order[0]])} | "
+            + " | ".join(", ".join(kinds[k]) or "–" for k in ("ahead", "tied", "behind"))
+            + " |"
+        )
+    base = cost.get(reference)
+    lines += [
+        "",
+        f"| method | {reference} ahead on | tied on | {reference} behind on |"
+        + (f" s / image ÷ {reference}'s | forward passes | backward passes |" if base else ""),
+        "|---|---|---|---|" + ("---:|---:|---:|" if base else ""),
+    ]
+    for method, kinds in per_method.items():
+        line = f"| {method} | " + " | ".join(", ".join(kinds[k]) or "–" for k in kinds) + " |"
+        if base:
+            spent = cost.get(method)
+            line += (
+                f" {spent['seconds'] / base['seconds']:.2f} | {spent['forward']:.1f} | "
+                f"{spent['backward']:.1f} |"
+                if spent
+                else " – | – | – |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

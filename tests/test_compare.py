@@ -112,6 +112,46 @@ def test_paired_differences_have_the_sign_and_ci_of_the_data(
     assert float(rows[1]["pointing_0"]) == 1.0  # per-image rows in the evaluation's units
 
 
+def test_standing_sorts_each_peer_by_its_paired_ci(base: np.ndarray, tmp_path: Path) -> None:
+    noise = np.random.default_rng(1).normal(0, 1, len(FILES))
+    stores = [
+        _store(tmp_path / "ref.zarr", "gradmask-m4", base),
+        _store(tmp_path / "b.zarr", "rollout", base + 5 + noise),  # better insertion
+        _store(tmp_path / "c.zarr", "saliency", base - 3 + noise),  # worse
+        _store(tmp_path / "d.zarr", "occlusion", base + np.tile([-8.0, 8.0], 6)),  # tied
+    ]
+    result = compare_stores(stores, tmp_path / "out", grid_images=0)
+    assert tmp_path / "out" / "standing.md" in result.written
+    lines = (tmp_path / "out" / "standing.md").read_text().splitlines()
+    insertion = next(line for line in lines if line.startswith("| Ins. AUC"))
+    cells = [cell.strip() for cell in insertion.split("|")[1:-1]]
+    # the reference's mean, its rank among the four means, the best, ahead / tied / behind
+    assert cells[1:] == [
+        f"{base.mean():.1f}", "3 of 4", f"rollout {(base + 5 + noise).mean():.1f}",
+        "saliency", "occlusion", "rollout",
+    ]  # fmt: skip
+    pointing = next(line for line in lines if line.startswith("| Pointing 0 px"))
+    assert pointing.split("|")[6].strip() == "rollout, saliency, occlusion"  # equal: all tied
+    per_method = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert per_method["rollout"].split("|")[4].strip() == "Ins. AUC (GM nb, %) ↑"
+    assert per_method["saliency"].split("|")[2].strip() == "Ins. AUC (GM nb, %) ↑"
+    assert "s / image" not in "".join(lines)  # no cost measured: no cost columns
+    # the reverse direction: lower is better (deletion), and the cost ratio to the reference
+    from captum_gradmask.compare import _standing_markdown
+
+    summary = {"gradmask-m4": {"deletion_notebook": (20.0, 18.0, 22.0, 9)},
+               "tis": {"deletion_notebook": (12.0, 10.0, 14.0, 9)}}  # fmt: skip
+    paired = {"tis": {"deletion_notebook": (-8.0, -10.0, -6.0, 9)}}
+    cost = {"gradmask-m4": {"seconds": 2.0, "forward": 133.0, "backward": 1.0},
+            "tis": {"seconds": 5.0, "forward": 1025.0, "backward": 0.0}}  # fmt: skip
+    text = _standing_markdown(summary, paired, cost, "gradmask-m4", 9)
+    row = next(line for line in text.splitlines() if line.startswith("| Del."))
+    assert [c.strip() for c in row.split("|")[3:8]] == ["2 of 2", "tis 12.0", "–", "–", "tis"]
+    tis = next(line for line in text.splitlines() if line.startswith("| tis"))
+    assert [c.strip() for c in tis.split("|")[4:8]] == ["Del. AUC (GM nb, %) ↓", "2.50", "1025.0",
+                                                         "0.0"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
