@@ -64,3 +64,27 @@ def test_models_doc_holds_the_families_table() -> None:
         "docs/models.md's families table is out of date: paste "
         "captum_gradmask.adapters.families_table() between its markers"
     )
+
+
+def test_published_tables_in_the_docs_are_the_files_the_runs_wrote(tmp_path) -> None:
+    from benchmarks.sync_docs import blocks, sync
+
+    pasted = {doc.name: blocks(doc) for doc in sorted((ROOT / "docs").glob("*.md"))}
+    assert pasted["reproducing-the-paper.md"], "the paper's tables are include blocks"
+    for doc, found in pasted.items():
+        for path, text in found:
+            assert path.is_file(), f"docs/{doc} includes {path}, which is missing"
+            assert text == path.read_text(), (
+                f"docs/{doc}'s copy of {path.relative_to(ROOT)} is out of date: run "
+                f"python -m benchmarks.sync_docs docs/{doc}"
+            )
+    # the tool puts a changed file's text back into its block, and names a missing file
+    (tmp_path / "t.md").write_text("new\n")
+    doc = tmp_path / "page.md"
+    doc.write_text("a\n<!-- include: t.md -->\nold\n<!-- end include -->\nb\n")
+    assert sync(doc) == 1 and blocks(doc) == [(tmp_path / "t.md", "new\n")]
+    assert doc.read_text() == "a\n<!-- include: t.md -->\nnew\n<!-- end include -->\nb\n"
+    assert sync(doc) == 0
+    doc.write_text("<!-- include: gone.md -->\nx\n<!-- end include -->\n")
+    with pytest.raises(FileNotFoundError, match=r"gone\.md"):
+        sync(doc)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Publish the finished runs: the two compare tables (with their cost tables) into
-# docs/benchmarks/, the paper's analyses into docs/paper/. The cost tables time every method,
+# docs/benchmarks/, the paper's analyses into docs/paper/, and refresh the tables the docs
+# paste from them (benchmarks/sync_docs.py). The cost tables time every method,
 # so run this on a quiet machine, after both lanes of resume.sh have stopped. See README.md.
 #
 #   PYTHON=.venv/bin/python bash benchmarks/runs/publish.sh
@@ -71,4 +72,5 @@ compare=("$python" -m captum_gradmask compare --name "$groups" --time-images 5 -
 "${compare[@]}" "${six[@]}" --out docs/benchmarks/files-1-500
 rm -rf docs/paper
 cp -r "$runs/paper-100/paper" docs/paper
+"$python" -m benchmarks.sync_docs docs/benchmarks.md docs/reproducing-the-paper.md
 echo "published: docs/benchmarks/files-401-500, docs/benchmarks/files-1-500, docs/paper"
