@@ -301,6 +301,11 @@ def test_cost_counts_forward_and_backward_passes() -> None:
         ("tis", (("n_masks", 8),)): (9, 0),
         ("libragrad", ()): (1, 1),
         ("attnlrp", ()): (1, 1),
+        # Captum's methods: their own passes and no other (the target is checked on them)
+        ("saliency", ()): (1, 1),
+        ("layer-gradcam", ()): (1, 0),  # its gradient starts after the last attention layer
+        ("integrated-gradients", (("n_steps", 4),)): (4, 4),
+        ("occlusion", ()): (17, 0),  # the unperturbed image and one pass per patch
     }
     for (name, options), (forward, backward) in expected.items():
         method = build_method(name, model, **dict(options))

@@ -143,6 +143,8 @@ NO_BACKWARD = {
 # methods whose backward rules replace the classifier's output in the backward pass, so the
 # tripwire's tensor hook on it sees no backward (tests/test_attnlrp.py fails theirs elsewhere)
 RULED_CLASSIFIER = {"attnlrp"}
+# methods that call the model once here: one forward, or one batch of all their perturbed or
+# interpolated images (the registry's batch sizes exceed their counts on one image)
 ONE_FORWARD = {
     "attnlrp",
     "rollout",
@@ -151,6 +153,13 @@ ONE_FORWARD = {
     "libragrad",
     "libragrad-ixg",
     "libragrad-fullgrad",
+    "saliency",
+    "input-x-gradient",
+    "layer-gradcam",
+    "integrated-gradients",
+    "gradient-shap",
+    "smoothgrad",
+    "kernel-shap",
 }
 
 

@@ -96,6 +96,17 @@ def test_every_method_names_empty_batches_and_non_integer_targets(name: str) -> 
         method.attribute(torch.randn(1, 3, 32, 32), target=1.5)
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_names_an_out_of_range_target(name: str) -> None:
+    model = tiny_hf_vit()  # 7 classes
+    method = _build(name, model, get_adapter(model), model)
+    images = torch.randn(2, 3, 32, 32)
+    for target in (7, [0, 9]):
+        with pytest.raises(ValueError, match=r"`target` value (7|9) is out of range.* 0\.\.6"):
+            method.attribute(images, target=target)
+    assert not images.requires_grad  # the caller's tensor is left as it was
+
+
 def test_target_checks_name_the_argument() -> None:
     gradmask = GradMaskAttribution(tiny_hf_vit())
     images = torch.randn(2, 3, 32, 32)

@@ -62,7 +62,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -93,6 +94,7 @@ from captum_gradmask._utils import (
     check_positive_int,
     chunks,
     extract_logits,
+    format_target,
     preserved_model_state,
     resolve_targets,
     select_args,
@@ -190,7 +192,13 @@ class CaptumBaseline:
             Attributions with the inputs' shape and form (tensor or one-element tuple).
         """
         images, is_tuple = unpack_inputs(inputs)
-        with preserved_model_state(self.model):
+        forward = self.attribution.forward_func
+        checking = (
+            forward.checking(target, images.shape[0])
+            if isinstance(forward, _CheckedForward)
+            else contextlib.nullcontext()
+        )
+        with preserved_model_state(self.model), checking, _kept_requires_grad(images):
             targets = self._targets(images, target, additional_forward_args)
             if self.per_image:
                 count = images.shape[0]
@@ -225,8 +233,11 @@ class CaptumBaseline:
         return (int(image_size[0]), int(image_size[1]))
 
     def _targets(self, images: Tensor, target: TargetType, args: Any) -> Tensor:
-        # One forward pass checks the targets against the number of classes (or finds the
-        # predicted ones).
+        if target is not None and isinstance(self.attribution.forward_func, _CheckedForward):
+            # the class range is checked on the logits of Captum's own first pass
+            return format_target(target, images.shape[0], None, images.device)
+        # One forward pass finds the predicted classes (or checks the targets against the
+        # number of classes of a forward function that does not check them itself).
         with torch.no_grad():
             logits = self.attribution.forward_func(images, *_as_args(args))
         return resolve_targets(target, logits)
@@ -243,16 +254,50 @@ class CaptumBaseline:
         return result
 
 
+class _CheckedForward:
+    """The explained model's 2-D logits (Hugging Face outputs unwrapped); during a
+    :meth:`CaptumBaseline.attribute` call with explicit targets, the first logits are checked
+    against them, so an out-of-range class is named (the argument, its value, the valid range)
+    before Captum indexes the logits with it, without a forward pass of its own."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+        self.pending: tuple[TargetType, int] | None = None  # a call's (target, batch size)
+
+    def __call__(self, images: Tensor, *args: Any) -> Tensor:
+        logits = extract_logits(self.forward(images, *args))
+        if self.pending is not None:
+            (target, batch_size), self.pending = self.pending, None
+            format_target(target, batch_size, logits.shape[-1])
+        return logits
+
+    @contextlib.contextmanager
+    def checking(self, target: TargetType, batch_size: int) -> Iterator[None]:
+        """Check ``target`` (for ``batch_size`` images) on the next logits of the block."""
+        self.pending = None if target is None else (target, batch_size)
+        try:
+            yield
+        finally:
+            self.pending = None
+
+
+@contextlib.contextmanager
+def _kept_requires_grad(images: Tensor) -> Iterator[None]:
+    """Give ``images`` back their ``requires_grad`` flag, which Captum's gradient methods set
+    and undo only when they return (a target error in the forward pass stops them before)."""
+    flag = images.requires_grad
+    try:
+        yield
+    finally:
+        if images.is_leaf and images.requires_grad != flag:
+            images.requires_grad_(flag)
+
+
 def _setup(model: Any, adapter: ViTAdapter | None) -> tuple[ViTAdapter, Callable[..., Tensor], Any]:
-    """The resolved adapter, a forward function returning 2-D logits (Hugging Face outputs
-    unwrapped) and the module whose state is guarded."""
+    """The resolved adapter, a forward function returning 2-D logits that checks a call's
+    targets (:class:`_CheckedForward`) and the module whose state is guarded."""
     resolved = resolve_model(model, adapter)
-    explained = resolved.forward
-
-    def forward(images: Tensor, *args: Any) -> Tensor:
-        return extract_logits(explained(images, *args))
-
-    return resolved.adapter, forward, resolved.module  # type: ignore[return-value]
+    return resolved.adapter, _CheckedForward(resolved.forward), resolved.module
 
 
 def saliency(model: Any, adapter: ViTAdapter | None = None, *, abs: bool = True) -> CaptumBaseline:
