@@ -861,19 +861,29 @@ def _method_of(store: StoredMaps, model: nn.Module) -> Any:
     return build_method(store.attrs["method"], model, **store.attrs["settings"])
 
 
+#: Methods side by side in one band of ``grid.png``; more methods wrap into further bands.
+GRID_METHODS_PER_BAND = 8
+
+
 def _write_grid(
     path: Path, entries: list[_Entry], count: int, dataset: Any, files: list[str]
 ) -> None:
     """The first ``count`` compared images (un-normalised) and each method's stored map over
-    them, one row per image."""
+    them, one row per image; beyond :data:`GRID_METHODS_PER_BAND` methods the columns wrap into
+    bands of rows (each band repeats the images), so every panel stays legible."""
     from matplotlib.figure import Figure
 
     from captum_gradmask._ops import upsample_grid
 
     preprocess = getattr(dataset, "preprocess", None)
     rows = entries[0].rows[:count]
-    figure = Figure(figsize=(1.3 * (len(entries) + 1), 1.4 * len(rows)))
-    axes = figure.subplots(len(rows), len(entries) + 1, squeeze=False)
+    bands = [
+        entries[start : start + GRID_METHODS_PER_BAND]
+        for start in range(0, len(entries), GRID_METHODS_PER_BAND)
+    ]
+    width = len(bands[0]) + 1
+    figure = Figure(figsize=(1.3 * width, 1.5 * len(rows) * len(bands)))
+    axes = figure.subplots(len(rows) * len(bands), width, squeeze=False)
     for r, row in enumerate(rows):
         item = dataset[int(row)]
         pixels = item[0] if isinstance(item, (tuple, list)) else item
@@ -884,25 +894,28 @@ def _write_grid(
         else:
             pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp(min=1e-12)
         image = pixels.clamp(0, 1).permute(1, 2, 0).numpy()
-        axes[r][0].imshow(image)
         target = int(entries[0].store.targets[int(row)])
-        axes[r][0].set_title(f"{Path(files[row]).stem[-8:]} ({target})", fontsize=7)
         grey = image.mean(axis=2)
-        for c, entry in enumerate(entries, start=1):
-            ax = axes[r][c]
-            ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-            stored = entry.store.maps[int(entry.rows[r])]
-            saliency = torch.from_numpy(np.asarray(stored, dtype=np.float32))
-            if not torch.isnan(saliency).any():
-                up = upsample_grid(saliency[None], tuple(image.shape[:2]), 1)[0, 0].numpy()
-                ax.imshow(_display(up), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            if r == 0:
-                ax.set_title(entry.label, fontsize=7)
+        for b, band in enumerate(bands):
+            line = axes[b * len(rows) + r]
+            line[0].imshow(image)
+            line[0].set_title(f"{Path(files[row]).stem[-8:]} ({target})", fontsize=7)
+            for c, entry in enumerate(band, start=1):
+                line[c].imshow(grey, cmap="gray", vmin=0, vmax=1)
+                stored = entry.store.maps[int(entry.rows[r])]
+                saliency = torch.from_numpy(np.asarray(stored, dtype=np.float32))
+                if not torch.isnan(saliency).any():
+                    up = upsample_grid(saliency[None], tuple(image.shape[:2]), 1)[0, 0].numpy()
+                    line[c].imshow(_display(up), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                if r == 0:
+                    line[c].set_title(entry.label, fontsize=8)
+            for c in range(len(band) + 1, width):  # the last band's empty places
+                line[c].set_axis_off()
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     figure.tight_layout(pad=0.2)
-    figure.savefig(path, dpi=48)
+    figure.savefig(path, dpi=72)
 
 
 def _display(values: np.ndarray) -> np.ndarray:

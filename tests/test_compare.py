@@ -276,6 +276,14 @@ def test_grid_is_drawn_from_the_stored_maps(base: np.ndarray, tmp_path: Path) ->
         width, height = grid.size
         assert width > height > 50  # 2 rows, 3 columns
         assert np.asarray(grid.convert("L")).std() > 10
+    # ten methods wrap into two bands of at most eight beside the images: 4 rows, 9 columns
+    names = ["saliency", "occlusion", "rise", "tis", "libragrad", "attnlrp", "chefer-gae",
+             "diffmask"]  # fmt: skip
+    more = stores + [_store(tmp_path / f"{n}.zarr", n, base) for n in names]
+    compare_stores(more, tmp_path / "ten", grid_images=2, model=torch.nn.Identity(), dataset=images)
+    with Image.open(tmp_path / "ten" / "grid.png") as wide:
+        assert wide.size[0] / width == pytest.approx(9 / 3, rel=0.1)
+        assert wide.size[1] / height == pytest.approx(2, rel=0.1)
 
 
 def test_cost_counts_forward_and_backward_passes() -> None:
