@@ -492,7 +492,41 @@ def _header(
     text += f". Target: {stores[0].attrs['identity']['target']}"
     if settings:
         text += "; evaluation settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())
-    return text + ". Cells: mean over images [95 % percentile-bootstrap CI of the mean].\n\n"
+    text += ". " + _machines(stores, names)
+    return text + " Cells: mean over images [95 % percentile-bootstrap CI of the mean].\n\n"
+
+
+def _machines(stores: list[StoredMaps], names: list[str]) -> str:
+    """Where the maps and scores were computed, from the sessions the stores and their
+    evaluations record (``explain_dataset.record_session``)."""
+    seen: dict[str, None] = {}
+    dates = []
+    unrecorded = 0
+    parts = [(s, s.group) for s in stores] + [(s, s.group[n]) for s in stores for n in names]
+    for _, group in parts:
+        sessions = group.attrs.asdict().get("sessions") or []
+        if not sessions or sessions[0].get("done_before", 0) > 0:
+            unrecorded += 1
+        for session in sessions:
+            found = session.get("machine", {})
+            where = f"{found.get('cpu', '?')} ({found.get('cores', '?')} cores"
+            if found.get("numpy_simd"):
+                where += ", numpy SIMD " + "/".join(found["numpy_simd"])
+            where += ")"
+            if found.get("gpu"):
+                where += f" with {found['gpu']}"
+            where += f", {session.get('device', '?')}, torch {session['versions'].get('torch')}"
+            seen[where] = None
+            dates.append(session["started"][:10])
+    if not seen:
+        return "Machines: not recorded (stores made before sessions were recorded)."
+    text = f"Computed on {'; '.join(seen)}, from {min(dates)} to {max(dates)}"
+    if unrecorded:
+        text += (
+            f"; {unrecorded} of the {len(parts)} stores and evaluations also hold work from "
+            "before sessions were recorded"
+        )
+    return text + "."
 
 
 def _write_rows(path: Path, entries: list[_Entry], rows: np.ndarray, files: list[str]) -> None:

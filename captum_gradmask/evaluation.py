@@ -45,7 +45,12 @@ from captum_gradmask._utils import (
     renamed_keyword,
 )
 from captum_gradmask.datasets import ItemBatch
-from captum_gradmask.explain_dataset import attribution_grid, model_fingerprint, versions
+from captum_gradmask.explain_dataset import (
+    attribution_grid,
+    model_fingerprint,
+    record_session,
+    versions,
+)
 from captum_gradmask.metrics import (
     PerturbationCurve,
     gradmask_notebook_deletion,
@@ -257,6 +262,11 @@ def evaluate_store(
         results = maps.group[name]
         pending = np.asarray(maps.done[:]) & ~maps.skipped() & ~np.asarray(results["done"][:])
         _, batches = _sharding.shard(~pending, maps.chunk_size, batch_size, rank, world)
+        if rank == 0 and pending.any():
+            record_session(
+                results, done=int(np.count_nonzero(results["done"][:])),
+                pending=int(np.count_nonzero(pending)), device=device, world=world,
+            )  # fmt: skip
         _sharding.barrier(world, device)
         loader = datasets.loader(dataset, batches, input_shape, num_workers, pin_memory)
         bar = tqdm(

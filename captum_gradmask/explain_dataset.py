@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
+import platform
 import sys
 import time
 from collections.abc import Mapping
@@ -79,7 +81,9 @@ __all__ = [
     "RunSummary",
     "attribution_grid",
     "explain_dataset",
+    "machine",
     "model_fingerprint",
+    "record_session",
     "versions",
 ]
 
@@ -271,6 +275,12 @@ def explain_dataset(
         chunks, batches = _sharding.shard(
             store.done[:], store.chunk_size, batch_size, rank, world, limit=max_images
         )
+        explained = int(np.count_nonzero(store.done[:]))
+        if rank == 0 and explained < len(store):
+            record_session(
+                store.group, done=explained, pending=len(store) - explained, device=device,
+                world=world,
+            )  # fmt: skip
         _sharding.barrier(world, device)  # every rank has read `done` before any writes
         loader = datasets.loader(dataset, batches, input_shape, num_workers, pin_memory)
         total = sum(len(b) for b in batches)
@@ -416,3 +426,65 @@ def versions() -> dict[str, str | None]:
             found[package] = None
     found["python"] = sys.version.split()[0]
     return found
+
+
+def machine(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Where this process computes: the platform, the CPU (its model name, its cores and the
+    SIMD targets numpy dispatches to, which decide the order numpy's default sort gives tied
+    values: the reference tie order of insertion/deletion) and, on CUDA, the GPU."""
+    found: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "numpy_simd": _numpy_simd(),
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        found["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return found
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _numpy_simd() -> list[str] | None:
+    """numpy's baseline SIMD targets and the dispatched ones this CPU has."""
+    try:
+        from numpy._core._multiarray_umath import (  # type: ignore[attr-defined]
+            __cpu_baseline__,
+            __cpu_dispatch__,
+            __cpu_features__,
+        )
+    except ImportError:
+        return None
+    return list(__cpu_baseline__) + [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+
+
+def record_session(
+    group: Any, *, done: int, pending: int, device: torch.device | str, world: int
+) -> None:
+    """Append a session to ``group.attrs["sessions"]`` (``group``: a store's zarr group or one
+    of its evaluations): when it started, how many images were done before it and were still
+    to do, the device, the number of processes, :func:`machine` and :func:`versions`. A run
+    resumed on other machines keeps one entry per session, so its numbers can say where they
+    were computed (``compare`` does)."""
+    sessions = list(group.attrs.get("sessions", []))
+    sessions.append(
+        {
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "done_before": int(done),
+            "pending": int(pending),
+            "device": str(device),
+            "processes": int(world),
+            "machine": machine(device),
+            "versions": versions(),
+        }
+    )
+    group.attrs["sessions"] = sessions

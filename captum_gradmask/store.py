@@ -17,7 +17,10 @@ Every array is cut into chunks of ``chunk_size`` images (one file per chunk, wri
 atomic rename), so writers that own different chunks never touch the same file, and a killed
 writer leaves each chunk either as it was or as it became. The group's attributes record the
 model, method, settings, target policy, input shape, source and package versions; ``identity``
-among them is what a resumed run must match. Evaluations
+among them is what a resumed run must match. ``sessions`` lists each run that found work to
+do: when it started, how many images were done before it, its device, processes, machine
+(CPU, cores, numpy's SIMD targets, GPU) and package versions; each evaluation keeps its own.
+Evaluations
 (:func:`captum_gradmask.evaluation.evaluate_store`) add a sub-group of per-image metric
 columns, ``metrics`` by default.
 

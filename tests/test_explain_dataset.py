@@ -293,6 +293,47 @@ def test_max_images_explains_that_many_pending_images_a_call(
         _run(images, model, tmp_path / "c.zarr", max_images=0)
 
 
+def test_each_session_records_where_it_ran_and_compare_names_the_machines(
+    model_and_images, tmp_path: Path, monkeypatch
+) -> None:
+    from captum_gradmask.compare import compare_stores
+
+    model, images = model_and_images
+    first = tmp_path / "first.zarr"
+    for _ in range(3):  # 4 images, the other 3, then nothing left: no session
+        _run(images, model, first, method="rollout", max_images=4)
+    sessions = open_maps(first).attrs["sessions"]
+    assert [(s["done_before"], s["pending"]) for s in sessions] == [(0, 7), (4, 3)]
+    here = runner.machine("cpu")
+    assert sessions[0]["machine"] == here and here["cores"] == os.cpu_count()
+    assert (sessions[0]["device"], sessions[0]["processes"]) == ("cpu", 1)
+    assert sessions[0]["versions"] == runner.versions()
+    for _ in range(2):  # the second evaluation finds nothing to score: no session
+        evaluate_store(first, images, model, metrics=["notebook"], tie_samples=1,
+                       show_progress=False)  # fmt: skip
+    scored = open_maps(first).group["metrics"].attrs["sessions"]
+    assert [(s["done_before"], s["pending"]) for s in scored] == [(0, 6)]  # 1 file unreadable
+    # another store made on "another machine": compare names both machines
+    other = dict(here, cpu="Other CPU", cores=64, numpy_simd=["X86_V4"])
+    monkeypatch.setattr(runner, "machine", lambda device=None: other)
+    second = tmp_path / "second.zarr"
+    _run(images, model, second, method="gradmask-m1")
+    evaluate_store(second, images, model, metrics=["notebook"], tie_samples=1,
+                   show_progress=False)  # fmt: skip
+    compare_stores([first, second], tmp_path / "out", grid_images=0)
+    header = (tmp_path / "out" / "table.md").read_text().splitlines()[0]
+    simd = "/".join(here["numpy_simd"] or [])
+    assert f"Computed on {here['cpu']} ({here['cores']} cores, numpy SIMD {simd}), cpu" in header
+    assert "; Other CPU (64 cores, numpy SIMD X86_V4), cpu, torch" in header
+    assert "before sessions were recorded" not in header
+    # a store whose first rows were made before sessions were recorded is said to be
+    group = open_maps(second, mode="r+").group
+    group.attrs["sessions"] = [dict(group.attrs["sessions"][0], done_before=3)]
+    compare_stores([first, second], tmp_path / "out", grid_images=0)
+    header = (tmp_path / "out" / "table.md").read_text().splitlines()[0]
+    assert "1 of the 4 stores and evaluations also hold work from before sessions" in header
+
+
 def test_bad_arguments_are_named(model_and_images, tmp_path: Path, monkeypatch) -> None:
     model, images = model_and_images
     with pytest.raises(ValueError, match="`target`"):
