@@ -259,3 +259,29 @@ def test_smoothgrad_noise_is_a_fraction_of_each_images_own_range() -> None:
         assert call["nt_samples"] == 25
     # the second image spans three times the range, so gets three times the noise
     assert calls[1]["stdevs"] == pytest.approx(3 * calls[0]["stdevs"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gradient-shap", "smoothgrad", "kernel-shap"])
+def test_sampling_methods_are_seeded_per_image_and_leave_the_generators_alone(name: str) -> None:
+    import numpy as np
+
+    factory, settings = FACTORIES[name]
+    model = tiny_hf_vit()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    method = factory(model, **settings)  # seed 0 by default
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    batch = method.attribute(images, target=[1, 2, 3])
+    torch.manual_seed(123)  # what ran before does not matter, nor the batch around an image
+    alone = method.attribute(images[1:2], target=2)
+    assert torch.equal(batch[1:2], alone)
+    torch.set_rng_state(torch_state)
+    method.attribute(images[:1], target=1)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # the global generators are
+    assert (np.random.get_state()[1] == numpy_state).all()  # as the call found them
+    other = factory(model, **settings, seed=1).attribute(images[1:2], target=2)
+    assert not torch.equal(other, alone)  # the seed decides the draws
+    unseeded = factory(model, **settings, seed=None)
+    first = unseeded.attribute(images[1:2], target=2)
+    assert not torch.equal(first, unseeded.attribute(images[1:2], target=2))  # global draws
+    with pytest.raises(ValueError, match="`seed` needs `per_image=True`"):
+        cb.CaptumBaseline("x", method.attribution, seed=0)

@@ -66,6 +66,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from captum._utils.models.linear_model import LinearModel
 from captum.attr import (
@@ -134,6 +135,10 @@ class CaptumBaseline:
         postprocess: optional ``postprocess(attributions, images) -> attributions`` bringing
             the result to the inputs' shape (Grad-CAM's upsampling).
         per_image: call Captum one image at a time (for per-image baselines).
+        seed: with ``per_image``, each image's call starts from PyTorch's and NumPy's global
+            generators seeded with it (Captum's sampling methods draw from them), which are
+            restored afterwards: every image gets the same draws, so a map depends neither on
+            the batch nor on what ran before. ``None``: the generators as they are.
 
     Example::
 
@@ -156,7 +161,12 @@ class CaptumBaseline:
         prepare: PrepareFn | None = None,
         postprocess: PostprocessFn | None = None,
         per_image: bool = False,
+        seed: int | None = None,
     ) -> None:
+        if seed is not None and not per_image:
+            raise ValueError("`seed` needs `per_image=True` (each image's call is seeded)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an int or None, got {seed!r}")
         self.name = name
         self.attribution = attribution
         self.settings = dict(settings or {})
@@ -164,6 +174,7 @@ class CaptumBaseline:
         self.prepare = prepare
         self.postprocess = postprocess
         self.per_image = per_image
+        self.seed = seed
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
@@ -202,14 +213,16 @@ class CaptumBaseline:
             targets = self._targets(images, target, additional_forward_args)
             if self.per_image:
                 count = images.shape[0]
-                parts = [
-                    self._attribute(
-                        images[one],
-                        targets[one],
-                        select_args(additional_forward_args, one, count),
-                    )
-                    for one in chunks(count, 1)
-                ]
+                parts = []
+                for one in chunks(count, 1):
+                    with _seeded(self.seed, images.device):
+                        parts.append(
+                            self._attribute(
+                                images[one],
+                                targets[one],
+                                select_args(additional_forward_args, one, count),
+                            )
+                        )
                 result = torch.cat(parts)
             else:
                 result = self._attribute(images, targets, _as_args(additional_forward_args))
@@ -279,6 +292,27 @@ class _CheckedForward:
             yield
         finally:
             self.pending = None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """PyTorch's (CPU, and ``device``'s when CUDA) and NumPy's global generators seeded with
+    ``seed`` for the block, then put back as they were."""
+    if seed is None:
+        yield
+        return
+    cuda = [device] if device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for one in cuda:
+            with torch.cuda.device(one):
+                torch.cuda.manual_seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager
@@ -361,6 +395,7 @@ def gradient_shap(
     stdevs: float = 0.1,
     blur_kernel_size: int = 11,
     blur_sigma: float = 5.0,
+    seed: int | None = 0,
 ) -> CaptumBaseline:
     """Captum ``GradientShap`` with baselines {zeros, the blurred image}.
 
@@ -369,6 +404,9 @@ def gradient_shap(
         stdevs: standard deviation of the Gaussian noise added to the inputs.
         blur_kernel_size, blur_sigma: the blur of the second baseline
             (:func:`captum_gradmask.metrics.gaussian_blur`).
+        seed: each image's random draws start from it (the same draws for every image, so
+            a map does not depend on the batch or on what ran before); ``None``: PyTorch's
+            and NumPy's global generators as they are (Captum's behaviour).
     """
     adapter, forward, module = _setup(model, adapter)
     check_positive_int(blur_kernel_size, "blur_kernel_size")
@@ -384,6 +422,7 @@ def gradient_shap(
         model=module,
         prepare=baselines,
         per_image=True,
+        seed=seed,
     )
 
 
@@ -394,6 +433,7 @@ def smoothgrad(
     nt_samples: int = 25,
     noise_level: float = 0.15,
     nt_samples_batch_size: int = 25,
+    seed: int | None = 0,
 ) -> CaptumBaseline:
     """SmoothGrad: Captum ``NoiseTunnel`` over ``Saliency(abs=True)``.
 
@@ -401,6 +441,9 @@ def smoothgrad(
         nt_samples: noisy copies per image.
         noise_level: noise standard deviation as a fraction of the image's value range.
         nt_samples_batch_size: noisy copies per forward/backward pass.
+        seed: each image's random draws start from it (the same draws for every image, so
+            a map does not depend on the batch or on what ran before); ``None``: PyTorch's
+            and NumPy's global generators as they are (Captum's behaviour).
     """
     adapter, forward, module = _setup(model, adapter)
     if not noise_level > 0:
@@ -425,6 +468,7 @@ def smoothgrad(
         prepare=noise,
         # The noise level follows each image's own range.
         per_image=True,
+        seed=seed,
     )
 
 
@@ -541,6 +585,7 @@ def kernel_shap(
     n_samples: int = 256,
     baseline: float = 0.0,
     perturbations_per_eval: int = 32,
+    seed: int | None = 0,
 ) -> CaptumBaseline:
     """Captum ``KernelShap`` with one feature per patch, baseline 0.
 
@@ -548,6 +593,9 @@ def kernel_shap(
         n_samples: sampled coalitions per image (forward passes).
         baseline: value of an absent patch in normalised space.
         perturbations_per_eval: coalitions per forward pass.
+        seed: each image's random draws start from it (the same draws for every image, so
+            a map does not depend on the batch or on what ran before); ``None``: PyTorch's
+            and NumPy's global generators as they are (Captum's behaviour).
     """
     adapter, forward, module = _setup(model, adapter)
     explainer = KernelShap(forward)
@@ -567,4 +615,5 @@ def kernel_shap(
         prepare=_patch_mask_prepare(adapter),
         # Captum's KernelShap fits one surrogate per example; a batch is one image at a time.
         per_image=True,
+        seed=seed,
     )
