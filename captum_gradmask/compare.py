@@ -502,8 +502,8 @@ def _machines(stores: list[StoredMaps], names: list[str]) -> str:
     seen: dict[str, None] = {}
     dates = []
     unrecorded = 0
-    parts = [(s, s.group) for s in stores] + [(s, s.group[n]) for s in stores for n in names]
-    for _, group in parts:
+    parts = [s.group for s in stores] + [s.group[n] for s in stores for n in names]
+    for group in parts:
         sessions = group.attrs.asdict().get("sessions") or []
         if not sessions or sessions[0].get("done_before", 0) > 0:
             unrecorded += 1
