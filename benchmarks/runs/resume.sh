@@ -32,11 +32,11 @@ for method in gradmask-m1 gradmask-mheads gradmask-fast gradmask-libragrad salie
     diffmask; do
     units+=("validation-100.$method|$validation --methods $method")
 done
-# GradMask m = 4 and the five peers on files 1-500 (two folders, as the runs began)
+# GradMask m = 4 and the five peers on files 1-500 (two folders, as the runs began; the
+# last two are at the end of the list)
 for method in gradmask-m4 libragrad attnlrp chefer-gae; do
     units+=("bench-500-a.$method|$bench_a --methods $method")
 done
-units+=("bench-500-b.vit-reciprocam|$bench_b --methods vit-reciprocam")
 # the paper's analyses on files 401-500, one configuration a unit (store name: --only name)
 paper_configs=(
     "ablation-gradients-alone:gradients alone" "ablation-masks-alone:masks alone"
@@ -51,6 +51,9 @@ for entry in "${paper_configs[@]}"; do
     units+=("paper-100.${entry%%:*}|$paper --only '${entry#*:}'")
     paper_locks+=("$runs/.unit.paper-100.${entry%%:*}.lock")
 done
+# lane b takes these first: the 1.7-h ViT-ReciproCAM unit on lane b, while lane a runs the
+# other long units, leaves the short paper configurations for both lanes to finish on
+units+=("bench-500-b.vit-reciprocam|$bench_b --methods vit-reciprocam")
 units+=("bench-500-b.tis|$bench_b --methods tis")
 
 lane() {  # lane a|b: every unit once (b from the end), then lane a draws the paper's figures
