@@ -34,7 +34,7 @@ for method in gradmask-m1 gradmask-mheads gradmask-fast gradmask-libragrad salie
 done
 # GradMask m = 4 and the five peers on files 1-500 (two folders, as the runs began; the
 # last two are at the end of the list)
-for method in gradmask-m4 libragrad attnlrp chefer-gae; do
+for method in gradmask-m4 libragrad attnlrp; do
     units+=("bench-500-a.$method|$bench_a --methods $method")
 done
 # the paper's analyses on files 401-500, one configuration a unit (store name: --only name)
@@ -51,8 +51,10 @@ for entry in "${paper_configs[@]}"; do
     units+=("paper-100.${entry%%:*}|$paper --only '${entry#*:}'")
     paper_locks+=("$runs/.unit.paper-100.${entry%%:*}.lock")
 done
-# lane b takes these first: the 1.7-h ViT-ReciproCAM unit on lane b, while lane a runs the
-# other long units, leaves the short paper configurations for both lanes to finish on
+# lane b takes these first (from the end): ViT-ReciproCAM and Chefer GAE on lane b while
+# lane a runs the other long units, so the 500-image stores are done first and the short
+# paper configurations are left for both lanes to finish on
+units+=("bench-500-a.chefer-gae|$bench_a --methods chefer-gae")
 units+=("bench-500-b.vit-reciprocam|$bench_b --methods vit-reciprocam")
 units+=("bench-500-b.tis|$bench_b --methods tis")
 
