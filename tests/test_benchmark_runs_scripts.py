@@ -35,8 +35,10 @@ def test_resume_runs_a_unit_for_every_method_publish_compares() -> None:
     run = {
         "validation-100": set(loops[0].replace("\\", " ").split()),
         "bench-500-a": set(loops[1].split()),
-        "bench-500-b": set(re.findall(r'"bench-500-b\.([a-z-]+)\|', script)),
+        "bench-500-b": set(),
     }
+    for folder, method in re.findall(r'"(bench-500-[ab])\.([a-z-]+)\|', script):
+        run[folder].add(method)  # units listed one by one
     published = set(_array((RUNS / "publish.sh").read_text(), "every"))
     assert set().union(*run.values()) == published
     assert run["bench-500-a"] | run["bench-500-b"] == set(SIX)
