@@ -62,3 +62,12 @@ def test_publish_refuses_while_a_lane_runs(tmp_path: Path) -> None:
         holder.wait()
     assert result.returncode == 1
     assert "lane a of resume.sh is still running" in result.stderr
+
+
+def test_publish_names_its_parts() -> None:
+    """publish.sh publishes all, the benchmark or the paper; another word is refused."""
+    result = subprocess.run(
+        ["bash", str(RUNS / "publish.sh"), "tables"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "unknown part 'tables' (all, benchmark or paper)" in result.stderr

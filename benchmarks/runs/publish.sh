@@ -4,12 +4,25 @@
 # paste from them (benchmarks/sync_docs.py). The cost tables time every method,
 # so run this on a quiet machine, after both lanes of resume.sh have stopped. See README.md.
 #
-#   PYTHON=.venv/bin/python bash benchmarks/runs/publish.sh
+#   PYTHON=.venv/bin/python bash benchmarks/runs/publish.sh            # everything
+#   PYTHON=.venv/bin/python bash benchmarks/runs/publish.sh benchmark  # the two compare tables
+#   PYTHON=.venv/bin/python bash benchmarks/runs/publish.sh paper      # the paper's analyses
+#
+# (The benchmark's stores are done before the paper's configurations: stop the lanes, publish
+# the benchmark, and resume them for the paper.)
 set -euo pipefail
 script=$(realpath "$0")
 cd "$(dirname "$script")/../.."
 runs=benchmarks/runs
 python=${PYTHON:-python}
+phase=${1:-all}
+case $phase in
+    all | benchmark | paper) ;;
+    *)
+        echo "publish.sh: unknown part '$phase' (all, benchmark or paper)" >&2
+        exit 2
+        ;;
+esac
 
 for lane in a b; do
     if ! flock -n "$runs/.$lane.lock" true; then
@@ -17,7 +30,7 @@ for lane in a b; do
         exit 1
     fi
 done
-if [ ! -d "$runs/paper-100/paper" ]; then
+if [ "$phase" != benchmark ] && [ ! -d "$runs/paper-100/paper" ]; then
     echo "$runs/paper-100/paper is missing: lane a draws it last (resume.sh)" >&2
     exit 1
 fi
@@ -38,6 +51,9 @@ six=(
     "$b/vit-reciprocam.zarr" "$a/chefer-gae.zarr"
 )
 groups=notebook,pointing,adcc
+if [ "$phase" = paper ]; then
+    every=() six=()
+fi
 
 # every store explained and scored by every group on every image (compare would otherwise
 # leave the missing images out of every row without stopping)
@@ -67,10 +83,15 @@ if missing:
     sys.exit("not finished:\n" + "\n".join(missing))
 EOF
 
-compare=("$python" -m captum_gradmask compare --name "$groups" --time-images 5 --threads 1)
-"${compare[@]}" "${every[@]}" --out docs/benchmarks/files-401-500
-"${compare[@]}" "${six[@]}" --out docs/benchmarks/files-1-500
-rm -rf docs/paper
-cp -r "$runs/paper-100/paper" docs/paper
+if [ "$phase" != paper ]; then
+    compare=("$python" -m captum_gradmask compare --name "$groups" --time-images 5 --threads 1)
+    "${compare[@]}" "${every[@]}" --out docs/benchmarks/files-401-500
+    "${compare[@]}" "${six[@]}" --out docs/benchmarks/files-1-500
+    echo "published: docs/benchmarks/files-401-500, docs/benchmarks/files-1-500"
+fi
+if [ "$phase" != benchmark ]; then
+    rm -rf docs/paper
+    cp -r "$runs/paper-100/paper" docs/paper
+    echo "published: docs/paper"
+fi
 "$python" -m benchmarks.sync_docs docs/benchmarks.md docs/reproducing-the-paper.md
-echo "published: docs/benchmarks/files-401-500, docs/benchmarks/files-1-500, docs/paper"
