@@ -21,7 +21,10 @@ each analysis (``compare_stores``) into ``OUTPUT/paper/<analysis>/``: ``table.md
 measured in one process). The figures go to ``--figures`` (default ``OUTPUT/paper``).
 
 Everything resumes: the same command again computes only what is missing; configurations run
-cheapest first, each over all images.
+cheapest first, each over all images. ``--reference-store STORE`` pairs the sweep with a
+GradMask m = 4 store made elsewhere (e.g. a benchmark run over more images, which holds the
+sweep's: the same maps and scores, since every image is explained and scored on its own)
+instead of making the sweep's own.
 
 Example (from the repository root, with ``../shared`` present)::
 
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,9 +51,10 @@ from captum_gradmask import GradMaskAttribution
 from captum_gradmask._utils import TargetType
 from captum_gradmask.cli import _recorded_spec
 from captum_gradmask.compare import Comparison, compare_stores
-from captum_gradmask.datasets import open_source
+from captum_gradmask.datasets import file_names, open_source
 from captum_gradmask.models import load_model
 from captum_gradmask.registry import ConfiguredMethod, build_method, method_label
+from captum_gradmask.store import open_maps
 
 MASKS_PER_LAYER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 48)
 METRIC_GROUPS = ("notebook", "pointing")
@@ -216,6 +221,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--time-images", type=int, default=0, help="cost.md: passes and seconds on K images"
     )
+    parser.add_argument(
+        "--reference-store", default=None,
+        help="a GradMask m = 4 store to pair with instead of making one (same model; its "
+        "images include the sweep's, scored by the notebook and pointing groups)",
+    )  # fmt: skip
     parser.add_argument("--tie-samples", type=int, default=10)
     parser.add_argument("--metric-perturbations-per-eval", type=int, default=64)
     parser.add_argument("--images-per-call", type=int, default=8)
@@ -252,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
     model_info = {"spec": _recorded_spec(args.model), "weights": None}
     everything = configs(len(GradMaskAttribution(model).adapter.layers))
     reference = next(c for c in everything if c.name == "GradMask m=4")
+    external = _reference_store(args.reference_store, reference, model, images)
     selected = everything
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
@@ -260,6 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
             raise SystemExit(f"--only names unknown configurations: {sorted(unknown)}")
         selected = [c for c in selected if c.name in wanted]
     for config in selected:
+        if config is reference and external is not None:
+            continue  # scored already, in another run
         store = output / "stores" / f"{config.store}.zarr"
         method: Any = config.method
         options: dict[str, Any] | None = dict(config.options)
@@ -280,16 +293,49 @@ def run(args: argparse.Namespace) -> dict[str, Comparison]:
             images, model, store, groups=METRIC_GROUPS, score_every=args.score_every,
             explain=explain, score=score,
         )  # fmt: skip
-    return compare(args, selected, reference, model, images)
+    return compare(args, selected, reference, model, images, external)
+
+
+def _reference_store(path: str | None, reference: Config, model: Any, images: Any) -> Path | None:
+    """``--reference-store`` checked: GradMask m = 4's store, with every image of the sweep
+    explained and scored by every metric group of the analyses (``None`` without one)."""
+    if path is None:
+        return None
+    maps = open_maps(path)
+    label = method_label(str(maps.attrs.get("method")), maps.attrs["identity"].get("settings", {}))
+    if label != reference.label(model):
+        raise SystemExit(
+            f"--reference-store {path!r} holds {label!r} maps; it must hold the reference's, "
+            f"{reference.label(model)!r}"
+        )
+    rows = {str(f): i for i, f in enumerate(maps.files[:])}
+    done = np.asarray(maps.done[:], dtype=bool) & ~maps.skipped()
+    for group in METRIC_GROUPS:
+        evaluated = maps.group[group]["done"][:] if group in maps.group else np.zeros_like(done)
+        done &= np.asarray(evaluated, dtype=bool)
+    missing = [f for f in file_names(images) if f not in rows or not done[rows[f]]]
+    if missing:
+        raise SystemExit(
+            f"--reference-store {path!r} has not explained, or not scored with "
+            f"{', '.join(METRIC_GROUPS)}, {len(missing)} of the sweep's {len(images)} images "
+            f"(first: {missing[0]}); it must hold every one"
+        )
+    return Path(path)
 
 
 def compare(
     args: argparse.Namespace, selected: Sequence[Config], reference: Config, model: Any,
-    images: Any,
+    images: Any, external: Path | None = None,
 ) -> dict[str, Comparison]:  # fmt: skip
-    """Compare each analysis's stores (those present) with ``reference``'s and draw the
-    figures."""
+    """Compare each analysis's stores (those present) with ``reference``'s (from
+    ``external`` when given) and draw the figures."""
     output = Path(args.output)
+
+    def path(config: Config) -> Path:
+        if config is reference and external is not None:
+            return external
+        return output / "stores" / f"{config.store}.zarr"
+
     figures = Path(args.figures) if args.figures else output / "paper"
     figures.mkdir(parents=True, exist_ok=True)
     results: dict[str, Comparison] = {}
@@ -297,13 +343,16 @@ def compare(
         members = [c for c in selected if analysis in c.analyses]
         if reference not in members:
             members.insert(0, reference)
-        present = [c for c in members if (output / "stores" / f"{c.store}.zarr").is_dir()]
+        present = [c for c in members if path(c).is_dir()]
         if len(present) < 2:
             continue
+        if present[0] is reference and external is not None:
+            # the first store's rows index `images`: one of the sweep's stores leads
+            present.append(present.pop(0))
         names = {c.label(model): c for c in present}
         built = {label: c.build(model) for label, c in names.items() if c.method == ABLATION}
         results[analysis] = compare_stores(
-            [output / "stores" / f"{c.store}.zarr" for c in present],
+            [path(c) for c in present],
             output / "paper" / analysis, evaluation=list(METRIC_GROUPS),
             reference=reference.label(model), grid_images=4 if analysis == "ablation" else 0,
             time_images=args.time_images, model=model, dataset=images, methods=built,

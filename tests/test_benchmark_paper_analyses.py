@@ -128,3 +128,44 @@ def test_analyses_share_a_benchmark_runs_stores_and_pair_with_m4(
     with monkeypatch.context() as patched:
         _refuse_work(patched)
         paper_analyses.run(paper_analyses.parse_args(argv))
+
+
+def test_reference_store_of_another_run_is_paired_with_and_not_remade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--reference-store: the sweep pairs with a GradMask m = 4 store of a larger run (here 2
+    images against the sweep's 1) instead of making its own; a store of another method, or one
+    without every image of the sweep, is refused with the option named."""
+    data, model = _tiny_dataset(tmp_path / "data"), _tiny_model(tmp_path / "model")
+    common = ["--model", str(model), "--data", str(data), "--tie-samples", "3",
+              "--metric-perturbations-per-eval", "16", "--bootstrap", "200", "--quiet",
+              "--device", "cpu"]  # fmt: skip
+    bench = tmp_path / "bench"
+    methods = ["--methods", "gradmask-m4,gradmask-m1", "--metrics", "notebook,pointing"]
+    driver.main([*common, "--output", str(bench), "--images", "2", *methods])
+    rows = csv.DictReader((bench / "results.csv").open())
+    benchmark = {r["image"]: r for r in rows if r["method"] == "gradmask-m4"}
+    store = bench / "stores" / "gradmask-m4.zarr"
+
+    sweep = tmp_path / "sweep"
+    argv = [*common, "--output", str(sweep), "--first-image", "2", "--images", "1",
+            "--only", "m=2", "--reference-store", str(store)]  # fmt: skip
+    results = paper_analyses.run(paper_analyses.parse_args(argv))
+    assert not (sweep / "stores" / "gradmask-m4.zarr").exists()
+    result = results["masks-per-layer"]
+    assert result.methods == ["gradmask-m4 (masks_per_layer=2)", "gradmask-m4"]
+    assert result.images == 1
+    rows = csv.DictReader((sweep / "paper" / "masks-per-layer" / "results.csv").open())
+    m4 = {r["image"]: r for r in rows if r["method"] == "gradmask-m4"}
+    assert list(m4) == ["img_1.png"]  # the sweep's image, from the larger store
+    assert m4["img_1.png"]["deletion_notebook"] == benchmark["img_1.png"]["deletion_notebook"]
+
+    wrong = [*argv[:-1], str(bench / "stores" / "gradmask-m1.zarr")]
+    with pytest.raises(SystemExit, match="holds 'gradmask-m1' maps; it must hold the reference's"):
+        paper_analyses.run(paper_analyses.parse_args(wrong))
+    small = tmp_path / "small"
+    driver.main([*common, "--output", str(small), "--images", "1", "--methods", "gradmask-m4",
+                 "--metrics", "notebook,pointing"])  # fmt: skip
+    short = [*argv[:-1], str(small / "stores" / "gradmask-m4.zarr")]
+    with pytest.raises(SystemExit, match=r"1 of the sweep's 1 images \(first: .*img_1.png\)"):
+        paper_analyses.run(paper_analyses.parse_args(short))

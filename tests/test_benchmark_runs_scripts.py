@@ -71,3 +71,17 @@ def test_publish_names_its_parts() -> None:
     )
     assert result.returncode == 2
     assert "unknown part 'tables' (all, benchmark or paper)" in result.stderr
+
+
+def test_resume_runs_every_paper_configuration_but_the_shared_reference() -> None:
+    """A unit per configuration of the paper's analyses (its store and --only name), except
+    GradMask m = 4, which the sweep takes from the 500-image store (--reference-store)."""
+    from benchmarks.paper_analyses import configs
+
+    script = (RUNS / "resume.sh").read_text()
+    body = re.search(r"^paper_configs=\((.*?)^\)", script, re.S | re.M)
+    assert body
+    units = dict(re.findall(r'"([a-z0-9-]+):([^"]+)"', body[1]))
+    expected = {c.store: c.name for c in configs(12) if c.name != "GradMask m=4"}
+    assert units == expected
+    assert "--reference-store $runs/bench-500-a/stores/gradmask-m4.zarr" in script
