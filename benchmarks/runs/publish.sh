@@ -30,9 +30,14 @@ for lane in a b; do
         exit 1
     fi
 done
-if [ "$phase" != benchmark ] && [ ! -d "$runs/paper-100/paper" ]; then
-    echo "$runs/paper-100/paper is missing: lane a draws it last (resume.sh)" >&2
-    exit 1
+if [ "$phase" != benchmark ]; then  # lane a's last step times every configuration
+    for analysis in masks-per-layer layers ablation; do
+        if [ ! -f "$runs/paper-100/paper/$analysis/cost.md" ]; then
+            echo "$runs/paper-100/paper/$analysis/cost.md is missing: lane a compares the" \
+                "paper's configurations, with their costs, once every one is done" >&2
+            exit 1
+        fi
+    done
 fi
 
 v=$runs/validation-100/stores a=$runs/bench-500-a/stores b=$runs/bench-500-b/stores
