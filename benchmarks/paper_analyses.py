@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,7 +49,7 @@ from benchmarks.run import write_source
 from captum_gradmask import GradMaskAttribution
 from captum_gradmask._utils import TargetType
 from captum_gradmask.cli import _recorded_spec
-from captum_gradmask.compare import Comparison, compare_stores
+from captum_gradmask.compare import Comparison, compare_stores, store_label
 from captum_gradmask.datasets import file_names, open_source
 from captum_gradmask.models import load_model
 from captum_gradmask.registry import ConfiguredMethod, build_method, method_label
@@ -302,17 +301,14 @@ def _reference_store(path: str | None, reference: Config, model: Any, images: An
     if path is None:
         return None
     maps = open_maps(path)
-    label = method_label(str(maps.attrs.get("method")), maps.attrs["identity"].get("settings", {}))
+    label = store_label(maps)
     if label != reference.label(model):
         raise SystemExit(
             f"--reference-store {path!r} holds {label!r} maps; it must hold the reference's, "
             f"{reference.label(model)!r}"
         )
     rows = {str(f): i for i, f in enumerate(maps.files[:])}
-    done = np.asarray(maps.done[:], dtype=bool) & ~maps.skipped()
-    for group in METRIC_GROUPS:
-        evaluated = maps.group[group]["done"][:] if group in maps.group else np.zeros_like(done)
-        done &= np.asarray(evaluated, dtype=bool)
+    done = maps.evaluated(METRIC_GROUPS)
     missing = [f for f in file_names(images) if f not in rows or not done[rows[f]]]
     if missing:
         raise SystemExit(

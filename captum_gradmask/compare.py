@@ -78,6 +78,7 @@ __all__ = [
     "compare_stores",
     "markdown_table",
     "measure_cost",
+    "store_label",
     "stored_source",
 ]
 
@@ -373,9 +374,7 @@ def _shared_rows(stores: list[StoredMaps], names: list[str]) -> tuple[list[np.nd
     """
     evaluated, listed = [], []
     for store in stores:
-        done = np.logical_and.reduce(
-            [np.asarray(store.group[n]["done"][:], dtype=bool) for n in names]
-        ) & ~store.skipped()  # fmt: skip
+        done = store.evaluated(names)
         files = [str(f) for f in store.files[:]]
         evaluated.append({files[row]: int(row) for row in np.flatnonzero(done)})
         listed.append(set(files))
@@ -397,13 +396,15 @@ def _shared_rows(stores: list[StoredMaps], names: list[str]) -> tuple[list[np.nd
     return aligned, len(shared) - len(common), len(every) - len(shared)
 
 
-def _labels(stores: list[StoredMaps]) -> list[str]:
+def store_label(store: StoredMaps) -> str:
+    """The label of a store's method and settings in the tables (``method_label``)."""
     from captum_gradmask.registry import method_label
 
-    labels = [
-        method_label(str(s.attrs.get("method")), s.attrs["identity"].get("settings", {}))
-        for s in stores
-    ]
+    return method_label(str(store.attrs.get("method")), store.attrs["identity"].get("settings", {}))
+
+
+def _labels(stores: list[StoredMaps]) -> list[str]:
+    labels = [store_label(s) for s in stores]
     for i, label in enumerate(labels):
         if labels.index(label) != i:
             raise StoreMismatch(

@@ -163,6 +163,16 @@ class StoredMaps:
         """``(N,)`` bool: the rows skipped (unreadable image, or no usable target)."""
         return np.asarray(self.errors[:] != "", dtype=bool)
 
+    def evaluated(self, names: Sequence[str]) -> np.ndarray:
+        """``(N,)`` bool: the rows scored by every evaluation in ``names`` (one the store does
+        not hold scores none), skipped rows left out."""
+        done = ~self.skipped()
+        for name in names:
+            if name not in self.group:
+                return np.zeros_like(done)
+            done &= np.asarray(self.group[name]["done"][:], dtype=bool)
+        return done
+
     def failed(self) -> list[tuple[int, str, str]]:
         """``(index, file, reason)`` of every skipped row."""
         where = np.flatnonzero(self.skipped())

@@ -293,6 +293,25 @@ def test_max_images_explains_that_many_pending_images_a_call(
         _run(images, model, tmp_path / "c.zarr", max_images=0)
 
 
+def test_evaluated_rows_are_those_every_named_evaluation_scored(
+    model_and_images, tmp_path: Path
+) -> None:
+    """``StoredMaps.evaluated``: rows scored by all the named evaluations, skipped rows and
+    rows explained after an evaluation left out, nothing for an evaluation the store lacks."""
+    model, images = model_and_images
+    out = tmp_path / "maps.zarr"
+    _run(images, model, out, max_images=3)
+    evaluate_store(out, images, model, metrics=["notebook"], name="early", show_progress=False)
+    _run(images, model, out)
+    evaluate_store(out, images, model, metrics=["notebook"], name="late", show_progress=False)
+    maps = open_maps(out)
+    assert maps.skipped().tolist() == [False] * 6 + [True]  # the corrupt file
+    assert maps.evaluated(["early"]).tolist() == [True] * 3 + [False] * 4
+    assert maps.evaluated(["late"]).tolist() == [True] * 6 + [False]
+    assert maps.evaluated(["early", "late"]).tolist() == [True] * 3 + [False] * 4
+    assert not maps.evaluated(["late", "absent"]).any()
+
+
 def test_each_session_records_where_it_ran_and_compare_names_the_machines(
     model_and_images, tmp_path: Path, monkeypatch
 ) -> None:

@@ -65,8 +65,6 @@ fi
 "$python" - "$groups" "${every[@]}" <<'EOF'
 import sys
 
-import numpy as np
-
 from captum_gradmask.store import open_maps
 
 groups, stores = sys.argv[1].split(","), sys.argv[2:]
@@ -81,7 +79,7 @@ for store in stores:
     if not maps.done[:].all():
         missing.append(f"{store}: {int((~maps.done[:]).sum())} images not explained")
     for group in groups:
-        scored = maps.evaluation(group)["done"][:] if group in maps.group else np.zeros_like(wanted)
+        scored = maps.evaluated([group])
         if (wanted & ~scored).any():
             missing.append(f"{store}: {int((wanted & ~scored).sum())} images not scored by {group}")
 if missing:
