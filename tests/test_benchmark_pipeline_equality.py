@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import csv
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,9 @@ from captum_gradmask.store import open_maps
 
 from .conftest import HF_VIT_TINY, IMAGENET_SAMPLE, needs_shared
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "results.jsonl"
+PUBLISHED = (
+    Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "files-401-500" / "results.csv"
+)
 IMAGE = "ILSVRC2012_val_00000401.JPEG"
 # Not the "_reference" columns (nor "_tie_spread", which spans them): the reference order is
 # numpy's default argsort, whose order of tied values depends on the CPU's SIMD sort (AVX-512
@@ -40,17 +42,20 @@ COLUMNS = (
 
 @needs_shared
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gradmask-m1", "chefer-gae", "libragrad", "rollout"])
+@pytest.mark.parametrize(
+    "method", ["gradmask-m1", "chefer-gae", "libragrad", "rollout", "attnlrp", "gradient-shap"]
+)
 def test_explain_dataset_and_evaluate_give_the_published_row(method: str, tmp_path: Path) -> None:
     """File 401 through explain-dataset + evaluate (label target, 10 random tie orders, seed
-    0) equals its row in docs/benchmarks/results.jsonl on every notebook, pointing and ADCC
-    column but the reference order's, to float tolerance (the published rows come from the
-    same library calls)."""
-    published = {
-        row["method"]: row
-        for row in map(json.loads, PUBLISHED.read_text().splitlines())
-        if row["image"] == IMAGE
-    }[method]
+    0) equals its row in the published 100-image table's results.csv on every notebook,
+    pointing and ADCC column but the reference order's, to float tolerance (the published rows
+    come from the same library calls; gradient-shap's also from its seed)."""
+    with PUBLISHED.open(newline="") as file:
+        published = {
+            row["method"]: {k: float(v) for k, v in row.items() if k not in ("image", "method")}
+            for row in csv.DictReader(file)
+            if row["image"] == IMAGE
+        }[method]
     model, preprocess = load_model(HF_VIT_TINY)
     source = write_source(IMAGENET_SAMPLE, 401, 1, tmp_path / "source.csv")
     images = open_source(source, preprocess)
@@ -65,7 +70,7 @@ def test_explain_dataset_and_evaluate_give_the_published_row(method: str, tmp_pa
         published["target"],
         published["predicted"],
     )
-    assert float(maps.probability[0]) == pytest.approx(published["target_probability"], rel=1e-5)
+    assert float(maps.probability[0]) == pytest.approx(published["probability"], rel=1e-5)
     columns = maps.evaluation()
     for column in COLUMNS:
         assert float(columns[column][0]) == pytest.approx(published[column], rel=1e-4, abs=1e-3), (
