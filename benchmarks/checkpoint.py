@@ -51,15 +51,10 @@ def prunable_chunks(
     if np.prod(maps.maps.shape[1:]) <= small:
         return []
     done = np.asarray(maps.done[:], dtype=bool)
-    scored = np.ones_like(done)
-    for group in groups:
-        if group in maps.group:
-            scored &= np.asarray(maps.group[group]["done"][:], dtype=bool)
-        else:
-            scored[:] = False
     size = maps.chunk_size
     keep = range(keep_rows) if isinstance(keep_rows, int) else keep_rows
-    unscored = np.flatnonzero(done & ~scored)
+    # skipped rows are never scored, so they count as unscored here as before
+    unscored = np.flatnonzero(done & ~maps.evaluated(groups))
     kept = {row // size for row in keep} | {int(row) // size for row in unscored}
     out = []
     for chunk in Path(store, "maps", "c").glob("*"):
