@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -943,7 +944,7 @@ def _write_grid(
                     up = upsample_grid(saliency[None], tuple(image.shape[:2]), 1)[0, 0].numpy()
                     line[c].imshow(_display(up), cmap="jet", alpha=0.5, vmin=0, vmax=1)
                 if r == 0:
-                    line[c].set_title(entry.label, fontsize=8)
+                    line[c].set_title(_panel_title(entry.label), fontsize=7)
             for c in range(len(band) + 1, width):  # the last band's empty places
                 line[c].set_axis_off()
     for ax in axes.flat:
@@ -951,6 +952,13 @@ def _write_grid(
         ax.set_yticks([])
     figure.tight_layout(pad=0.2)
     figure.savefig(path, dpi=72)
+
+
+def _panel_title(label: str, width: int = 18) -> str:
+    """``label`` broken into lines of at most ``width`` characters (at spaces, else inside a
+    word), so a long label (``gradmask-ablation (variant=random masks, seed=0)``) stays over
+    its own panel of the grid instead of running into its neighbours'."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
 
 
 def _display(values: np.ndarray) -> np.ndarray:

@@ -286,6 +286,16 @@ def test_grid_is_drawn_from_the_stored_maps(base: np.ndarray, tmp_path: Path) ->
         assert wide.size[1] / height == pytest.approx(2, rel=0.1)
 
 
+def test_grid_titles_wrap_long_labels_over_their_panel() -> None:
+    from captum_gradmask.compare import _panel_title
+
+    label = "gradmask-ablation (variant=random masks, seed=0)"
+    lines = _panel_title(label).split("\n")
+    assert len(lines) > 1 and max(map(len, lines)) <= 18
+    assert " ".join(lines) == label  # nothing lost
+    assert _panel_title("gradmask-m4") == "gradmask-m4"
+
+
 def test_cost_counts_forward_and_backward_passes() -> None:
     from captum_gradmask.registry import build_method
 
