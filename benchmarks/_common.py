@@ -47,8 +47,7 @@ def explain_and_score(
     """Explain ``images`` into ``store`` (``explain_dataset`` with the options ``explain``)
     and score it with each metric group in ``groups`` (an ``evaluate_store`` evaluation of
     that name each, with the options ``score``), ``score_every`` images at a time: a killed
-    run leaves at most one block explained and not scored, and a checkpoint
-    (``benchmarks.checkpoint``) commits few unscored maps. Resumes like the calls it makes."""
+    run leaves at most one block explained and not scored. Resumes like the calls it makes."""
     from captum_gradmask.evaluation import evaluate_store
     from captum_gradmask.explain_dataset import explain_dataset
 

@@ -210,7 +210,7 @@ def write_source(data: str | Path, first_image: int, images: int, path: str | Pa
         )
     path = Path(path)
     # written beside and renamed: a run started at the same moment in the same folder (another
-    # method, see benchmarks/runs/resume.sh) never reads a half-written list
+    # method in another process) never reads a half-written list
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     with partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
