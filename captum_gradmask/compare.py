@@ -955,10 +955,11 @@ def _write_grid(
 
 
 def _panel_title(label: str, width: int = 18) -> str:
-    """``label`` broken into lines of at most ``width`` characters (at spaces, else inside a
-    word), so a long label (``gradmask-ablation (variant=random masks, seed=0)``) stays over
-    its own panel of the grid instead of running into its neighbours'."""
-    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+    """``label`` broken at spaces into lines of at most ``width`` characters, so a long label
+    (``gradmask-ablation (variant=random masks, seed=0)``) stays over its own panel of the grid
+    instead of running into its neighbours'. A single longer word (``integrated-gradients``)
+    stays whole: the panel fits a few more characters, and a name cut in two reads wrong."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False, break_long_words=False))
 
 
 def _display(values: np.ndarray) -> np.ndarray:

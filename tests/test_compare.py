@@ -294,6 +294,7 @@ def test_grid_titles_wrap_long_labels_over_their_panel() -> None:
     assert len(lines) > 1 and max(map(len, lines)) <= 18
     assert " ".join(lines) == label  # nothing lost
     assert _panel_title("gradmask-m4") == "gradmask-m4"
+    assert _panel_title("integrated-gradients") == "integrated-gradients"  # a name is not cut
 
 
 def test_cost_counts_forward_and_backward_passes() -> None:
